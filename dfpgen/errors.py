@@ -1,0 +1,18 @@
+"""Exceptions and warnings raised by dfpgen."""
+
+
+class DfpError(ValueError):
+    """Bad input to a DFP16 operation: NaN/Inf operands, shapes that do not agree,
+    an exponent outside the format's range, a malformed layer string."""
+
+
+class OverflowWarning(RuntimeWarning):
+    """INT32 lanes saturated in a fast-mode (``vpdpwssds``) kernel; the message gives the count."""
+
+
+class KernelBuildError(RuntimeError):
+    """Generated IR failed to parse, verify or compile (a generator bug, never a user error)."""
+
+
+class CacheWarning(UserWarning):
+    """The on-disk cache could not be read or written; dfpgen carried on in memory or rebuilt."""

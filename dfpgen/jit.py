@@ -1,0 +1,136 @@
+"""LLVM IR -> object code -> callable address. The only module that owns llvmlite state.
+
+``compile_ir`` is pure (IR text in, object bytes out) so the cache can store its result;
+``load`` adds object code to the process's single MCJIT engine. One engine per process:
+``create_mcjit_compiler(module, tm)`` takes ownership of ``tm`` and a TargetMachine reused for
+a second engine crashes the process (llvmlite 0.50 / LLVM 22).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import llvmlite
+import llvmlite.binding as llvm
+
+from .errors import KernelBuildError
+
+_init_lock = threading.RLock()
+_initialized = False
+_engine = None
+_loaded: dict[str, int] = {}
+
+
+def _ensure_init() -> None:
+    global _initialized
+    with _init_lock:
+        if not _initialized:
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            _initialized = True
+
+
+def llvm_versions() -> dict:
+    """``{"llvm": "22.1.0", "llvmlite": "0.50.0"}`` for cache keys and ``dfpgen info``."""
+    return {"llvm": ".".join(map(str, llvm.llvm_version_info)), "llvmlite": llvmlite.__version__}
+
+
+def host_cpu() -> tuple[str, str]:
+    """``(cpu_name, feature_string)`` of the host as LLVM sees it (e.g. ``znver4``, ``+avx512vnni,...``)."""
+    _ensure_init()
+    return llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+
+
+def target_machine(cpu: str, features: str, opt: int = 3):
+    """A fresh TargetMachine for the host triple. Callers must not share one between engines."""
+    _ensure_init()
+    target = llvm.Target.from_default_triple()
+    return target.create_target_machine(cpu=cpu, features=features, opt=opt,
+                                        reloc="pic", codemodel="jitdefault")
+
+
+def _parse(ir: str, name: str):
+    _ensure_init()
+    try:
+        mod = llvm.parse_assembly(ir)
+        mod.verify()
+    except RuntimeError as exc:
+        raise KernelBuildError(f"generated IR for {name!r} does not parse/verify: {exc}") from exc
+    mod.name = name
+    return mod
+
+
+def _optimize(mod, tm, opt: int) -> None:
+    pto = llvm.create_pipeline_tuning_options(speed_level=opt)
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(mod, pb)
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    """Object code of one module plus how long LLVM took (seconds)."""
+    obj: bytes
+    seconds: float
+
+
+def compile_ir(ir: str, *, cpu: str, features: str, opt: int = 3, name: str = "dfpgen") -> CompileResult:
+    """Parse, verify, optimise (LLVM new pass manager at ``opt``) and emit an ELF object.
+
+    Raises :class:`KernelBuildError` when the IR is invalid.
+    """
+    t0 = time.perf_counter()
+    mod = _parse(ir, name)
+    tm = target_machine(cpu, features, opt)
+    if opt > 0:
+        _optimize(mod, tm, opt)
+    obj = tm.emit_object(mod)
+    return CompileResult(obj=bytes(obj), seconds=time.perf_counter() - t0)
+
+
+def emit_assembly(ir: str, *, cpu: str, features: str, opt: int = 3, name: str = "dfpgen") -> str:
+    """The optimised assembly of ``ir`` (what ``dfpgen show --asm`` prints)."""
+    mod = _parse(ir, name)
+    tm = target_machine(cpu, features, opt)
+    if opt > 0:
+        _optimize(mod, tm, opt)
+    return tm.emit_assembly(mod)
+
+
+def optimized_ir(ir: str, *, cpu: str, features: str, opt: int = 3, name: str = "dfpgen") -> str:
+    """The IR after LLVM's optimisation pipeline (for reading what LLVM did to a kernel)."""
+    mod = _parse(ir, name)
+    if opt > 0:
+        _optimize(mod, target_machine(cpu, features, opt), opt)
+    return str(mod)
+
+
+def _get_engine():
+    global _engine
+    with _init_lock:
+        if _engine is None:
+            cpu, features = host_cpu()
+            # The engine owns this TargetMachine; never hand it to anyone else.
+            tm = target_machine(cpu, features, 3)
+            _engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
+        return _engine
+
+
+def load(obj: bytes, symbols: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """Add object code to the process's engine and return ``{symbol: address}``.
+
+    Symbols already loaded (same name -> same content, since names carry the content hash)
+    are returned without loading twice. Raises :class:`KernelBuildError` if a symbol is missing.
+    """
+    with _init_lock:
+        missing = [s for s in symbols if s not in _loaded]
+        if missing:
+            eng = _get_engine()
+            eng.add_object_file(llvm.ObjectFileRef.from_data(obj))
+            eng.finalize_object()
+            for s in missing:
+                addr = eng.get_function_address(s)
+                if not addr:
+                    raise KernelBuildError(f"symbol {s!r} not found in loaded object code")
+                _loaded[s] = addr
+        return {s: _loaded[s] for s in symbols}

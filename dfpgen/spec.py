@@ -1,0 +1,154 @@
+"""Convolution descriptors and the layer-string grammar.
+
+``ConvSpec`` names one convolution pass in the field's standard letters (benchdnn style):
+N batch, C input channels, H x W input size, K output channels, R x S filter size,
+stride u (uh, uw), padding p (ph, pw), dilation d (dh, dw); P x Q is the output size.
+Groups are always 1.
+
+Full form: ``n32c256h14w14k256r3s3u1p1`` (optionally ``d2`` and per-axis ``uh2uw1``,
+``ph1pw0``, ``dh2dw1``), with an optional pass prefix ``fwd:``, ``bwd_data:`` or
+``bwd_weight:``. Unset fields take defaults: n=1, h=w=1 ... see ``parse_full``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from .errors import DfpError
+
+PASSES = ("fwd", "bwd_data", "bwd_weight")
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        v = (v, v)
+    try:
+        a, b = (int(x) for x in v)
+    except (TypeError, ValueError):
+        raise DfpError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+    return a, b
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One convolution pass: shapes NCHW (input), KCRS (weights), NKPQ (output).
+
+    Raises :class:`DfpError` for non-positive sizes, negative padding, or an empty output.
+    """
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    R: int = 1
+    S: int = 1
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    pass_kind: str = "fwd"
+
+    def __post_init__(self):
+        for f in ("N", "C", "H", "W", "K", "R", "S"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise DfpError(f"ConvSpec.{f} must be a positive int, got {v!r}")
+        object.__setattr__(self, "stride", _pair(self.stride, "stride"))
+        object.__setattr__(self, "padding", _pair(self.padding, "padding"))
+        object.__setattr__(self, "dilation", _pair(self.dilation, "dilation"))
+        if min(self.stride) < 1:
+            raise DfpError(f"stride must be >= 1, got {self.stride}")
+        if min(self.dilation) < 1:
+            raise DfpError(f"dilation must be >= 1, got {self.dilation}")
+        if min(self.padding) < 0:
+            raise DfpError(f"padding must be >= 0, got {self.padding}")
+        if self.pass_kind not in PASSES:
+            raise DfpError(f"pass must be one of {PASSES}, got {self.pass_kind!r}")
+        if self.P < 1 or self.Q < 1:
+            raise DfpError(
+                f"{self.geometry()}: output would be {self.P}x{self.Q}; the dilated filter "
+                f"({self.R}x{self.S}, dilation {self.dilation}) is larger than the padded input")
+
+    # Output size, as torch.nn.Conv2d computes it.
+    @property
+    def P(self) -> int:
+        return (self.H + 2 * self.padding[0] - self.dilation[0] * (self.R - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def Q(self) -> int:
+        return (self.W + 2 * self.padding[1] - self.dilation[1] * (self.S - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of one pass (the same for all three passes)."""
+        return self.N * self.K * self.P * self.Q * self.C * self.R * self.S
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.C, self.H, self.W)
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.K, self.C, self.R, self.S)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.K, self.P, self.Q)
+
+    def with_pass(self, pass_kind: str) -> "ConvSpec":
+        return replace(self, pass_kind=pass_kind)
+
+    def geometry(self) -> str:
+        """The full one-line form without the pass, e.g. ``n32c256h14w14k256r3s3u1p1``."""
+        s = f"n{self.N}c{self.C}h{self.H}w{self.W}k{self.K}r{self.R}s{self.S}"
+        for key, (a, b), dflt in (("u", self.stride, None), ("p", self.padding, None), ("d", self.dilation, 1)):
+            if a == b:
+                if dflt is None or a != dflt:
+                    s += f"{key}{a}"
+            else:
+                s += f"{key}h{a}{key}w{b}"
+        return s
+
+    def __str__(self) -> str:
+        return f"{self.pass_kind}:{self.geometry()}"
+
+
+_TOKEN = re.compile(r"(uh|uw|ph|pw|dh|dw|[nchwkrsupd])(\d+)")
+_FIELDS = {"n": "N", "c": "C", "h": "H", "w": "W", "k": "K", "r": "R", "s": "S"}
+
+
+def parse_full(text: str, pass_kind: str = "fwd") -> ConvSpec:
+    """Parse the full form (``[pass:]n32c256h14w14k256r3s3u1p1``). ``c`` and ``k`` are required;
+    n=1, h=w=1, r=s=1, stride 1, padding 0, dilation 1 by default; ``h`` alone sets W too (and
+    ``r`` alone sets S), as benchdnn does. Raises :class:`DfpError` naming the bad part."""
+    raw = text
+    text = text.strip().lower()
+    if ":" in text:
+        pass_kind, text = text.split(":", 1)
+    pos, vals = 0, {}
+    for m in _TOKEN.finditer(text):
+        if m.start() != pos:
+            break
+        key = m.group(1)
+        if key in vals:
+            raise DfpError(f"layer {raw!r}: field {key!r} given twice")
+        vals[key] = int(m.group(2))
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise DfpError(f"layer {raw!r}: cannot parse {text[pos:] or text!r}; expected a form such as "
+                       "n32c256h14w14k256r3s3u1p1")
+    for req in ("c", "k"):
+        if req not in vals:
+            raise DfpError(f"layer {raw!r}: missing {req!r} ({'input' if req == 'c' else 'output'} channels)")
+    kw = {_FIELDS[k]: v for k, v in vals.items() if k in _FIELDS}
+    kw.setdefault("N", 1)
+    kw.setdefault("H", 1)
+    kw.setdefault("W", vals.get("h", 1))
+    kw.setdefault("R", 1)
+    kw.setdefault("S", vals.get("r", 1))
+
+    def pair(key, dflt):
+        one = vals.get(key, dflt)
+        return (vals.get(key + "h", one), vals.get(key + "w", one))
+
+    return ConvSpec(**kw, stride=pair("u", 1), padding=pair("p", 0), dilation=pair("d", 1),
+                    pass_kind=pass_kind)

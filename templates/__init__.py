@@ -1,0 +1,1 @@
+"""jinja2 templates of LLVM IR (``*.ll.j2``), shipped as package data of dfpgen."""
