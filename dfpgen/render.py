@@ -1,0 +1,51 @@
+"""jinja2 over the IR templates in ``templates/`` (package ``dfpgen.templates``).
+
+Templates loop over plan fields and do no arithmetic of their own: every number they print
+comes from the plan. ``StrictUndefined`` turns a missing plan field into an error instead of
+an empty string in the IR.
+"""
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from importlib import resources
+
+import jinja2
+
+
+@lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("dfpgen", "templates"),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def render(template: str, **fields) -> str:
+    """Render ``templates/<template>`` with ``fields``; returns LLVM IR text."""
+    return environment().get_template(template).render(**fields)
+
+
+def template_names() -> list[str]:
+    return sorted(p.name for p in resources.files("dfpgen.templates").iterdir() if p.name.endswith(".ll.j2"))
+
+
+@lru_cache(maxsize=1)
+def generator_hash() -> str:
+    """sha256 over the code-generating sources (``dfpgen/*.py`` and ``templates/*``).
+
+    Part of every cache key (DESIGN §4): any change to the generator invalidates kernels.
+    """
+    h = hashlib.sha256()
+    pkg = resources.files("dfpgen")
+    for p in sorted(pkg.iterdir(), key=lambda p: p.name):
+        if p.name.endswith(".py"):
+            h.update(p.name.encode()); h.update(p.read_bytes())
+    for p in sorted(resources.files("dfpgen.templates").iterdir(), key=lambda p: p.name):
+        if p.name.endswith(".j2"):
+            h.update(p.name.encode()); h.update(p.read_bytes())
+    return h.hexdigest()
