@@ -152,3 +152,89 @@ def parse_full(text: str, pass_kind: str = "fwd") -> ConvSpec:
 
     return ConvSpec(**kw, stride=pair("u", 1), padding=pair("p", 0), dilation=pair("d", 1),
                     pass_kind=pass_kind)
+
+
+# ----------------------------------------------------------------------------- layer strings
+_SHORT = re.compile(r"(\d+)x(\d+)x(\d+)")
+LAYER_EXAMPLES = "3x3x256, n32c256h14w14k256r3s3u1p1, resnet50:res4_branch2b"
+
+
+def _short_match(R: int, S: int, C: int):
+    """The ResNet-50 layer a short ``RxSxC`` stands for: among rows with that R, S and C,
+    prefer K == C and stride 1 (the repeated block layer: 3x3x256 -> res4_branch2b, 14x14),
+    then stride 1, then the first row. ``None`` when no row has that R, S, C."""
+    from .models import RESNET50
+    rows = []
+    for name, _, geo in RESNET50:
+        s = parse_full(geo)
+        if (s.R, s.S, s.C) == (R, S, C):
+            rows.append((name, s))
+    for want in (lambda s: s.K == C and s.stride == (1, 1), lambda s: s.stride == (1, 1), lambda s: True):
+        for name, s in rows:
+            if want(s):
+                return name, s
+    return None
+
+
+def parse_layer(text: str, *, batch: int | None = None, hw=None, k: int | None = None,
+                stride=None, pad=None, pass_kind: str = "fwd") -> ConvSpec:
+    """Parse a layer string into a :class:`ConvSpec` (``dfpgen tune --layer``).
+
+    Forms (an optional ``fwd:``/``bwd_data:``/``bwd_weight:`` prefix overrides ``pass_kind``):
+
+    - short ``RxSxC`` (``3x3x256``): R x S filter, C = K channels, with the spatial size,
+      stride and padding of the matching ResNet-50 layer (:func:`_short_match`); batch 32.
+      A short form that matches no ResNet-50 layer needs ``hw`` (padding then defaults to
+      R // 2, "same", and stride to 1);
+    - full ``n32c256h14w14k256r3s3u1p1`` (:func:`parse_full`);
+    - named ``resnet50:res4_branch2b`` (batch 32).
+
+    ``batch``, ``hw`` (int or (H, W)), ``k``, ``stride`` and ``pad`` (int or pair) override
+    the parsed values when given. Raises :class:`DfpError` naming what was wrong, with a
+    valid example.
+    """
+    from .models import DEFAULT_BATCH, MODELS, find_layer
+    if not isinstance(text, str) or not text.strip():
+        raise DfpError(f"layer string is empty; examples: {LAYER_EXAMPLES}")
+    raw, body = text, text.strip().lower()
+    head, sep, rest = body.partition(":")
+    if sep and head in PASSES:
+        pass_kind, body = head, rest.strip()
+    elif pass_kind not in PASSES:
+        raise DfpError(f"pass must be one of {', '.join(PASSES)}, got {pass_kind!r}")
+    head, sep, rest = body.partition(":")
+    if sep:
+        if head not in MODELS:
+            raise DfpError(f"layer {raw!r}: unknown model {head!r} (known: {', '.join(sorted(MODELS))}, "
+                           f"or a pass prefix {', '.join(PASSES)}); example: resnet50:res4_branch2b")
+        _, _, geo = find_layer(head, rest.strip())
+        spec = parse_full(f"n{DEFAULT_BATCH}{geo}", pass_kind)
+    elif (m := _SHORT.fullmatch(body)) is not None:
+        R, S, C = (int(g) for g in m.groups())
+        if min(R, S, C) < 1:
+            raise DfpError(f"layer {raw!r}: R, S and C must be positive; example: 3x3x256")
+        match = _short_match(R, S, C)
+        if match is None and hw is None:
+            raise DfpError(f"layer {raw!r}: no ResNet-50 layer has a {R}x{S} filter over {C} channels, "
+                           "so the spatial size is unknown; give it with --hw (e.g. --hw 14)")
+        if match is not None:
+            ms = match[1]
+            spec = ConvSpec(DEFAULT_BATCH, C, ms.H, ms.W, C, R, S, ms.stride, ms.padding, pass_kind=pass_kind)
+        else:
+            spec = ConvSpec(DEFAULT_BATCH, C, 1, 1, C, R, S, 1, (R // 2, S // 2), pass_kind=pass_kind)
+    elif body[:1].isalpha():
+        spec = parse_full(body, pass_kind)
+    else:
+        raise DfpError(f"layer {raw!r} is not a layer string; examples: {LAYER_EXAMPLES}")
+    over = {}
+    if batch is not None:
+        over["N"] = batch
+    if hw is not None:
+        over["H"], over["W"] = _pair(hw, "hw")
+    if k is not None:
+        over["K"] = k
+    if stride is not None:
+        over["stride"] = stride
+    if pad is not None:
+        over["padding"] = pad
+    return replace(spec, **over) if over else spec
