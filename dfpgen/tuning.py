@@ -63,3 +63,84 @@ class TuningConfig:
         """Symbol fragment, e.g. ``kb2_wb14_cb16_fl144`` (``_u4`` with the 4VNNI unroll)."""
         s = f"kb{self.k_vecs}_wb{self.pixels}_cb{self.c_block}_fl{self.flush}"
         return s + ("_u4" if self.unroll == "4vnni" else "")
+
+
+# --- forward / backward-data schedules (the backward-weight planner has its own) -------------
+
+def _reduction_and_output(spec) -> tuple[int, int, int]:
+    """(reduction channels, output-vector channels, output pixels per row) of a fwd-family pass.
+
+    Backward-data runs as stride-1 sub-convolutions over dY (one per output phase), so its
+    reduction is over K, its output vectors hold C, and a row holds ceil(W / stride_w) pixels.
+    """
+    if spec.pass_kind == "bwd_data":
+        return spec.K, spec.C, -(-spec.W // spec.stride[1])
+    return spec.C, spec.K, spec.Q
+
+
+def accumulator_budget(k_vecs: int, pixels: int, unroll: str, registers: int) -> int:
+    """Vector registers a block needs: ``k_vecs x pixels`` accumulators, the weight vectors
+    (``k_vecs``, or ``4 k_vecs`` with the 4VNNI unroll: four channel pairs in flight) and one
+    broadcast register. The planner rejects blocks over ``registers``."""
+    weights = k_vecs * (4 if unroll == "4vnni" else 1)
+    return k_vecs * pixels + weights + 1
+
+
+def max_pixels(k_vecs: int, unroll: str, registers: int) -> int:
+    return (registers - 1 - k_vecs * (4 if unroll == "4vnni" else 1)) // k_vecs
+
+
+def _pixel_block(q: int, cap: int) -> int:
+    # Fewest blocks first, then the most even split: Q=56, cap 14 -> 4 x 14; Q=7 -> 7.
+    blocks = -(-q // cap)
+    return -(-q // blocks)
+
+
+def default_config(spec, target) -> TuningConfig:
+    """The heuristic schedule of a forward / backward-data ``spec`` on ``target`` (used when
+    nothing is tuned): the largest output-channel blocking (up to 2 vectors, paper-style
+    2 x 14 block on AVX-512) that wastes no more padded lanes than 1 vector, as many pixels
+    as the register budget allows split evenly along Q, ``c_block`` 16 (the paper's chain of
+    16 input channels x R x S), flush chosen by the overflow mode."""
+    if spec.pass_kind not in ("fwd", "bwd_data"):
+        raise DfpError(f"default_config here covers fwd/bwd_data, not {spec.pass_kind!r}")
+    red, outc, q = _reduction_and_output(spec)
+    lanes = target.lanes
+    vecs = -(-outc // lanes)
+    # Blocks of 2 vectors where they divide the channels (no padded lanes), else 3, else 1.
+    k_vecs = 1
+    for kv in (2, 3):
+        if vecs % kv == 0 and max_pixels(kv, "none", target.registers) >= 4:
+            k_vecs = kv
+            break
+    cap = max_pixels(k_vecs, "none", target.registers)
+    pixels = _pixel_block(q, cap)
+    c_block = 16 if red > 8 else (red + red % 2)
+    return TuningConfig(k_vecs=k_vecs, pixels=pixels, c_block=max(2, c_block), flush=0,
+                        unroll="none", threads=0)
+
+
+def search_space(spec, target) -> list[TuningConfig]:
+    """Legal forward / backward-data schedules for ``spec`` on ``target``, pruned by the
+    register budget (:func:`accumulator_budget`) and by waste (no block wider than the
+    output channels or the output row). The default config is always first."""
+    red, outc, q = _reduction_and_output(spec)
+    vecs = -(-outc // target.lanes)
+    out = [default_config(spec, target)]
+    seen = {out[0]}
+    for unroll in ("none", "4vnni"):
+        for kv in (1, 2, 4):
+            if kv > max(1, vecs):
+                continue
+            cap = max_pixels(kv, unroll, target.registers)
+            if cap < 1:
+                continue
+            for pix in sorted({_pixel_block(q, cap), min(q, cap), min(q, max(1, cap // 2))}):
+                for cb in (8, 16, 32):
+                    if cb > max(2, red + red % 2) and cb != 8:
+                        continue
+                    cfg = TuningConfig(k_vecs=kv, pixels=pix, c_block=cb, flush=0, unroll=unroll)
+                    if cfg not in seen:
+                        seen.add(cfg)
+                        out.append(cfg)
+    return out
