@@ -1,2 +1,23 @@
-"""dfpgen.runtime: the PyTorch binding (the only part of dfpgen that imports torch)."""
-import torch  # noqa: F401
+"""dfpgen.runtime: the PyTorch binding (the only part of dfpgen that imports torch).
+
+    import dfpgen.runtime as dfp
+    model = dfp.convert(model, skip=["conv1", "fc"])   # nn.Conv2d / nn.Linear -> DFP16
+    with dfp.enabled(False):                            # A/B: the same model in FP32
+        ...
+
+Layers: :class:`DFPConv2d`, :class:`DFPLinear` (drop-ins for ``nn.Conv2d`` / ``nn.Linear``);
+functional: :func:`conv2d`, :func:`linear` (custom ops ``torch.ops.dfpgen.conv2d`` /
+``torch.ops.dfpgen.linear`` with autograd); settings: :func:`enabled`, :func:`set_enabled`,
+:func:`is_enabled` (env ``DFPGEN_DISABLE=1``), :func:`set_default_format`.
+"""
+from .config import (default_format, default_grad_rounding, default_overflow, enabled,
+                     is_enabled, set_default_format, set_enabled)
+from .convert import convert, dfp_layers, revert
+from .modules import DfpFallbackWarning, DFPConv2d, DFPLinear
+from .ops import conv2d, linear
+
+__all__ = [
+    "DFPConv2d", "DFPLinear", "DfpFallbackWarning", "conv2d", "linear", "convert", "revert",
+    "dfp_layers", "enabled", "set_enabled", "is_enabled", "set_default_format",
+    "default_format", "default_overflow", "default_grad_rounding",
+]

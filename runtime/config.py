@@ -1,0 +1,95 @@
+"""Process-wide DFP16 settings: the on/off switch (for A/B runs), the default format, the
+default overflow mode and gradient rounding. Per-layer settings on ``DFPConv2d`` /
+``DFPLinear`` override these; ``None`` there means "use the default at call time".
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+from dfpgen.dfp import DFP16, DfpFormat
+from dfpgen.errors import DfpError
+
+ENV_DISABLE = "DFPGEN_DISABLE"
+OVERFLOW_MODES = ("exact", "fast")
+ROUNDINGS = ("nearest", "stochastic")
+
+_lock = threading.Lock()
+_enabled: bool | None = None  # None: follow $DFPGEN_DISABLE
+_format: DfpFormat = DFP16
+_overflow = "exact"
+_grad_rounding = "nearest"
+
+
+def is_enabled() -> bool:
+    """True when DFP16 layers run on dfpgen's kernels; False makes every DFP layer run the
+    FP32 PyTorch op (same module, same parameters). Default: on unless ``$DFPGEN_DISABLE`` is
+    set to something other than ``""``/``"0"``; :func:`set_enabled` / :func:`enabled` win."""
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get(ENV_DISABLE, "") in ("", "0")
+
+
+def set_enabled(flag: bool | None) -> None:
+    """Switch DFP16 on (True) or off (False) for the whole process; None returns to the
+    environment variable."""
+    global _enabled
+    with _lock:
+        _enabled = None if flag is None else bool(flag)
+
+
+@contextlib.contextmanager
+def enabled(flag: bool = True):
+    """Context manager: ``with dfp.enabled(False): ...`` runs the block in FP32."""
+    global _enabled
+    with _lock:
+        prev, _enabled = _enabled, bool(flag)
+    try:
+        yield
+    finally:
+        with _lock:
+            _enabled = prev
+
+
+def check_overflow(mode: str) -> str:
+    if mode not in OVERFLOW_MODES:
+        raise DfpError(f"overflow mode must be one of {OVERFLOW_MODES}, got {mode!r}")
+    return mode
+
+
+def check_rounding(mode: str) -> str:
+    if mode not in ROUNDINGS:
+        raise DfpError(f"gradient rounding must be one of {ROUNDINGS}, got {mode!r}")
+    return mode
+
+
+def set_default_format(fmt: DfpFormat | None = None, *, overflow: str | None = None,
+                       grad_rounding: str | None = None) -> None:
+    """Set the defaults used by layers that do not set their own: ``fmt`` (a
+    :class:`dfpgen.DfpFormat`: magnitude bits; its rounding applies to the forward operands
+    X and W), ``overflow`` (``"exact"``: provably no INT32 overflow; ``"fast"``: the
+    paper's long saturating chains) and ``grad_rounding`` (``"nearest"`` or ``"stochastic"``
+    for dY). Raises :class:`dfpgen.DfpError` for an unknown value."""
+    global _format, _overflow, _grad_rounding
+    if fmt is not None and not isinstance(fmt, DfpFormat):
+        raise DfpError(f"fmt must be a dfpgen.DfpFormat, got {type(fmt).__name__}")
+    with _lock:
+        if fmt is not None:
+            _format = fmt
+        if overflow is not None:
+            _overflow = check_overflow(overflow)
+        if grad_rounding is not None:
+            _grad_rounding = check_rounding(grad_rounding)
+
+
+def default_format() -> DfpFormat:
+    return _format
+
+
+def default_overflow() -> str:
+    return _overflow
+
+
+def default_grad_rounding() -> str:
+    return _grad_rounding

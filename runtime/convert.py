@@ -1,0 +1,105 @@
+"""``convert(model)``: swap the ``nn.Conv2d`` / ``nn.Linear`` layers of a model for
+``DFPConv2d`` / ``DFPLinear`` in place, and ``revert`` to undo it.
+
+The swapped layer shares the original's parameters, buffers and hooks (a shallow copy whose
+class changes), so an optimizer built before ``convert`` keeps updating the same tensors and
+the ``state_dict`` is unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+from typing import Callable, Iterable, Optional, Union
+
+from torch import nn
+
+from dfpgen.dfp import DfpFormat
+
+from . import config
+from .modules import DFPConv2d, DFPLinear, _DfpLayer
+
+Skip = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+_TO_DFP = {nn.Conv2d: DFPConv2d, nn.Linear: DFPLinear}
+_TO_TORCH = {DFPConv2d: nn.Conv2d, DFPLinear: nn.Linear}
+
+
+def _skip_fn(skip: Skip) -> Callable[[str, nn.Module], bool]:
+    if skip is None:
+        return lambda name, m: False
+    if callable(skip):
+        return skip
+    patterns = [skip] if isinstance(skip, str) else list(skip)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"skip patterns must be strings, got {type(p).__name__}")
+
+    def match(name: str, m: nn.Module) -> bool:
+        # A pattern is a module name ("conv1", "fc"), a glob ("layer4.*"), or a regular
+        # expression written as "re:...": matched against the full dotted name.
+        for p in patterns:
+            if p.startswith("re:"):
+                if re.fullmatch(p[3:], name):
+                    return True
+            elif name == p or fnmatch.fnmatchcase(name, p):
+                return True
+        return False
+    return match
+
+
+def convert(model: nn.Module, *, skip: Skip = None, dfp_format: Optional[DfpFormat] = None,
+            overflow: Optional[str] = None, grad_rounding: Optional[str] = None,
+            threads: int = 0, linear: bool = True) -> nn.Module:
+    """Swap every ``nn.Conv2d`` (and ``nn.Linear`` when ``linear``) of ``model`` for its DFP16
+    version, in place, and return ``model``.
+
+    ``skip``: layers to keep in FP32 — a name, a glob (``"layer4.*"``), a regex
+    (``"re:layer[12]\\..*"``), a list of those, or a predicate ``(name, module) -> bool``.
+    ``dfp_format`` / ``overflow`` / ``grad_rounding`` / ``threads`` are set on every swapped
+    layer (None: the process default at call time). Only exact ``nn.Conv2d`` / ``nn.Linear``
+    instances are swapped (not subclasses such as ``nn.LazyLinear`` or already-DFP layers).
+    A swapped layer whose configuration the kernels do not cover runs in FP32 with one
+    warning naming it. Raises ``TypeError`` for a bad ``skip``.
+    """
+    if overflow is not None:
+        config.check_overflow(overflow)
+    if grad_rounding is not None:
+        config.check_rounding(grad_rounding)
+    skipped = _skip_fn(skip)
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) in _TO_DFP and (linear or type(m) is not nn.Linear)
+               and name and not skipped(name, m)]
+    if type(model) in _TO_DFP and not skipped("", model):
+        raise TypeError("convert() swaps layers inside a model; wrap a single layer with "
+                        "DFPConv2d/DFPLinear instead")
+    for name, m in targets:
+        new = copy.copy(m)
+        new.__class__ = _TO_DFP[type(m)]
+        new._dfp_init(dfp_format, overflow, grad_rounding, threads, name=name)
+        _set_child(model, name, new)
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Swap every ``DFPConv2d`` / ``DFPLinear`` back to the PyTorch layer, in place."""
+    for name, m in list(model.named_modules()):
+        if name and type(m) in _TO_TORCH:
+            new = copy.copy(m)
+            for attr in list(vars(new)):
+                if attr.startswith("_dfp") or attr in ("dfp_format", "overflow", "grad_rounding",
+                                                       "threads", "dfp_name", "dfp_seed"):
+                    delattr(new, attr)
+            new.__class__ = _TO_TORCH[type(m)]
+            _set_child(model, name, new)
+    return model
+
+
+def dfp_layers(model: nn.Module) -> list[tuple[str, _DfpLayer]]:
+    """``(name, layer)`` for every DFP16 layer of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _DfpLayer)]
+
+
+def _set_child(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

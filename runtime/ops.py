@@ -1,0 +1,353 @@
+"""PyTorch custom ops on dfpgen's DFP16 kernels: ``dfpgen::conv2d``, ``dfpgen::linear`` and
+their backward ops, with autograd (``register_autograd``) and fake (meta) implementations so
+``torch.compile`` and ``torch.library.opcheck`` work.
+
+Training recipe (Das et al., ICLR 2018, §3-4; DESIGN §1): FP32 master weights; every pass
+quantizes its two inputs to DFP16 and writes FP32 —
+
+- forward ``Y = X * W``: X and W quantized (the format's rounding, nearest by default);
+- backward-data ``dX = dY *^T W`` and backward-weight ``dW = X^T * dY``: dY quantized once
+  (nearest or stochastic rounding) and used by both passes; W re-quantized (same bits as
+  the forward, nearest rounding is deterministic); X is the forward's INT16 mantissas.
+
+The forward op returns, besides Y, the INT16 mantissas of X (the kernels' NHWC buffer with
+C padded as ``dfpgen.pack`` pads it) and X's shared exponent; autograd saves those instead of
+the FP32 X, so the activation kept for backward is half the bytes. Bias stays FP32.
+
+Layout: a ``channels_last`` input (or weight) gives a ``channels_last`` output, otherwise
+NCHW-contiguous; the numpy core accepts both without a repack (an NCHW-shaped array with
+NHWC strides is what ``quantize_pack`` consumes).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dfpgen.dfp import DfpFormat, DfpTensor
+
+# --- layout helpers (shared by the real and the fake implementations) -----------------
+
+
+def _strict_channels_last(t: Tensor) -> bool:
+    # A tensor with C == 1 or H == W == 1 is contiguous in both formats; it counts as NCHW.
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+        and not t.is_contiguous()
+
+
+def output_channels_last(x: Tensor, weight: Tensor) -> bool:
+    """The output is channels_last when the input or the weight is (as PyTorch's conv)."""
+    return _strict_channels_last(x) or _strict_channels_last(weight)
+
+
+def padded_channels(c):
+    """Channels of the kernels' NHWC INT16 buffer: C padded as ``dfpgen.pack`` pads it."""
+    from dfpgen import pack
+    return pack.padded_channels(c)
+
+
+def _out_hw(h, w, r, s, stride, padding, dilation):
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return p, q
+
+
+def _np_activation(t: Tensor) -> np.ndarray:
+    """float32 numpy view of a 4-D activation, NCHW- or NHWC-strided (no copy when it
+    already is one of those; stride-0 expanded gradients are materialised)."""
+    t = t.detach()
+    if t.dtype != torch.float32:
+        t = t.float()
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.numpy()
+
+
+def _np_weight(t: Tensor) -> np.ndarray:
+    t = t.detach()
+    if t.dtype != torch.float32:
+        t = t.float()
+    return t.contiguous().numpy()
+
+
+def _to_torch(a: np.ndarray, channels_last: bool) -> Tensor:
+    t = torch.from_numpy(np.asarray(a, dtype=np.float32))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
+def _fmt(bits: int, rounding: str) -> DfpFormat:
+    return DfpFormat(bits=bits, rounding=rounding)
+
+
+def _threads(threads: int):
+    return threads if threads > 0 else None
+
+
+def saved_input(buf: Tensor, x_exp: Tensor, channels: int, bits: int) -> DfpTensor:
+    """The forward's X as a DfpTensor: NCHW-shaped view of the saved NHWC INT16 buffer."""
+    m = buf.numpy()[..., :channels].transpose(0, 3, 1, 2)
+    return DfpTensor(m, int(x_exp.item()), _fmt(bits, "nearest"))
+
+
+# --- conv2d -------------------------------------------------------------------------
+
+
+def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, overflow,
+                    threads):
+    from dfpgen import conv, pack
+    fmt = _fmt(bits, rounding)
+    qx = pack.quantize_pack(_np_activation(x), fmt, name="conv2d input X",
+                            threads=_threads(threads))
+    b = None if bias is None else bias.detach().float().contiguous().numpy()
+    y = conv.conv2d(qx, _np_weight(weight), b, tuple(stride), tuple(padding), tuple(dilation),
+                    overflow=overflow, fmt=fmt, threads=_threads(threads))
+    buf = torch.from_numpy(np.ascontiguousarray(pack.nhwc_buffer(qx)))
+    return (_to_torch(y, output_channels_last(x, weight)), buf,
+            torch.tensor(qx.exponent, dtype=torch.int32))
+
+
+@torch.library.custom_op("dfpgen::conv2d", mutates_args=())
+def conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+              padding: List[int], dilation: List[int], bits: int, rounding: str,
+              overflow: str, grad_rounding: str, seed: Tensor,
+              threads: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """DFP16 forward convolution. x float32 (N, C, H, W) NCHW or channels_last, weight
+    float32 (K, C, R, S), bias float32 (K,) or None. Returns (y float32 (N, K, P, Q), the
+    INT16 NHWC buffer of X (N, H, W, Cpad), X's exponent as an int32 scalar tensor).
+    ``grad_rounding`` and ``seed`` (int64 scalar tensor, so a new seed per step does not
+    re-trace under torch.compile) are kept for the backward pass's dY."""
+    return _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding,
+                           overflow, threads)
+
+
+@conv2d_op.register_fake
+def _conv2d_fake(x, weight, bias, stride, padding, dilation, bits, rounding, overflow,
+                 grad_rounding, seed, threads):
+    n, c, h, w = x.shape
+    k, _, r, s = weight.shape
+    p, q = _out_hw(h, w, r, s, stride, padding, dilation)
+    fmt = torch.channels_last if output_channels_last(x, weight) else torch.contiguous_format
+    y = x.new_empty((n, k, p, q), dtype=torch.float32).contiguous(memory_format=fmt)
+    buf = x.new_empty((n, h, w, padded_channels(c)), dtype=torch.int16)
+    return y, buf, x.new_empty((), dtype=torch.int32)
+
+
+def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilation, bits,
+                          grad_rounding, overflow, seed, threads, channels_last, need_input,
+                          need_weight):
+    from dfpgen import conv, pack
+    n, h, w, _ = x_buf.shape
+    k, c, r, s = weight.shape
+    gfmt = _fmt(bits, grad_rounding)
+    qdy = pack.quantize_pack(_np_activation(grad_y), gfmt, seed=int(seed.item()), name="conv2d grad_output dY",
+                             threads=_threads(threads))
+    kw = dict(overflow=overflow, fmt=_fmt(bits, "nearest"), threads=_threads(threads))
+    args = (tuple(stride), tuple(padding), tuple(dilation))
+    gx = gw = grad_y.new_empty((0,))
+    if need_input:
+        gx = _to_torch(conv.conv2d_input((n, c, h, w), _np_weight(weight), qdy, *args, **kw),
+                       channels_last)
+    if need_weight:
+        qx = saved_input(x_buf, x_exp, c, bits)
+        gw = _to_torch(conv.conv2d_weight(qx, (k, c, r, s), qdy, *args, **kw), False)
+    return gx, gw
+
+
+@torch.library.custom_op("dfpgen::conv2d_backward", mutates_args=())
+def conv2d_backward_op(grad_y: Tensor, x_buf: Tensor, x_exp: Tensor, weight: Tensor,
+                       stride: List[int], padding: List[int], dilation: List[int], bits: int,
+                       grad_rounding: str, overflow: str, seed: Tensor, threads: int,
+                       channels_last: bool, need_input: bool,
+                       need_weight: bool) -> Tuple[Tensor, Tensor]:
+    """DFP16 backward-data and backward-weight from one quantization of dY.
+
+    grad_y float32 (N, K, P, Q); x_buf/x_exp as returned by ``dfpgen::conv2d``; weight
+    float32 (K, C, R, S). Returns (dX float32 (N, C, H, W), dW float32 (K, C, R, S)); a pass
+    not needed returns an empty (0,) tensor. ``seed`` (int64 scalar tensor) keys stochastic
+    rounding of dY."""
+    return _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilation, bits,
+                                 grad_rounding, overflow, seed, threads, channels_last,
+                                 need_input, need_weight)
+
+
+@conv2d_backward_op.register_fake
+def _conv2d_backward_fake(grad_y, x_buf, x_exp, weight, stride, padding, dilation, bits,
+                          grad_rounding, overflow, seed, threads, channels_last, need_input,
+                          need_weight):
+    n, h, w, _ = x_buf.shape
+    k, c, r, s = weight.shape
+    gx = gw = grad_y.new_empty((0,))
+    if need_input:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        gx = grad_y.new_empty((n, c, h, w)).contiguous(memory_format=fmt)
+    if need_weight:
+        gw = grad_y.new_empty((k, c, r, s))
+    return gx, gw
+
+
+def _conv2d_setup(ctx, inputs, output):
+    (x, weight, bias, stride, padding, dilation, bits, rounding, overflow, grad_rounding,
+     seed, threads) = inputs
+    _, buf, exp = output
+    ctx.save_for_backward(buf, exp, weight, seed)
+    ctx.conf = (stride, padding, dilation, bits, grad_rounding, overflow, threads)
+    ctx.channels_last = _strict_channels_last(x)
+    ctx.has_bias = bias is not None
+
+
+def _conv2d_backward(ctx, grad_y, _gbuf, _gexp):
+    buf, exp, weight, seed = ctx.saved_tensors
+    stride, padding, dilation, bits, rounding, overflow, threads = ctx.conf
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx = gw = gb = None
+    if need_x or need_w:
+        gx, gw = conv2d_backward_op(grad_y, buf, exp, weight, stride, padding, dilation, bits,
+                                    rounding, overflow, seed, threads, ctx.channels_last,
+                                    need_x, need_w)
+        gx = gx if need_x else None
+        gw = gw if need_w else None
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = grad_y.sum((0, 2, 3))
+    return gx, gw, gb, None, None, None, None, None, None, None, None, None
+
+
+conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
+
+
+def _seed_tensor(seed) -> Tensor:
+    if isinstance(seed, Tensor):
+        return seed
+    return torch.tensor(int(seed) & 0x7FFFFFFF, dtype=torch.int64)
+
+
+def _pair(v, name: str) -> List[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = [int(i) for i in v]
+    if len(v) != 2:
+        from dfpgen.errors import DfpError
+        raise DfpError(f"{name} must be an int or a pair, got {v!r}")
+    return v
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+           dilation=1, *, fmt: DfpFormat, overflow: str = "exact",
+           grad_rounding: str = "nearest", seed: int = 0, threads: int = 0) -> Tensor:
+    """DFP16 ``torch.nn.functional.conv2d`` (groups=1, zero padding) with autograd.
+
+    x float32 (N, C, H, W) (NCHW or channels_last), weight float32 (K, C, R, S), bias
+    float32 (K,) or None; returns float32 (N, K, P, Q), channels_last if x or weight is.
+    ``fmt`` quantizes X and W; ``grad_rounding`` (``"nearest"``/``"stochastic"``) with
+    ``seed`` quantizes dY in the backward pass; ``threads=0`` uses dfpgen's thread count.
+    Raises :class:`dfpgen.DfpError` on NaN/Inf operands (naming the tensor) or bad shapes.
+    """
+    y, _, _ = conv2d_op(x, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
+                        _pair(dilation, "dilation"), fmt.bits, fmt.rounding, overflow,
+                        grad_rounding, _seed_tensor(seed), threads)
+    return y
+
+
+# --- linear: a 1x1 convolution over the N rows as pixels (DESIGN §2) -------------------
+
+
+def _as_pixels(x2d: Tensor) -> Tensor:
+    # (M, F) row-major is the NHWC buffer of a (1, F, 1, M) image: a view, no copy.
+    m, f = x2d.shape
+    return x2d.view(1, 1, m, f).permute(0, 3, 1, 2)
+
+
+@torch.library.custom_op("dfpgen::linear", mutates_args=())
+def linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, rounding: str,
+              overflow: str, grad_rounding: str, seed: Tensor,
+              threads: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """DFP16 ``x @ weight.T + bias``: x float32 (M, F), weight float32 (O, F), bias (O,) or
+    None. Returns (y float32 (M, O), X's INT16 NHWC buffer (1, 1, M, Fpad), X's exponent).
+    ``grad_rounding`` and ``seed`` are kept for the backward pass, as in ``dfpgen::conv2d``."""
+    xc = x.detach().float().contiguous()
+    w4 = weight.detach().float().contiguous().view(weight.shape[0], weight.shape[1], 1, 1)
+    y, buf, exp = _conv2d_forward(_as_pixels(xc), w4, bias, [1, 1], [0, 0], [1, 1], bits,
+                                  rounding, overflow, threads)
+    # y is (1, O, 1, M) channels_last, whose buffer is (M, O) row-major.
+    return y.permute(0, 2, 3, 1).reshape(x.shape[0], weight.shape[0]).clone(), buf, exp
+
+
+@linear_op.register_fake
+def _linear_fake(x, weight, bias, bits, rounding, overflow, grad_rounding, seed, threads):
+    m, f = x.shape
+    return (x.new_empty((m, weight.shape[0])),
+            x.new_empty((1, 1, m, padded_channels(f)), dtype=torch.int16),
+            x.new_empty((), dtype=torch.int32))
+
+
+@torch.library.custom_op("dfpgen::linear_backward", mutates_args=())
+def linear_backward_op(grad_y: Tensor, x_buf: Tensor, x_exp: Tensor, weight: Tensor, bits: int,
+                       grad_rounding: str, overflow: str, seed: Tensor, threads: int,
+                       need_input: bool, need_weight: bool) -> Tuple[Tensor, Tensor]:
+    """Backward of ``dfpgen::linear``: (dX float32 (M, F), dW float32 (O, F)); a pass not
+    needed returns an empty (0,) tensor."""
+    m, o = grad_y.shape
+    w4 = weight.detach().float().contiguous().view(o, weight.shape[1], 1, 1)
+    gx, gw = _conv2d_backward_impl(_as_pixels(grad_y.detach().float().contiguous()), x_buf, x_exp,
+                                w4, [1, 1], [0, 0], [1, 1], bits, grad_rounding, overflow,
+                                seed, threads, True, need_input, need_weight)
+    if need_input:
+        gx = gx.permute(0, 2, 3, 1).reshape(m, weight.shape[1]).clone()
+    if need_weight:
+        gw = gw.view(o, weight.shape[1]).clone()
+    return gx, gw
+
+
+@linear_backward_op.register_fake
+def _linear_backward_fake(grad_y, x_buf, x_exp, weight, bits, grad_rounding, overflow, seed,
+                          threads, need_input, need_weight):
+    gx = gw = grad_y.new_empty((0,))
+    if need_input:
+        gx = grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
+    if need_weight:
+        gw = grad_y.new_empty(weight.shape)
+    return gx, gw
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, bits, rounding, overflow, grad_rounding, seed, threads = inputs
+    _, buf, exp = output
+    ctx.save_for_backward(buf, exp, weight, seed)
+    ctx.conf = (bits, grad_rounding, overflow, threads)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad_y, _gbuf, _gexp):
+    buf, exp, weight, seed = ctx.saved_tensors
+    bits, rounding, overflow, threads = ctx.conf
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx = gw = gb = None
+    if need_x or need_w:
+        gx, gw = linear_backward_op(grad_y, buf, exp, weight, bits, rounding, overflow, seed,
+                                    threads, need_x, need_w)
+        gx = gx if need_x else None
+        gw = gw if need_w else None
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = grad_y.sum(0)
+    return gx, gw, gb, None, None, None, None, None, None
+
+
+linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, fmt: DfpFormat,
+           overflow: str = "exact", grad_rounding: str = "nearest", seed: int = 0,
+           threads: int = 0) -> Tensor:
+    """DFP16 ``torch.nn.functional.linear`` with autograd: x float32 (..., F), weight float32
+    (O, F), bias (O,) or None -> float32 (..., O). Leading dims are flattened into rows,
+    which the kernels treat as pixels of a 1x1 convolution. Arguments as :func:`conv2d`."""
+    lead = x.shape[:-1]
+    y, _, _ = linear_op(x.reshape(-1, x.shape[-1]), weight, bias, fmt.bits, fmt.rounding,
+                        overflow, grad_rounding, _seed_tensor(seed), threads)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def input_grad_needed(ts: Sequence[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
