@@ -16,7 +16,7 @@ import jinja2
 @lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("dfpgen", "templates"),
+        loader=jinja2.PackageLoader("dfpgen.templates", "."),  # works editable and installed
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
