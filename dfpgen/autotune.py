@@ -1,0 +1,349 @@
+"""Autotuner: search the TuningConfig space of one conv pass, time the candidates, check each
+bit-exactly against the default kernel, and store the decision in the tuning cache.
+
+Search (staged, in the spirit of Triton's autotuner and TVM's schedule search):
+
+1. *register blocking*: the legal configs (``search_space``) that differ from the default
+   only in ``k_vecs`` x ``pixels``, ordered by a cost model (useful fraction of the
+   accumulator tile after K and Q tails, then accumulator count: more accumulators amortise
+   the broadcasts and weight loads), timed until half the budget is spent;
+2. *around the best blocking*: the other fields (``c_block``, ``flush``, ``unroll``, loop
+   order) with the best blocking, in the same cost order, until the budget is spent.
+
+Timing: one warm-up call, then the median of ``repeats`` calls, on random DFP16 operands,
+with the runtime's thread count (:func:`dfpgen.threads.num_threads`). Every candidate's FP32
+output must equal the default kernel's bit for bit (``np.array_equal``, exact overflow mode);
+a candidate that differs is reported as ``rejected`` and can never be the stored decision.
+
+Test hook (documented, minimal): ``DFPGEN_TUNE_CORRUPT=<config.short()>`` makes the
+exactness check see one flipped output element for that config, so tests can prove a
+rejected candidate is never stored.
+
+The decision (config, median seconds, GMAC/s of the chosen and of the default config, every
+candidate's timing) goes to :func:`dfpgen.cache.store_tuning`; :func:`lookup` is what
+``kernels.get_kernel`` calls when it is given no config.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import cache
+from .errors import DfpError
+from .spec import PASSES, ConvSpec
+from .target import CpuTarget, host_target
+from .threads import num_threads
+from .tuning import TuningConfig
+
+ENV_CORRUPT = "DFPGEN_TUNE_CORRUPT"
+DEFAULT_BUDGET_S = 30.0
+TUNING_ABI = 1
+
+_memo: dict[tuple, TuningConfig | None] = {}
+_memo_lock = threading.Lock()
+
+
+# ----------------------------------------------------------------------------- decisions
+def tuning_fields(spec: ConvSpec, target: CpuTarget, overflow: str = "exact") -> dict:
+    """What a decision depends on: the spec (pass included), the target, the overflow mode,
+    the thread count it was timed with (DESIGN §4: the kernel key minus the config)."""
+    return {"kind": "tuning", "abi": TUNING_ABI, "spec": str(spec), "target": target.key(),
+            "overflow": overflow, "threads": num_threads()}
+
+
+def lookup(spec: ConvSpec, target: CpuTarget | None = None, overflow: str = "exact") -> TuningConfig | None:
+    """The tuned config of ``spec`` on ``target`` or ``None``: a memory dict in front of the
+    disk cache, so ``get_kernel`` may call it on every call."""
+    target = target or host_target()
+    mkey = (spec, target, overflow, num_threads())
+    with _memo_lock:
+        if mkey in _memo:
+            return _memo[mkey]
+    value = cache.load_tuning(tuning_fields(spec, target, overflow))
+    cfg = None
+    if value is not None:
+        try:
+            cfg = TuningConfig.from_dict(value["config"])
+        except (DfpError, KeyError, TypeError):
+            cfg = None
+    with _memo_lock:
+        _memo[mkey] = cfg
+    return cfg
+
+
+def annotate(spec: ConvSpec, target: CpuTarget, overflow: str = "exact", **extra) -> None:
+    """Add fields (e.g. ``torch_fp32_seconds``, measured by the CLI) to a stored decision."""
+    fields = tuning_fields(spec, target, overflow)
+    v = cache.load_tuning(fields)
+    if v is not None:
+        cache.store_tuning(fields, {**v, **extra})
+
+
+def forget_lookups() -> None:
+    """Drop the memory dict (after ``cache clear``, or in tests)."""
+    with _memo_lock:
+        _memo.clear()
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class Candidate:
+    """One timed config: ``status`` is ``"ok"``, ``"rejected"`` (output differs from the
+    default kernel's), or ``"error"`` (did not build or run; ``note`` says why)."""
+    config: TuningConfig
+    seconds: float | None = None
+    gmacs: float | None = None
+    status: str = "ok"
+    note: str = ""
+    stage: int = 1
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "short": self.config.short(), "seconds": self.seconds,
+                "gmacs": self.gmacs, "status": self.status, "note": self.note, "stage": self.stage}
+
+
+@dataclass
+class TuneResult:
+    """The decision for one spec. ``cached`` is True when it came from the tuning cache
+    (nothing was timed); ``candidates`` lists what this run timed."""
+    spec: ConvSpec
+    config: TuningConfig
+    seconds: float
+    gmacs: float
+    default_config: TuningConfig
+    default_seconds: float
+    default_gmacs: float
+    cached: bool = False
+    elapsed: float = 0.0
+    candidates: list[Candidate] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # annotations, e.g. torch_fp32_seconds
+
+    @property
+    def speedup(self) -> float:
+        return self.default_seconds / self.seconds if self.seconds else float("nan")
+
+    @property
+    def rejected(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.status == "rejected"]
+
+    def to_value(self) -> dict:
+        """The JSON stored in the tuning cache."""
+        return {"config": self.config.to_dict(), "seconds": self.seconds, "gmacs": self.gmacs,
+                "default_config": self.default_config.to_dict(), "default_seconds": self.default_seconds,
+                "default_gmacs": self.default_gmacs, "spec": str(self.spec), "threads": num_threads(),
+                "elapsed": self.elapsed, "candidates": [c.to_dict() for c in self.candidates],
+                **self.extra}
+
+    @classmethod
+    def from_value(cls, spec: ConvSpec, v: dict) -> "TuneResult":
+        cands = [Candidate(TuningConfig.from_dict(c["config"]), c.get("seconds"), c.get("gmacs"),
+                           c.get("status", "ok"), c.get("note", ""), c.get("stage", 1))
+                 for c in v.get("candidates", [])]
+        return cls(spec, TuningConfig.from_dict(v["config"]), v["seconds"], v["gmacs"],
+                   TuningConfig.from_dict(v["default_config"]), v["default_seconds"], v["default_gmacs"],
+                   cached=True, elapsed=0.0, candidates=cands,
+                   extra={k: v[k] for k in v if k.startswith("torch_")})
+
+
+# ----------------------------------------------------------------------------- search space
+def _pass_api(spec: ConvSpec):
+    """``(default_config, search_space)`` of the planner that owns ``spec``'s pass."""
+    if spec.pass_kind == "bwd_weight":
+        try:
+            from . import plan_wgrad as mod
+        except ImportError:
+            from . import tuning as mod
+    else:
+        from . import tuning as mod
+    for name in ("default_config", "search_space"):
+        if not hasattr(mod, name):
+            raise DfpError(f"the {spec.pass_kind} planner ({mod.__name__}) has no {name}() yet")
+    return mod.default_config, mod.search_space
+
+
+def _cost_order(spec: ConvSpec, target: CpuTarget, cfgs: list[TuningConfig]) -> list[TuningConfig]:
+    """Cost model: useful fraction of the register tile after tails (the output-channel dim
+    against ``k_vecs * lanes``, the pixel dim against ``pixels``), then more accumulators."""
+    lanes = target.lanes
+    out_ch = {"fwd": spec.K, "bwd_data": spec.C, "bwd_weight": spec.K}[spec.pass_kind]
+    pix = spec.C if spec.pass_kind == "bwd_weight" else (spec.W if spec.pass_kind == "bwd_data" else spec.Q)
+
+    def useful(n: int, block: int) -> float:
+        return n / (-(-n // block) * block)
+
+    def score(c: TuningConfig):
+        return (-round(useful(out_ch, c.k_vecs * lanes) * useful(pix, c.pixels), 3),
+                -c.k_vecs * c.pixels, c.unroll != "none", c.flush, -c.c_block)
+    return sorted(cfgs, key=score)
+
+
+def staged_candidates(spec: ConvSpec, target: CpuTarget, default: TuningConfig,
+                      space: list[TuningConfig]) -> tuple[list[TuningConfig], Callable[[TuningConfig], list[TuningConfig]]]:
+    """Stage 1 list (register blocking) and a function giving stage 2 around a blocking."""
+    space = [c for c in dict.fromkeys(space) if c != default]
+    same_rest = [c for c in space if c.replace(k_vecs=default.k_vecs, pixels=default.pixels) == default]
+
+    def around(best: TuningConfig) -> list[TuningConfig]:
+        return _cost_order(spec, target, [c for c in space if (c.k_vecs, c.pixels) == (best.k_vecs, best.pixels)
+                                          and c != best and c not in same_rest])
+    return _cost_order(spec, target, same_rest), around
+
+
+# ----------------------------------------------------------------------------- running
+def random_operands(spec: ConvSpec, seed: int = 0) -> dict:
+    """Random DFP16 operands of ``spec``'s pass (normal floats, quantized): ``x``, ``w``, ``dy``."""
+    from .dfp import quantize
+    rng = np.random.default_rng(seed)
+    ops = {}
+    for name, shape in (("x", spec.input_shape), ("w", spec.weight_shape), ("dy", spec.output_shape)):
+        ops[name] = quantize(rng.standard_normal(shape, dtype=np.float32), name=name)
+    return ops
+
+
+def make_runner(spec: ConvSpec, config: TuningConfig | None, target: CpuTarget, ops: dict,
+                overflow: str = "exact", *, quantize: bool = False,
+                return_info: bool = False) -> Callable[[], np.ndarray]:
+    """A zero-argument callable running ``spec``'s pass with ``config`` (``None``: tuned or
+    default) on ``ops`` and returning its FP32 output (``(output, RunInfo)`` with
+    ``return_info``), through the public conv API. The operands are pre-quantized DFP16
+    unless ``quantize``, which passes FP32 operands so the call includes quantize-and-pack."""
+    from . import conv
+    if quantize:
+        ops = {k: v.dequantize() for k, v in ops.items()}
+    kw = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation, overflow=overflow,
+              config=config, return_info=return_info)
+    if spec.pass_kind == "fwd":
+        return lambda: conv.conv2d(ops["x"], ops["w"], **kw)
+    if spec.pass_kind == "bwd_data":
+        return lambda: conv.conv2d_input(spec.input_shape, ops["w"], ops["dy"], **kw)
+    return lambda: conv.conv2d_weight(ops["x"], spec.weight_shape, ops["dy"], **kw)
+
+
+def kernel_sources(spec: ConvSpec, config: TuningConfig, target: CpuTarget,
+                   overflow: str = "exact") -> list[tuple[str, dict, str]]:
+    """``[(symbol, plan as a dict, LLVM IR)]`` of the kernel(s) of ``spec`` with ``config``
+    (``dfpgen show``); backward-data with stride > 1 has one kernel per output phase."""
+    from . import kernels
+    if not hasattr(kernels, "kernel_sources"):
+        raise DfpError("this dfpgen build cannot print kernel sources yet (kernels.kernel_sources missing)")
+    return kernels.kernel_sources(spec, config, target=target, overflow=overflow)
+
+
+def time_runner(run: Callable[[], np.ndarray], repeats: int = 5, max_seconds: float = 2.0) -> tuple[float, np.ndarray]:
+    """One warm-up call, then the median of up to ``repeats`` timed calls (fewer when they
+    would exceed ``max_seconds``). Returns ``(median seconds, output of the warm-up)``."""
+    out = np.asarray(run())
+    times, t_start = [], time.perf_counter()
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - t_start > max_seconds:
+            break
+    return statistics.median(times), out
+
+
+def _corrupt_hook(cfg: TuningConfig, out: np.ndarray) -> np.ndarray:
+    if os.environ.get(ENV_CORRUPT) == cfg.short() and out.size:
+        out = np.array(out, copy=True)
+        flat = out.reshape(-1)
+        flat[0] = np.nextafter(flat[0], np.float32(np.inf), dtype=flat.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- tuning
+def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEFAULT_BUDGET_S,
+         force: bool = False, overflow: str = "exact", repeats: int = 5,
+         progress: Callable[[Candidate, float], None] | None = None) -> TuneResult:
+    """Tune ``spec`` within ``budget`` seconds and store the decision; returns at once with
+    ``cached=True`` when a decision exists, unless ``force``.
+
+    ``progress(candidate, fraction_of_budget_used)`` is called after every candidate.
+    Raises :class:`DfpError` for a bad budget or when the default kernel itself fails.
+    """
+    if not budget or budget <= 0:
+        raise DfpError(f"tuning budget must be > 0 seconds, got {budget!r}")
+    target = target or host_target()
+    fields = tuning_fields(spec, target, overflow)
+    if not force:
+        v = cache.load_tuning(fields)
+        if v is not None:
+            try:
+                return TuneResult.from_value(spec, v)
+            except (KeyError, TypeError, DfpError):
+                pass  # unreadable decision: tune again
+    t0 = time.perf_counter()
+    default_config, search_space = _pass_api(spec)
+    default = default_config(spec, target)
+    ops = random_operands(spec)
+    macs = spec.macs
+
+    def measure(cfg: TuningConfig, stage: int, ref: np.ndarray | None) -> tuple[Candidate, np.ndarray | None]:
+        try:
+            sec, out = time_runner(make_runner(spec, cfg, target, ops, overflow), repeats)
+        except Exception as exc:  # a candidate that fails to build/run is reported, not fatal
+            return Candidate(cfg, status="error", note=f"{type(exc).__name__}: {exc}"[:200], stage=stage), None
+        c = Candidate(cfg, sec, macs / sec / 1e9, stage=stage)
+        if ref is not None and not np.array_equal(_corrupt_hook(cfg, out), ref):
+            c.status, c.note = "rejected", "output differs from the default kernel"
+        return c, out
+
+    base, ref = measure(default, 0, None)
+    if base.status != "ok":
+        raise DfpError(f"default kernel for {spec} failed: {base.note}")
+    cands: list[Candidate] = [base]
+    if progress:
+        progress(base, (time.perf_counter() - t0) / budget)
+    stage1, around = staged_candidates(spec, target, default, list(search_space(spec, target)))
+    best = base
+
+    def run_stage(cfgs: list[TuningConfig], stage: int, until: float) -> None:
+        nonlocal best
+        last = 0.0
+        for cfg in cfgs:
+            now = time.perf_counter() - t0
+            if now + last > until:
+                break
+            c, _ = measure(cfg, stage, ref)
+            last = time.perf_counter() - t0 - now
+            cands.append(c)
+            if c.status == "ok" and c.seconds < best.seconds:
+                best = c
+            if progress:
+                progress(c, (time.perf_counter() - t0) / budget)
+
+    run_stage(stage1, 1, budget * 0.6)
+    run_stage(around(best.config), 2, budget)
+    result = TuneResult(spec, best.config, best.seconds, best.gmacs, default, base.seconds, base.gmacs,
+                        elapsed=time.perf_counter() - t0, candidates=cands)
+    assert best.status == "ok"
+    cache.store_tuning(fields, result.to_value())
+    with _memo_lock:
+        _memo[(spec, target, overflow, num_threads())] = best.config
+    return result
+
+
+def tune_model(model: str = "resnet50", budget: float = 600.0, *, batch: int = 32,
+               passes: tuple[str, ...] = ("fwd",), force: bool = False, target: CpuTarget | None = None,
+               progress: Callable[[ConvSpec, Candidate | None, float], None] | None = None) -> list[TuneResult]:
+    """Tune every layer of ``model`` for ``passes`` within ``budget`` seconds in total.
+
+    Each layer gets a share of what is left, weighted by its MACs x occurrence count (big,
+    frequent layers get more time); already-tuned layers cost nothing unless ``force``.
+    """
+    from .models import model_specs
+    layers = [(count, spec.with_pass(p)) for _, count, spec in model_specs(model, batch=batch) for p in passes]
+    weights = [count * spec.macs for count, spec in layers]
+    t0, results = time.perf_counter(), []
+    for i, (count, spec) in enumerate(layers):
+        left = budget - (time.perf_counter() - t0)
+        share = max(left * weights[i] / sum(weights[i:]), 0.5)
+        cb = (lambda c, f, spec=spec: progress(spec, c, f)) if progress else None
+        results.append(tune(spec, target=target, budget=share, force=force, progress=cb))
+    return results

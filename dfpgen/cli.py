@@ -1,0 +1,242 @@
+"""``dfpgen``: the command line of the kernel generator (console script ``dfpgen``).
+
+::
+
+    dfpgen info [--json]                       CPU, ISA tier, LLVM, cache, measured peaks
+    dfpgen tune --layer L [--pass P|all] [--budget S] [--force] [--json]
+    dfpgen tune --model resnet50 [--budget S] [--pass P|all]
+    dfpgen show --layer L [--pass P] [--plan | --ir | --asm] [--config k_vecs=2,pixels=14]
+    dfpgen bench --layer L [--pass P|all] [--json]
+    dfpgen cache ls [--json] | clear | verify
+
+Layer strings: ``3x3x256`` (R x S x C, spatial size from the matching ResNet-50 layer),
+``n32c256h14w14k256r3s3u1p1`` (full form), ``resnet50:res4_branch2b`` (named); ``--batch``,
+``--hw``, ``--k``, ``--stride``, ``--pad`` override. Bad arguments exit with code 2 and a
+one-line error. Environment: ``DFPGEN_CACHE_DIR`` (cache location), ``DFPGEN_CACHE=0`` (no
+disk cache), ``DFPGEN_ISA`` (force an ISA tier), ``DFPGEN_NUM_THREADS``, ``DFPGEN_VERBOSE=1``
+(one line per kernel build or cache hit, with its time, on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import DfpError
+from .spec import PASSES
+
+RELEVANT_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni",
+                     "avx512bf16", "amx-int8")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit code 2."""
+
+    def error(self, message):  # noqa: D401 - argparse hook
+        sys.stderr.write(f"dfpgen: error: {message}\n")
+        raise SystemExit(2)
+
+
+class UsageError(Exception):
+    """A bad command line detected after parsing (exit code 2)."""
+
+
+def _hw(text: str):
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--hw wants H or HxW (e.g. 14 or 14x14), got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"--hw wants H or HxW with positive sizes, got {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return v
+
+
+def _layer_args(p: argparse.ArgumentParser, passes_all: bool, required: bool = True) -> None:
+    p.add_argument("--layer", required=required, help="3x3x256 | n32c256h14w14k256r3s3u1p1 | resnet50:res4_branch2b")
+    choices = (*PASSES, "all") if passes_all else PASSES
+    p.add_argument("--pass", dest="pass_kind", choices=choices, default="fwd")
+    p.add_argument("--batch", type=int, help="batch size N (default 32 for short and named layers)")
+    p.add_argument("--hw", type=_hw, help="input size H or HxW")
+    p.add_argument("--k", type=int, help="output channels K")
+    p.add_argument("--stride", type=int)
+    p.add_argument("--pad", type=int)
+    p.add_argument("--overflow", choices=("exact", "fast"), default="exact")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="dfpgen", description="DFP16 (INT16 dynamic fixed point) VNNI conv kernel generator")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{info,tune,show,bench,cache}")
+
+    p = sub.add_parser("info", help="CPU, ISA tier, LLVM versions, cache, measured peaks")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("tune", help="autotune a layer (or a whole model) and store the decision")
+    _layer_args(p, passes_all=True, required=False)
+    p.add_argument("--model", choices=("resnet50",), help="tune every layer of the model")
+    p.add_argument("--budget", type=_positive_float, help="seconds (per layer; total with --model)")
+    p.add_argument("--force", action="store_true", help="tune again even if a decision is cached")
+    p.add_argument("--no-baseline", action="store_true", help="skip the PyTorch FP32 timing")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("show", help="print a kernel's plan, LLVM IR or assembly")
+    _layer_args(p, passes_all=False)
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--plan", action="store_const", dest="what", const="plan")
+    what.add_argument("--ir", action="store_const", dest="what", const="ir")
+    what.add_argument("--asm", action="store_const", dest="what", const="asm")
+    p.add_argument("--config", help="schedule fields, e.g. k_vecs=2,pixels=14 (default: tuned or heuristic)")
+
+    p = sub.add_parser("bench", help="quick benchmark against PyTorch FP32 and bf16")
+    _layer_args(p, passes_all=True)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("cache", help="list, clear or verify cached kernels and tuning decisions")
+    p.add_argument("action", choices=("ls", "clear", "verify"))
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+# ----------------------------------------------------------------------------- helpers
+def _specs(args) -> list:
+    """The ConvSpecs named by --layer and the overrides; ``--pass all`` gives all three
+    passes; a pass prefix in the layer string (``bwd_data:3x3x64``) wins over ``--pass``."""
+    from .spec import parse_layer
+    every = args.pass_kind == "all"
+    spec = parse_layer(args.layer, batch=args.batch, hw=args.hw, k=args.k, stride=args.stride,
+                       pad=args.pad, pass_kind="fwd" if every else args.pass_kind)
+    return [spec.with_pass(p) for p in PASSES] if every else [spec]
+
+
+def _parse_config(text: str, default):
+    from .tuning import TuningConfig
+    kw = default.to_dict()
+    for part in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, val = part.partition("=")
+        if not sep or name not in kw:
+            raise UsageError(f"--config: {part!r} is not field=value with a field of {', '.join(kw)}")
+        kw[name] = val if name == "unroll" else int(val) if val.isdigit() else None
+        if kw[name] is None:
+            raise UsageError(f"--config: {name} needs a non-negative integer, got {val!r}")
+    return TuningConfig.from_dict(kw)
+
+
+def _console(json_mode: bool):
+    from rich.console import Console
+    stream = sys.stderr if json_mode else sys.stdout
+    # Not a terminal (pipes, tests): wide enough that symbols and configs are never cut.
+    width = None if stream.isatty() else 200
+    return Console(stderr=json_mode, highlight=False, width=width)
+
+
+def _emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_info(args) -> int:
+    from . import cache, jit, peak
+    from .target import host_target
+    from .threads import num_threads
+    t = host_target()
+    feats = sorted(f for f in RELEVANT_FEATURES if f in t.feature_set)
+    info = {"cpu": t.cpu, "triple": t.triple, "tier": t.tier, "tier_forced": t.forced,
+            "executable": t.executable, "features": feats, **jit.llvm_versions(), "threads": num_threads(),
+            "cache_dir": str(cache.cache_dir()), "cache_enabled": cache.disk_enabled(),
+            "cache_bytes": cache.size_bytes(), "cache_entries": sum(1 for _ in cache.entries())}
+    if t.executable:
+        vp = peak.peak_or_none(t)
+        fp = peak.fma_peak(t)
+        info.update(vnni_peak_gmacs_per_core=vp, fp32_fma_peak_gmacs_per_core=fp.gmacs)
+    if args.json:
+        _emit_json(info)
+        return 0
+    from rich.table import Table
+    tab = Table(show_header=False, box=None)
+    for k, v in info.items():
+        if isinstance(v, float):
+            v = f"{v:.1f}"
+        elif isinstance(v, list):
+            v = " ".join(v)
+        tab.add_row(k.replace("_", " "), str(v))
+    _console(False).print(tab)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .cli_commands import run_tune
+    if bool(args.model) == bool(args.layer):
+        raise UsageError("tune needs exactly one of --layer or --model")
+    return run_tune(args, _specs(args) if args.layer else None, _console(args.json))
+
+
+def cmd_show(args) -> int:
+    from .cli_commands import show_kernel
+    (spec,) = _specs(args)
+    text = show_kernel(spec, args.what or "plan", args.config, _parse_config, args.overflow)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .cli_commands import run_bench
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    return run_bench(args, _specs(args), _console(args.json))
+
+
+def cmd_cache(args) -> int:
+    from . import autotune, cache
+    if args.action == "clear":
+        n = cache.clear()
+        autotune.forget_lookups()
+        print(f"removed {n} entries from {cache.cache_dir()}")
+        return 0
+    if args.action == "ls":
+        rows = list(cache.entries())
+        if args.json:
+            _emit_json(rows)
+            return 0
+        from .cli_commands import entries_table
+        con = _console(False)
+        con.print(f"cache {cache.cache_dir()}: {len(rows)} entries, {cache.size_bytes() / 1024:.1f} KiB")
+        con.print(entries_table(rows))
+        return 0
+    from .cli_commands import verify_entries
+    return verify_entries(_console(False))
+
+
+COMMANDS = {"info": cmd_info, "tune": cmd_tune, "show": cmd_show, "bench": cmd_bench, "cache": cmd_cache}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dfpgen`` console script; returns the exit code (2: bad arguments)."""
+    args = build_parser().parse_args(argv)
+    try:
+        rc = COMMANDS[args.command](args)
+    except (DfpError, UsageError) as exc:
+        msg = " ".join(str(exc).split())
+        sys.stderr.write(f"dfpgen: error: {msg}\n")
+        rc = 2
+    except KeyboardInterrupt:
+        sys.stderr.write("dfpgen: interrupted\n")
+        rc = 130
+    return rc
+
+
+def _run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _run()

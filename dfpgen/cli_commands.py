@@ -1,0 +1,274 @@
+"""The measuring commands behind ``dfpgen tune / bench / show / cache verify``: they run
+kernels, time them against PyTorch and render rich tables. ``dfpgen/cli.py`` owns argument
+parsing and exit codes; this module owns what the commands do.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from .spec import ConvSpec
+
+
+def _fmt(v, spec: str = ".1f", na: str = "n/a") -> str:
+    return na if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or not b else a / b
+
+
+def _peak_total(target) -> float | None:
+    """The machine's VNNI peak for the runtime's thread count (GMAC/s)."""
+    from .peak import peak_or_none
+    from .threads import num_threads
+    p = peak_or_none(target) if target.executable else None
+    return None if p is None else p * num_threads()
+
+
+# ----------------------------------------------------------------------------- exactness
+def check_exact(spec: ConvSpec, config, overflow: str = "exact", seed: int = 1) -> tuple[bool, str]:
+    """Run ``spec``'s pass with ``config`` on small random DFP16 operands (batch 1; for
+    backward-weight as well) and compare its FP32 output bit for bit with
+    :mod:`dfpgen.reference` under the flush schedule the kernel reports. Returns (ok, note)."""
+    from dataclasses import replace
+
+    from . import reference
+    from .autotune import make_runner, random_operands
+    from .target import host_target
+    small = replace(spec, N=1)
+    ops = random_operands(small, seed)
+    out, info = make_runner(small, config, host_target(), ops, overflow, return_info=True)()
+    sat = overflow == "fast"
+    if spec.pass_kind == "fwd":
+        ref = reference.conv2d_fwd(ops["x"], ops["w"], None, small.stride, small.padding, small.dilation,
+                                   c_block=info.c_block, flush_taps=info.flush_taps, saturate=sat)
+    elif spec.pass_kind == "bwd_data":
+        ref = reference.conv2d_bwd_data(ops["dy"], ops["w"], (small.H, small.W), small.stride, small.padding,
+                                        small.dilation, k_block=info.c_block, flush_taps=info.flush_taps,
+                                        saturate=sat)
+    else:
+        ref = reference.conv2d_bwd_weight(ops["x"], ops["dy"], (small.R, small.S), small.stride, small.padding,
+                                          small.dilation, flush_pixels=info.flush or None, saturate=sat)
+    out = np.asarray(out)
+    if out.shape != ref.fp32.shape:
+        return False, f"output shape {out.shape} != reference {ref.fp32.shape}"
+    if not np.array_equal(out, ref.fp32):
+        bad = int(np.count_nonzero(out != ref.fp32))
+        return False, f"{bad} of {out.size} outputs differ from dfpgen.reference"
+    return True, f"exact on {small.geometry()} ({info.symbol})"
+
+
+# ----------------------------------------------------------------------------- tune
+def run_tune(args, specs: list[ConvSpec] | None, console) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import autotune
+    from .target import host_target
+    target = host_target()
+    target.require_executable()
+    budget = args.budget or (autotune.DEFAULT_BUDGET_S if specs else 600.0)
+    results = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[best]}"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=args.json) as bar:
+        task = bar.add_task("tune", total=1.0, best="")
+
+        def progress(spec, cand, frac):
+            best = f"last {cand.config.short()} {_fmt(cand.gmacs)} GMAC/s {cand.status}" if cand else ""
+            bar.update(task, description=f"{spec.pass_kind}:{spec.geometry()}", completed=min(frac, 1.0), best=best)
+
+        if specs is None:
+            passes = autotune.PASSES if args.pass_kind == "all" else (args.pass_kind,)
+            results = autotune.tune_model(args.model, budget, batch=args.batch or 32, passes=passes,
+                                          force=args.force, target=target, progress=progress)
+        else:
+            for spec in specs:
+                bar.reset(task, total=1.0)
+                results.append(autotune.tune(spec, target=target, budget=budget, force=args.force,
+                                             overflow=args.overflow,
+                                             progress=lambda c, f, spec=spec: progress(spec, c, f)))
+    rows = []
+    for r in results:
+        torch_s = r.extra.get("torch_fp32_seconds")
+        if torch_s is None and not args.no_baseline and not r.cached:
+            from .baseline import torch_seconds
+            torch_s = torch_seconds(r.spec, "float32")
+            if torch_s is not None:
+                autotune.annotate(r.spec, target, args.overflow, torch_fp32_seconds=torch_s)
+        rows.append(_tune_row(r, target, torch_s))
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=1, default=str) + "\n")
+        return 0
+    from rich.table import Table
+    tab = Table(title="dfpgen tune", title_justify="left")
+    for col in ("pass", "layer", "decision", "config", "ms", "GMAC/s", "% peak", "x default",
+                "x PyTorch FP32", "candidates"):
+        tab.add_column(col, justify="right" if col not in ("pass", "layer", "decision", "config") else "left")
+    for row in rows:
+        tab.add_row(row["pass"], row["layer"], row["decision"], row["config"], _fmt(row["seconds"] * 1e3, ".3f"),
+                    _fmt(row["gmacs"]), _fmt(row["pct_peak"]), _fmt(row["speedup_default"], ".2f"),
+                    _fmt(row["speedup_torch_fp32"], ".2f"), row["candidates"])
+    console.print(tab)
+    for r in results:
+        if r.cached:
+            console.print(f"{r.spec}: cached decision {r.config.short()} (use --force to tune again)")
+        for c in r.rejected:
+            console.print(f"{r.spec}: rejected {c.config.short()}: {c.note}")
+    return 0
+
+
+def _tune_row(r, target, torch_s) -> dict:
+    peak = _peak_total(target)
+    ok = sum(c.status == "ok" for c in r.candidates)
+    return {"pass": r.spec.pass_kind, "layer": r.spec.geometry(), "spec": str(r.spec),
+            "decision": "cached" if r.cached else "tuned", "config": r.config.short(),
+            "config_fields": r.config.to_dict(), "seconds": r.seconds, "gmacs": r.gmacs,
+            "pct_peak": None if peak is None else 100 * r.gmacs / peak,
+            "default_config": r.default_config.short(), "default_seconds": r.default_seconds,
+            "speedup_default": r.speedup, "torch_fp32_seconds": torch_s,
+            "speedup_torch_fp32": _ratio(torch_s, r.seconds), "tune_seconds": r.elapsed,
+            "candidates": f"{ok} ok, {len(r.rejected)} rejected, {len(r.candidates) - ok - len(r.rejected)} failed",
+            "rejected": [c.config.short() for c in r.rejected]}
+
+
+# ----------------------------------------------------------------------------- bench
+def run_bench(args, specs: list[ConvSpec], console) -> int:
+    from . import autotune
+    from .baseline import median_seconds, torch_seconds
+    from .target import host_target
+    target = host_target()
+    target.require_executable()
+    peak = _peak_total(target)
+    rows = []
+    for spec in specs:
+        cfg = autotune.lookup(spec, target, args.overflow)
+        ops = autotune.random_operands(spec)
+        kern = median_seconds(autotune.make_runner(spec, cfg, target, ops, args.overflow), args.repeats)
+        full = median_seconds(autotune.make_runner(spec, cfg, target, ops, args.overflow, quantize=True),
+                              args.repeats)
+        fp32, bf16 = torch_seconds(spec, "float32", args.repeats), torch_seconds(spec, "bfloat16", args.repeats)
+        g = spec.macs / kern / 1e9
+        rows.append({"pass": spec.pass_kind, "layer": spec.geometry(), "config": "tuned" if cfg else "default",
+                     "seconds": kern, "gmacs": g, "pct_peak": None if peak is None else 100 * g / peak,
+                     "seconds_with_quantize": full, "torch_fp32_seconds": fp32, "torch_bf16_seconds": bf16,
+                     "speedup_fp32": _ratio(fp32, kern), "speedup_bf16": _ratio(bf16, kern),
+                     "speedup_fp32_with_quantize": _ratio(fp32, full)})
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        return 0
+    from rich.table import Table
+    tab = Table(title="dfpgen bench (ms, median)", title_justify="left")
+    cols = ("pass", "layer", "config", "dfpgen", "GMAC/s", "% peak", "+quantize", "FP32", "bf16",
+            "x FP32", "x bf16", "x FP32 (+q)")
+    for c in cols:
+        tab.add_column(c, justify="left" if c in ("pass", "layer", "config") else "right")
+    for r in rows:
+        ms = lambda v: _fmt(None if v is None else v * 1e3, ".3f")  # noqa: E731
+        tab.add_row(r["pass"], r["layer"], r["config"], ms(r["seconds"]), _fmt(r["gmacs"]), _fmt(r["pct_peak"]),
+                    ms(r["seconds_with_quantize"]), ms(r["torch_fp32_seconds"]), ms(r["torch_bf16_seconds"]),
+                    _fmt(r["speedup_fp32"], ".2f"), _fmt(r["speedup_bf16"], ".2f"),
+                    _fmt(r["speedup_fp32_with_quantize"], ".2f"))
+    console.print(tab)
+    return 0
+
+
+# ----------------------------------------------------------------------------- show
+def show_kernel(spec: ConvSpec, what: str, config_text: str | None, parse_config, overflow: str) -> str:
+    """The plan (JSON), LLVM IR or assembly of ``spec``'s kernel(s) with the given, tuned or
+    default config."""
+    from . import autotune, jit
+    from .target import host_target
+    target = host_target()
+    default_config, _ = autotune._pass_api(spec)
+    cfg = autotune.lookup(spec, target, overflow) if target.executable else None
+    cfg = cfg or default_config(spec, target)
+    if config_text:
+        cfg = parse_config(config_text, cfg)
+    kernels = autotune.kernel_sources(spec, cfg, target, overflow)
+    out = []
+    for symbol, plan, ir in kernels:
+        if what == "plan":
+            out.append(json.dumps({"symbol": symbol, "spec": str(spec), "config": cfg.to_dict(),
+                                   "plan": plan}, indent=1, default=str))
+        elif what == "ir":
+            out.append(ir)
+        else:
+            out.append(jit.emit_assembly(ir, cpu=target.compile_cpu, features=target.compile_features,
+                                         name=symbol))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- cache
+def entries_table(rows: list[dict]):
+    from rich.table import Table
+    tab = Table(box=None)
+    for c in ("kind", "key", "what", "config", "timing", "size", "created"):
+        tab.add_column(c)
+    for e in rows:
+        f = e.get("fields", {}) if isinstance(e.get("fields"), dict) else {}
+        if e["kind"] == "kernel":
+            what = e.get("symbol") or f.get("spec", "")
+            cfg = f.get("config")
+            timing = f"compile {_fmt(e.get('compile_seconds', 0) * 1e3, '.1f')} ms" if "compile_seconds" in e else ""
+            size = f"{e.get('size', 0) / 1024:.1f} KiB"
+        else:
+            v = e.get("value", {}) if isinstance(e.get("value"), dict) else {}
+            what, cfg = v.get("spec", f.get("spec", "")), v.get("config")
+            timing = f"{_fmt(v.get('gmacs'))} GMAC/s, {_fmt(v.get('seconds', 0) * 1e3, '.3f')} ms" if v else ""
+            size = ""
+        if isinstance(cfg, dict):
+            from .tuning import TuningConfig
+            try:
+                cfg = TuningConfig.from_dict(cfg).short()
+            except Exception:  # an entry written by another version: show it raw
+                cfg = json.dumps(cfg)
+        tab.add_row(e["kind"], e["key"][:12], str(what), str(cfg or ""), timing if "error" not in e else e["error"],
+                    size, e.get("created", ""))
+    return tab
+
+
+def verify_entry(e: dict) -> tuple[bool, str]:
+    """Check one cache entry: metadata readable, object hash, loads into the JIT, and for
+    conv kernels and tuning decisions: exact against the reference on a small input."""
+    import hashlib
+    from pathlib import Path
+
+    from . import jit
+    from .spec import parse_full
+    from .tuning import TuningConfig
+    if "error" in e:
+        return False, e["error"]
+    f = e.get("fields", {})
+    try:
+        if e["kind"] == "kernel":
+            obj = Path(e["object_path"]).read_bytes()
+            if hashlib.sha256(obj).hexdigest() != e.get("sha256"):
+                return False, "object does not match its sha256"
+            jit.load(obj, [e["symbol"]])
+            spec_text, cfg, overflow = f.get("spec"), f.get("config"), f.get("overflow", f.get("mode", "exact"))
+            note = "loads"
+        else:
+            v = e["value"]
+            spec_text, cfg, overflow = v["spec"], v["config"], f.get("overflow", "exact")
+            note = "decision readable"
+        if isinstance(spec_text, str) and isinstance(cfg, dict):
+            ok, why = check_exact(parse_full(spec_text), TuningConfig.from_dict(cfg), overflow)
+            return ok, (f"{note}; {why}" if ok else why)
+        return True, note
+    except Exception as exc:  # any failure is a bad entry, reported, not a crash
+        return False, f"{type(exc).__name__}: {exc}"[:300]
+
+
+def verify_entries(console) -> int:
+    """``dfpgen cache verify``: check every entry; exit code 1 if any is bad."""
+    from . import cache
+    bad = 0
+    rows = list(cache.entries())
+    for e in rows:
+        ok, note = verify_entry(e)
+        bad += not ok
+        console.print(f"{'ok ' if ok else 'BAD'} {e['kind']:<6} {e['key'][:12]} {note}")
+    console.print(f"{len(rows) - bad} ok, {bad} bad of {len(rows)} entries in {cache.cache_dir()}")
+    return 1 if bad else 0
