@@ -1,0 +1,290 @@
+"""Pure planner of the backward-weight pass: ``(spec, config, target, mode) -> WgradPlan``.
+
+GEMM view per filter tap (r, s) (DESIGN §3, issue 3):
+
+    dW[k, c, r, s] = sum_m dY[m, k] * X_rs[m, c],   m = (n*P + p)*Q + q
+    X_rs[m, c]     = X[n, c, p*uh + r*dh - ph, q*uw + s*dw - pw]   (0 in the padding)
+
+VNNI (``vpdpwssd``) multiplies INT16 *pairs*, so the pairs run along the reduction, i.e. along
+pixels: pair j of an output row holds pixels q = 2j and 2j+1 (a row with odd Q ends with a
+zero dY pixel, so whatever X is paired with it contributes 0).
+
+Layouts the kernel reads (int16 pairs, one 32-bit lane each):
+
+- dY packed ``[N][P][Q2][Kp][2]`` (Q2 = ceil(Q/2), Kp = K rounded up to 16): one vector load
+  gives ``lanes`` output channels x one pixel pair.
+- X packed once, shared by every tap: ``Xw[N][Hp][Wp][C][2]`` with
+  ``Xw[n,h,w,c] = (Xpad[n,h,w,c], Xpad[n,h,w+uw,c])`` (Xpad = X zero-padded, NHWC). The pair
+  (q, q+1) of tap (r, s) starts at ``w = 2j*uw + s*dw``, so one 32-bit broadcast gives one c x
+  one pixel pair for *every* tap, and a tap is a constant offset (``tap_offsets``). This costs
+  2x the input (instead of R*S x for a per-tap copy).
+
+Register blocking: ``k_vecs`` K-vectors x ``pixels`` input channels of INT32 accumulators
+(``config.pixels`` is the C extent of the register block in this pass), plus ``k_vecs`` dY
+vectors and one broadcast: the budget is asserted against the tier's register file.
+``config.c_block`` = pixel *pairs* per cache block: the kernel runs all C-blocks of a work item
+over one block of pixel pairs (whose dY stays in L1) before moving on; INT32 partials are kept
+in an INT32 tile between blocks, so blocks and flushes are independent.
+
+Flush points (``schedule``): chunks of ``flush`` consecutive pixels m, exactly as
+``dfpgen.reference.conv2d_bwd_weight``; a chunk boundary in the middle of a pair is handled by
+running that pair twice with one half of dY masked off.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .errors import DfpError
+from .spec import ConvSpec
+from .target import CpuTarget
+from .tuning import TuningConfig
+
+MODES = ("exact", "fast")
+K_PAD = 16           # dY / dW K-padding: one zmm of INT32 lanes, also a multiple of 8 (ymm)
+C_GROUP_MAX = 256    # channels per work item: keeps its INT32 + FP32 tiles (<= 2 x 64 KiB) in L2
+MASK_NONE = -1       # segment control: run of whole pairs
+MASK_LO = 0x0000FFFF  # keep element 0 (pixel 2j) of each pair: little-endian low half
+MASK_HI = -65536      # 0xFFFF0000 as int32: keep element 1 (pixel 2j+1)
+SEG_FIELDS = 4       # xoff, dyoff, npairs, ctl (= mask | flush << 32), int64 each
+
+
+def round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled inner block: ``kv`` K-vectors x ``cw`` channels of accumulators."""
+    kv: int
+    cw: int
+
+    @property
+    def name(self) -> str:
+        return f"kv{self.kv}_c{self.cw}"
+
+
+@dataclass(frozen=True)
+class WgradPlan:
+    """Everything the backward-weight template prints; computed here, never in the template."""
+    spec: ConvSpec
+    config: TuningConfig
+    tier: str
+    mode: str
+    lanes: int            # INT32 lanes per vector
+    i16_lanes: int        # 2 * lanes
+    vec_bytes: int
+    kv: int               # K-vectors per full K-block
+    kv_tail: int          # K-vectors in the last K-block (== kv when none)
+    n_kb: int
+    cb: int               # channels per full C-block (register block)
+    cb_tail: int          # channels in the last C-block of a group (== cb when none)
+    c_group: int          # channels per work item (multiple of cb)
+    n_cg: int
+    n_cb_group: int       # C-blocks in a full group
+    n_cb_last: int        # C-blocks in the last group
+    cb_tail_last: int     # width of the last C-block of the last group
+    C: int
+    K: int
+    Kp: int
+    RS: int
+    Hp: int
+    Wp: int
+    Q2: int
+    x_pair_stride: int    # i32 elements between pair j and j+1 in Xw (= 2*uw*C)
+    tap_offsets: tuple    # i32 elements, tap (r, s) -> r*dh*Wp*C + s*dw*C
+    items: int            # work items = RS * n_kb * n_cg
+    block_pairs: int      # pixel pairs per cache block (config.c_block)
+    saturating: bool
+    symbol: str
+
+    @property
+    def variants(self) -> list[Variant]:
+        vs = []
+        for kv in sorted({self.kv, self.kv_tail}):
+            for cw in sorted({self.cb, self.cb_tail, self.cb_tail_last}):
+                vs.append(Variant(kv, cw))
+        return vs
+
+    @property
+    def variant_fields(self) -> list[dict]:
+        """Per register block: accumulator names and the i32 offsets the template prints."""
+        out = []
+        for v in self.variants:
+            out.append({
+                "name": v.name, "kv": v.kv, "cw": v.cw,
+                "vecs": [{"i": i, "off": i * self.lanes} for i in range(v.kv)],
+                "chans": [{"i": c} for c in range(v.cw)],
+                # INT32 / FP32 tile [c][Kp]: channel c, K-vector i of this block
+                "tile_off": [[c * self.Kp + i * self.lanes for i in range(v.kv)] for c in range(v.cw)],
+            })
+        return out
+
+    @property
+    def even_idx(self) -> list[int]:
+        return list(range(0, 2 * self.lanes, 2))
+
+    @property
+    def odd_idx(self) -> list[int]:
+        return list(range(1, 2 * self.lanes, 2))
+
+    seg_fields = SEG_FIELDS
+    flush_bit = 1 << 32
+
+    def key(self) -> dict:
+        """What changes the generated code (for the kernel cache key)."""
+        return {"pass": "bwd_weight", "spec": self.spec.geometry(), "config": self.config.to_dict(),
+                "mode": self.mode, "tier": self.tier, "abi": 1}
+
+
+def registers_needed(kv: int, cb: int) -> int:
+    """Accumulators + dY vectors + one broadcast X pair."""
+    return kv * cb + kv + 1
+
+
+def _check_budget(kv: int, cb: int, target: CpuTarget) -> None:
+    need = registers_needed(kv, cb)
+    if need > target.registers:
+        raise DfpError(f"backward-weight register block {kv} K-vectors x {cb} channels needs {need} "
+                       f"vector registers; tier {target.tier} has {target.registers}")
+
+
+def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "exact") -> WgradPlan:
+    """Plan one backward-weight kernel. Raises :class:`DfpError` on an illegal config
+    (register budget exceeded, unknown mode)."""
+    if mode not in MODES:
+        raise DfpError(f"overflow mode must be one of {MODES}, got {mode!r}")
+    lanes = target.lanes
+    Kp = round_up(spec.K, K_PAD)
+    kvecs_total = Kp // lanes
+    kv = min(config.k_vecs, kvecs_total)
+    cb = min(config.pixels, spec.C)
+    _check_budget(kv, cb, target)
+    n_kb = -(-kvecs_total // kv)
+    kv_tail = kvecs_total - (n_kb - 1) * kv
+    # C groups: whole C-blocks, at most C_GROUP_MAX channels unless one block is wider.
+    c_group = max(cb, (C_GROUP_MAX // cb) * cb)
+    c_group = min(c_group, round_up(spec.C, cb))
+    n_cg = -(-spec.C // c_group)
+    last_group = spec.C - (n_cg - 1) * c_group
+    n_cb_group = c_group // cb
+    n_cb_last = -(-last_group // cb)
+    cb_tail_last = last_group - (n_cb_last - 1) * cb
+    (uh, uw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    P, Q = spec.P, spec.Q
+    Q2 = -(-Q // 2)
+    Hp = (P - 1) * uh + (spec.R - 1) * dh + 1
+    # The last pair of a row reads column (2*Q2 - 1)*uw + (S-1)*dw; its partner one uw further.
+    Wp = (2 * Q2 - 2) * uw + (spec.S - 1) * dw + 1
+    C = spec.C
+    taps = tuple(r * dh * Wp * C + s * dw * C for r in range(spec.R) for s in range(spec.S))
+    RS = spec.R * spec.S
+    sym = (f"dfp_conv_bwdw_{spec.geometry()}_kb{kv}_cb{cb}_pp{config.c_block}_{target.tier}_{mode}")
+    return WgradPlan(
+        spec=spec, config=config, tier=target.tier, mode=mode, lanes=lanes, i16_lanes=2 * lanes,
+        vec_bytes=4 * lanes, kv=kv, kv_tail=kv_tail, n_kb=n_kb, cb=cb, cb_tail=cb, c_group=c_group,
+        n_cg=n_cg, n_cb_group=n_cb_group, n_cb_last=n_cb_last, cb_tail_last=cb_tail_last,
+        C=C, K=spec.K, Kp=Kp, RS=RS, Hp=Hp, Wp=Wp, Q2=Q2, x_pair_stride=2 * uw * C,
+        tap_offsets=taps, items=RS * n_kb * n_cg, block_pairs=config.c_block,
+        saturating=(mode == "fast"), symbol=sym)
+
+
+def default_config(spec: ConvSpec, target: CpuTarget) -> TuningConfig:
+    """Heuristic: 2 K-vectors x 13 channels (29 zmm) with AVX-512, 2 x 6 (15 ymm) with 16
+    registers; 4 K-vectors x 6 when K fits one 64-channel block; 128 pairs per cache block
+    (dY block = 128 x 32 k x 4 B = 16 KiB, half of L1D)."""
+    lanes = target.lanes
+    kvecs_total = round_up(spec.K, K_PAD) // lanes
+    if target.registers >= 32:
+        kv, cb = (4, 6) if kvecs_total == 4 else (2, 13)
+    else:
+        kv, cb = 2, 6
+    kv = min(kv, kvecs_total)
+    cb = min(cb, spec.C)
+    return TuningConfig(k_vecs=kv, pixels=cb, c_block=128, flush=0, unroll="none", threads=0)
+
+
+def search_space(spec: ConvSpec, target: CpuTarget) -> list[TuningConfig]:
+    """Legal register blocks (budget-checked) x cache block sizes, for the autotuner."""
+    out = []
+    blocks = ([(1, 28), (2, 13), (2, 14), (3, 8), (4, 6), (5, 4)] if target.registers >= 32
+              else [(1, 13), (2, 6), (3, 3)])
+    for kv, cb in blocks:
+        if registers_needed(kv, cb) > target.registers:
+            continue
+        for pp in (64, 256):
+            out.append(TuningConfig(k_vecs=kv, pixels=cb, c_block=pp, flush=0))
+    return out
+
+
+# ---------------------------------------------------------------- flush schedule
+
+@lru_cache(maxsize=64)
+def _schedule_cached(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush, block_pairs):
+    return _build_schedule(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush, block_pairs)
+
+
+def schedule(p: WgradPlan, flush: int) -> tuple[np.ndarray, np.ndarray]:
+    """Segments and blocks for a flush interval of ``flush`` pixels (even, >= 2).
+
+    Returns ``(segments int64 [S, 4], blocks int64 [B + 1])``; a segment is a run of pixel
+    pairs inside one output row (``xoff`` in Xw i32 units for tap (0, 0), ``dyoff`` in packed-dY
+    i32 units, ``npairs``, ``ctl = mask | flush_after << 32``); blocks are segment index bounds.
+    Flush boundaries sit at m = i*flush (reference order). Raises :class:`DfpError` for an odd
+    or non-positive ``flush``.
+    """
+    if flush < 2 or flush % 2:
+        raise DfpError(f"backward-weight flush interval must be an even number of pixels >= 2, got {flush}")
+    s = p.spec
+    return _schedule_cached(s.N, s.P, s.Q, s.stride[0], s.stride[1], p.C, p.Hp, p.Wp, p.Kp,
+                            int(flush), p.block_pairs)
+
+
+def _build_schedule(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush, block_pairs):
+    Q2 = -(-Q // 2)
+    M = N * P * Q
+    segs: list[tuple[int, int, int, int]] = []
+    flush_after = 1 << 32
+
+    def xoff(n, p, q):
+        return ((n * Hp + p * uh) * Wp + q * uw) * C
+
+    def dyoff(row, j):
+        return (row * Q2 + j) * Kp
+
+    for row in range(N * P):
+        n, p = divmod(row, P)
+        m0 = row * Q
+        q = 0
+        while q < Q:
+            # next chunk boundary after pixel m0+q
+            nb = (m0 + q) // flush * flush + flush
+            q_end = min(Q, nb - m0)           # pixels [q, q_end) in this chunk
+            ends_chunk = (m0 + q_end == nb) or (m0 + q_end == M)
+            j0, j_last = q // 2, (q_end - 1) // 2
+            if q % 2:   # chunk starts on element 1 of a pair
+                segs.append((xoff(n, p, 2 * j0), dyoff(row, j0), 1, MASK_HI & 0xFFFFFFFF))
+                j0 += 1
+            odd_end = q_end % 2 and q_end < Q   # chunk ends on element 0 of a split pair
+            j1 = j_last if odd_end else j_last + 1
+            if j1 > j0:
+                segs.append((xoff(n, p, 2 * j0), dyoff(row, j0), j1 - j0, MASK_NONE & 0xFFFFFFFF))
+            if odd_end:
+                segs.append((xoff(n, p, 2 * j_last), dyoff(row, j_last), 1, MASK_LO))
+            if ends_chunk:
+                x, d, np_, ctl = segs[-1]
+                segs[-1] = (x, d, np_, ctl | flush_after)
+            q = q_end
+    seg = np.array(segs, dtype=np.int64).reshape(-1, SEG_FIELDS)
+    # Cache blocks: cut after a segment once the block holds >= block_pairs pairs.
+    bounds, acc = [0], 0
+    for i, n in enumerate(seg[:, 2].tolist()):
+        acc += n
+        if acc >= block_pairs:
+            bounds.append(i + 1)
+            acc = 0
+    if bounds[-1] != len(seg):
+        bounds.append(len(seg))
+    return seg, np.array(bounds, dtype=np.int64)

@@ -1,0 +1,213 @@
+"""Backward-weight convolution on DFP16 operands: FP32 dW (KCRS) from DFP16 X and DFP16 dY.
+
+``dW[k, c, r, s] = 2**(Ex + Edy) * sum_m dY[n, k, p, q] * X[n, c, p*uh + r*dh - ph, q*uw + s*dw - pw]``
+over pixels m = (n*P + p)*Q + q (DESIGN §3, issue 3). The reduction runs in INT32 lanes with
+VNNI (``vpdpwssd``, INT16 pairs along the pixel dimension) and is flushed to FP32 every
+``flush`` pixels, in the order of :func:`dfpgen.reference.conv2d_bwd_weight`.
+
+This module packs the operands (layouts in :mod:`dfpgen.plan_wgrad`), picks the flush interval,
+loads the generated kernel (``templates/conv_bwd_weight.ll.j2``) and runs it over threads.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import plan_wgrad as pw
+from .errors import DfpError
+from .kernels import load_kernel
+from .render import render
+from .runinfo import RunInfo
+from .spec import ConvSpec
+from .target import CpuTarget, host_target
+from .threads import num_threads, parallel_for
+from .tuning import TuningConfig
+
+INT32_MAX = 2 ** 31 - 1
+FAST_FLUSH = 4096   # fast mode default: long INT32 chains, as the paper's kernels ran them
+TEMPLATE = "conv_bwd_weight.ll.j2"
+
+_KERNEL_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                                ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+
+@dataclass(frozen=True)
+class WgradTimes:
+    """Seconds spent in each phase of the last call (for benchmarks)."""
+    pack: float
+    kernel: float
+    total: float
+
+
+last_times: WgradTimes | None = None
+
+
+def aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
+    """Zeroed array whose data starts on an ``align``-byte boundary (the kernel's vector loads
+    carry ``align 64``)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(n + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
+def _mantissa(t, name: str, ndim: int) -> np.ndarray:
+    m = getattr(t, "mantissa", None)
+    if m is None or not hasattr(t, "exponent"):
+        raise DfpError(f"{name} must be a DfpTensor (mantissa int16 + exponent), got {type(t).__name__}")
+    if m.dtype != np.int16 or m.ndim != ndim:
+        raise DfpError(f"{name}.mantissa must be an int16 array with {ndim} dims, got {m.dtype} {m.shape}")
+    return m
+
+
+def _abs_max(a: np.ndarray, axis, name: str) -> np.ndarray:
+    """max |a| along ``axis`` as int64 without an int32 temporary of ``a``; rejects -32768 (a
+    pair of it overflows one INT32 lane; DFP16 mantissas are clamped to +/-32767)."""
+    lo = a.min(axis=axis).astype(np.int64)
+    if lo.size and lo.min() == -32768:
+        raise DfpError(f"{name} holds the mantissa -32768; DFP16 mantissas are limited to +/-32767")
+    return np.maximum(a.max(axis=axis).astype(np.int64), -lo)
+
+
+def exact_flush(a_pix: np.ndarray, b_pix: np.ndarray) -> int:
+    """Largest power-of-two flush interval (pixels, even) whose INT32 partials provably fit.
+
+    ``a_pix[m] >= max_c |X_rs[m, c]|`` over all taps and ``b_pix[m] = max_k |dY[m, k]|``:
+    every partial over a chunk of pixels is at most ``sum_chunk a_pix * b_pix`` (triangle
+    inequality), so chunks whose such sums are <= 2**31 - 1 cannot overflow. This is never looser
+    than ``flush * max|X| * max|dY| <= 2**31 - 1`` and far tighter on sparse (ReLU) data.
+    Wrapping INT32 adds make intermediate overflow harmless: only the partial must fit.
+    """
+    prod = a_pix.reshape(-1).astype(np.int64) * b_pix.reshape(-1).astype(np.int64)
+    M = prod.size
+    cs = np.concatenate(([0], np.cumsum(prod)))
+    best, f = 2, 2
+    top = max(2, 1 << max(1, math.ceil(math.log2(max(M, 2)))))
+    while f <= top:
+        starts = np.arange(0, M, f)
+        ends = np.minimum(starts + f, M)
+        if (cs[ends] - cs[starts]).max(initial=0) > INT32_MAX:
+            break
+        best = f
+        f *= 2
+    return best
+
+
+def _pack_x(x: np.ndarray, p: pw.WgradPlan) -> tuple[np.ndarray, np.ndarray]:
+    """X (N, C, H, W) int16 -> (Xw[N][Hp][Wp][C][2], Xpad NHWC), Xw[n,h,w,c] = (Xpad[h, w],
+    Xpad[h, w+uw]); Xpad is X zero-padded to the rows/columns the taps read."""
+    s = p.spec
+    (uh, uw), (ph, pw_) = s.stride, s.padding
+    N, C, H, W = x.shape
+    xpad = np.zeros((N, p.Hp, p.Wp + uw, C), np.int16)
+    h1, w1 = min(H, p.Hp - ph), min(W, p.Wp + uw - pw_)
+    if h1 > 0 and w1 > 0:
+        xpad[:, ph:ph + h1, pw_:pw_ + w1, :] = x[:, :, :h1, :w1].transpose(0, 2, 3, 1)
+    xw = np.empty((N, p.Hp, p.Wp, C, 2), np.int16)
+    xw[..., 0] = xpad[:, :, :p.Wp]
+    xw[..., 1] = xpad[:, :, uw:uw + p.Wp]
+    return xw, xpad
+
+
+def _pack_dy(dy: np.ndarray, p: pw.WgradPlan) -> np.ndarray:
+    """dY (N, K, P, Q) int16 -> dYp[N][P][Q2][Kp][2] (zero K and odd-Q padding), 64-B aligned."""
+    N, K, P, Q = dy.shape
+    out = aligned_zeros((N, P, p.Q2, p.Kp, 2), np.int16)
+    for e in (0, 1):  # pixel 2j+e of each pair
+        src = dy[:, :, :, e::2].transpose(0, 2, 3, 1)
+        out[:, :, :src.shape[2], :K, e] = src
+    return out
+
+
+def _scales(e: int) -> tuple[float, float]:
+    """2**e as 2**e1 * 2**e2 with float32 factors; e1 keeps fp32(partial)*2**e1 a normal float
+    (|partial| < 2**31), so only the second multiply rounds, like the reference's one rounding."""
+    e1 = min(max(e, -126), 96)
+    e2 = min(max(e - e1, -149), 127)
+    return float(np.float32(2.0 ** e1)), float(np.float32(2.0 ** e2))
+
+
+def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, overflow: str = "exact",
+                    threads: int | None = None, config: TuningConfig | None = None,
+                    target: CpuTarget | None = None) -> tuple[np.ndarray, RunInfo]:
+    """FP32 dW (K, C, R, S) from DFP16 X (N, C, H, W) and DFP16 dY (N, K, P, Q).
+
+    Mirrors ``torch.nn.grad.conv2d_weight(input, weight_size, grad_output, stride, padding,
+    dilation)`` (groups 1) on the dequantized operands. ``overflow="exact"`` flushes INT32
+    partials at the largest power-of-two interval proven safe on these operands
+    (:func:`exact_flush`) and is bit-identical to ``reference.conv2d_bwd_weight(...,
+    flush_pixels=info.flush)``; ``"fast"`` uses saturating ``vpdpwssds`` with ``config.flush``
+    (default 4096) pixels per partial and counts the lanes found saturated at flushes
+    (``info.saturated``; a lane that saturates and is pulled back before the flush is not seen).
+    ``config.flush`` > 0 in exact mode caps the proven interval.
+    Returns ``(dW float32 (K, C, R, S) C-contiguous, RunInfo)``. Raises :class:`DfpError` on
+    shape mismatches, non-DFP operands, a -32768 mantissa or an unknown mode.
+    """
+    global last_times
+    t0 = time.perf_counter()
+    x = _mantissa(xq, "x", 4)
+    dy = _mantissa(dyq, "grad_output", 4)
+    try:
+        K, C, R, S = (int(v) for v in weight_shape)
+    except (TypeError, ValueError):
+        raise DfpError(f"weight_shape must be (K, C, R, S), got {weight_shape!r}") from None
+    N, Cx, H, W = x.shape
+    if Cx != C:
+        raise DfpError(f"x has {Cx} channels but weight_shape {tuple(weight_shape)} has C={C}")
+    spec = ConvSpec(N, C, H, W, K, R, S, stride, padding, dilation, pass_kind="bwd_weight")
+    if dy.shape != spec.output_shape:
+        raise DfpError(f"grad_output shape {dy.shape} does not match the output {spec.output_shape} "
+                       f"of {spec.geometry()}")
+    if overflow not in pw.MODES:
+        raise DfpError(f"overflow must be one of {pw.MODES}, got {overflow!r}")
+    target = target or host_target()
+    config = config or pw.default_config(spec, target)
+    p = pw.plan(spec, config, target, overflow)
+
+    xw, xpad = _pack_x(x, p)
+    dyp = _pack_dy(dy, p)
+    b_pix = _abs_max(dy, 1, "grad_output")  # (N, P, Q): max over K
+    if overflow == "exact":
+        a_all = _abs_max(xpad, 3, "x")  # (N, Hp, Wp+uw) per-pixel max over C
+        (uh, uw), (dh, dw) = spec.stride, spec.dilation
+        a_pix = np.zeros_like(b_pix)
+        for r in range(R):
+            for s in range(S):
+                v = a_all[:, r * dh: r * dh + (spec.P - 1) * uh + 1: uh,
+                          s * dw: s * dw + (spec.Q - 1) * uw + 1: uw]
+                np.maximum(a_pix, v, out=a_pix)
+        flush = exact_flush(a_pix, b_pix)
+        if config.flush:
+            flush = max(2, min(flush, config.flush - config.flush % 2))
+    else:
+        _abs_max(x, None, "x")
+        flush = config.flush or FAST_FLUSH
+        if flush % 2:
+            raise DfpError(f"backward-weight flush interval must be even (INT16 pairs), got {flush}")
+    seg, blocks = pw.schedule(p, flush)
+    t_pack = time.perf_counter() - t0
+
+    k = load_kernel(p.symbol, p.key(), lambda: render(TEMPLATE, p=p), target)
+    fn = _KERNEL_TYPE(k.address)
+    out = aligned_zeros((p.RS, C, p.Kp), np.float32)
+    acc = aligned_zeros((p.RS, C, p.Kp), np.int32)
+    sat = np.zeros(p.items, np.int64)
+    s1, s2 = _scales(int(xq.exponent) + int(dyq.exponent))
+    nthreads = threads or config.threads or num_threads()
+    args = (xw.ctypes.data, dyp.ctypes.data, out.ctypes.data, acc.ctypes.data, seg.ctypes.data,
+            blocks.ctypes.data, len(blocks) - 1, s1, s2, sat.ctypes.data)
+    t1 = time.perf_counter()
+    parallel_for(p.items, lambda b, e: fn(*args, b, e), nthreads)
+    t_kernel = time.perf_counter() - t1
+    dw = np.ascontiguousarray(out.reshape(R, S, C, p.Kp)[..., :K].transpose(3, 2, 0, 1))
+    last_times = WgradTimes(pack=t_pack, kernel=t_kernel, total=time.perf_counter() - t0)
+    info = RunInfo(pass_kind="bwd_weight", overflow=overflow, flush=flush, saturated=int(sat.sum()),
+                   tier=target.tier, symbol=p.symbol, symbols=(p.symbol,), config=config.to_dict(),
+                   c_block=config.c_block, threads=min(nthreads, p.items),
+                   scale_exp=int(xq.exponent) + int(dyq.exponent))
+    return dw, info
