@@ -7,8 +7,10 @@ Search (staged, in the spirit of Triton's autotuner and TVM's schedule search):
    only in ``k_vecs`` x ``pixels``, ordered by a cost model (useful fraction of the
    accumulator tile after K and Q tails, then accumulator count: more accumulators amortise
    the broadcasts and weight loads), timed until half the budget is spent;
-2. *around the best blocking*: the other fields (``c_block``, ``flush``, ``unroll``, loop
-   order) with the best blocking, in the same cost order, until the budget is spent.
+2. *around the best blocking*: the other fields (``c_block``, ``flush``, ``unroll``) with the
+   best blocking, in the same cost order, until 80% of the budget is spent;
+3. *the rest* of the space in cost order, until the budget is spent (small spaces are
+   searched completely).
 
 Timing: one warm-up call, then the median of ``repeats`` calls, on random DFP16 operands,
 with the runtime's thread count (:func:`dfpgen.threads.num_threads`). Every candidate's FP32
@@ -300,7 +302,8 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
     cands: list[Candidate] = [base]
     if progress:
         progress(base, (time.perf_counter() - t0) / budget)
-    stage1, around = staged_candidates(spec, target, default, list(search_space(spec, target)))
+    space = list(search_space(spec, target))
+    stage1, around = staged_candidates(spec, target, default, space)
     best = base
 
     def run_stage(cfgs: list[TuningConfig], stage: int, until: float) -> None:
@@ -318,8 +321,10 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
             if progress:
                 progress(c, (time.perf_counter() - t0) / budget)
 
-    run_stage(stage1, 1, budget * 0.6)
-    run_stage(around(best.config), 2, budget)
+    run_stage(stage1, 1, budget * 0.5)
+    run_stage(around(best.config), 2, budget * 0.8)
+    timed = {c.config for c in cands}
+    run_stage(_cost_order(spec, target, [c for c in space if c not in timed]), 3, budget)
     result = TuneResult(spec, best.config, best.seconds, best.gmacs, default, base.seconds, base.gmacs,
                         elapsed=time.perf_counter() - t0, candidates=cands)
     assert best.status == "ok"
