@@ -1,0 +1,186 @@
+"""dfpgen::conv2d / dfpgen::linear custom ops: values and gradients against PyTorch on the
+dequantized operands, opcheck, torch.compile, layouts, saved INT16 activations.
+
+Tolerance (derived, not guessed). In exact mode every INT32 partial sum is exact; what is not
+exact is converting each partial to FP32 (one rounding, relative 2**-24) and summing the
+partials of an output element, at most L of them for a reduction of length L (flush interval
+>= 1), in FP32: recursive summation adds at most (L - 1) roundings of the running sum. So
+
+    |y - y_ref| <= (L + 1) * u * sum_i |a_i * b_i|,   u = 2**-24,
+
+where ``sum |a_i b_i|`` is the same convolution on the absolute values of the dequantized
+operands; one more rounding covers the FP32 bias add.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dfpgen
+import dfpgen.runtime as dfp
+from dfpgen import DFP16, DfpFormat
+
+U = 2.0 ** -24
+
+
+def deq(t, fmt=DFP16, seed=0):
+    q = dfpgen.quantize(t.detach().numpy(), fmt, seed=seed)
+    return torch.from_numpy(dfpgen.dequantize(q, np.float64))
+
+
+def bound(L, abs_sum, extra=0.0):
+    return (L + 1) * U * abs_sum + U * extra + 1e-30
+
+
+CASES = [  # (N, C, H, W, K, R, S, stride, padding, dilation, bias, channels_last)
+    (2, 3, 7, 6, 5, 3, 3, 1, 1, 1, True, False),
+    (2, 4, 9, 9, 6, 3, 3, 2, 1, 1, False, True),
+    (1, 5, 8, 7, 3, 3, 3, 1, 2, 2, True, True),
+    (3, 2, 5, 5, 17, 1, 1, 1, 0, 1, True, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}c{}h{}w{}k{}r{}s{}u{}p{}d{}".format(*c[:10]))
+def test_conv2d_values_and_gradients_match_torch_on_dequantized(case):
+    n, c, h, w, k, r, s, st, pad, dil, has_bias, cl = case
+    g = torch.Generator().manual_seed(hash(case) & 0xFFFF)
+    x = torch.randn(n, c, h, w, generator=g)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    wt = torch.randn(k, c, r, s, generator=g, requires_grad=True)
+    b = torch.randn(k, generator=g, requires_grad=True) if has_bias else None
+    y = dfp.conv2d(x, wt, b, st, pad, dil, fmt=DFP16)
+    assert y.dtype == torch.float32
+    assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+
+    xq, wq, gq = deq(x), deq(wt), deq(gy)
+    b64 = None if b is None else b.detach().double()
+    y_ref = F.conv2d(xq, wq, b64, st, pad, dil)
+    y_abs = F.conv2d(xq.abs(), wq.abs(), None, st, pad, dil)
+    extra = 0 if b is None else y_ref.abs()
+    assert ((y.detach().double() - y_ref).abs() <= bound(c * r * s, y_abs, extra)).all()
+
+    gx_ref = torch.nn.grad.conv2d_input(x.shape, wq, gq, st, pad, dil)
+    gx_abs = torch.nn.grad.conv2d_input(x.shape, wq.abs(), gq.abs(), st, pad, dil)
+    assert ((x.grad.double() - gx_ref).abs() <= bound(k * r * s, gx_abs)).all()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+    p, q = y.shape[2:]
+    gw_ref = torch.nn.grad.conv2d_weight(xq, wt.shape, gq, st, pad, dil)
+    gw_abs = torch.nn.grad.conv2d_weight(xq.abs(), wt.shape, gq.abs(), st, pad, dil)
+    assert ((wt.grad.double() - gw_ref).abs() <= bound(n * p * q, gw_abs)).all()
+    if b is not None:  # bias gradient is FP32 and not quantized
+        torch.testing.assert_close(b.grad, gy.sum((0, 2, 3)))
+
+
+def test_linear_values_and_gradients_match_torch_on_dequantized():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 19, generator=g, requires_grad=True)  # leading dims flattened
+    wt = torch.randn(7, 19, generator=g, requires_grad=True)
+    b = torch.randn(7, generator=g, requires_grad=True)
+    y = dfp.linear(x, wt, b, fmt=DFP16)
+    assert y.shape == (2, 5, 7)
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    xq, wq, gq = deq(x), deq(wt), deq(gy)
+    y_ref = xq @ wq.T + b.detach().double()
+    assert ((y.detach().double() - y_ref).abs() <= bound(19, xq.abs() @ wq.abs().T, y_ref.abs())).all()
+    gx_ref, gx_abs = gq @ wq, gq.abs() @ wq.abs()
+    assert ((x.grad.double() - gx_ref).abs() <= bound(7, gx_abs)).all()
+    gq2, xq2 = gq.reshape(-1, 7), xq.reshape(-1, 19)
+    gw_ref, gw_abs = gq2.T @ xq2, gq2.abs().T @ xq2.abs()
+    assert ((wt.grad.double() - gw_ref).abs() <= bound(10, gw_abs)).all()
+    torch.testing.assert_close(b.grad, gy.sum((0, 1)))
+
+
+def test_stochastic_gradient_rounding_is_seeded_and_reproducible():
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(2, 4, 6, 6, generator=g)
+    w0 = torch.randn(3, 4, 3, 3, generator=g)
+    gy = torch.randn(2, 3, 6, 6, generator=g)
+
+    def grads(seed):
+        x, wt = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        dfp.conv2d(x, wt, None, 1, 1, fmt=DFP16, grad_rounding="stochastic", seed=seed).backward(gy)
+        return x.grad, wt.grad
+
+    a, b, c = grads(11), grads(11), grads(12)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    # The gradient is the one of dY rounded stochastically with that seed.
+    gq = deq(gy, DfpFormat(rounding="stochastic"), seed=11)
+    assert not torch.equal(gq, deq(gy))
+    wq = deq(w0)
+    ref = torch.nn.grad.conv2d_input(x0.shape, wq, gq, 1, 1)
+    tol = bound(3 * 9, torch.nn.grad.conv2d_input(x0.shape, wq.abs(), gq.abs(), 1, 1))
+    assert ((a[0].double() - ref).abs() <= tol).all()
+
+
+def test_forward_saves_int16_activation_not_fp32():
+    x = torch.randn(4, 8, 10, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    wt = torch.randn(8, 8, 3, 3, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = dfp.conv2d(x, wt, None, 1, 1, fmt=DFP16)
+    act = [t for t in saved if t.data_ptr() != wt.data_ptr() and t.numel() > 1]
+    assert [t.dtype for t in act] == [torch.int16]
+    assert act[0].numel() >= x.numel() and act[0].nbytes < x.nbytes  # 2 bytes/element (+pad)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_first_layer_without_input_grad_and_nan_error():
+    x = torch.randn(2, 1, 6, 6)  # input needs no gradient: backward-data is not run
+    wt = torch.randn(4, 1, 3, 3, requires_grad=True)
+    dfp.conv2d(x, wt, None, 1, 1, fmt=DFP16).sum().backward()
+    assert wt.grad.shape == wt.shape and x.grad is None
+    x[0, 0, 1, 2] = float("nan")
+    with pytest.raises(dfpgen.DfpError, match="NaN"):
+        dfp.conv2d(x, wt, None, 1, 1, fmt=DFP16)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_opcheck_conv2d(cl):
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    if cl:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    wt = torch.randn(4, 3, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    args = (x, wt, b, [2, 2], [1, 1], [1, 1], 15, "nearest", "exact", "nearest",
+            torch.tensor(7), 1)
+    torch.library.opcheck(torch.ops.dfpgen.conv2d.default, args)
+    _, buf, exp = torch.ops.dfpgen.conv2d(*args)
+    gy = torch.randn(2, 4, 3, 3)
+    torch.library.opcheck(torch.ops.dfpgen.conv2d_backward.default,
+                          (gy, buf, exp, wt.detach(), [2, 2], [1, 1], [1, 1], 15, "stochastic",
+                           "exact", torch.tensor(7), 1, cl, True, True))
+
+
+def test_opcheck_linear():
+    x = torch.randn(6, 9, requires_grad=True)
+    wt = torch.randn(5, 9, requires_grad=True)
+    args = (x, wt, None, 15, "nearest", "exact", "nearest", torch.tensor(1), 1)
+    torch.library.opcheck(torch.ops.dfpgen.linear.default, args)
+    _, buf, exp = torch.ops.dfpgen.linear(*args)
+    torch.library.opcheck(torch.ops.dfpgen.linear_backward.default,
+                          (torch.randn(6, 5), buf, exp, wt.detach(), 15, "nearest", "exact",
+                           torch.tensor(1), 1, True, False))
+
+
+def test_torch_compile_traces_through_fake_impls():
+    conv = dfp.DFPConv2d(3, 4, 3, padding=1)
+    lin = dfp.DFPLinear(4 * 25, 3)
+
+    def f(x):
+        return lin(torch.relu(conv(x)).flatten(1))
+
+    x = torch.randn(2, 3, 5, 5)
+    eager = f(x)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    assert torch.equal(out, eager)
+    compiled(x).sum().backward()
+    assert conv.weight.grad is not None and lin.weight.grad is not None
