@@ -68,3 +68,91 @@ def load_kernel(symbol: str, key_fields: dict, ir_builder: Callable[[], str],
     if verbose():
         print(f"dfpgen_verbose,kernel,{source},{symbol},{k.seconds * 1e3:.2f}ms", file=sys.stderr)
     return k
+
+
+# ----------------------------------------------------------------------------- conv kernels
+# pass_kind -> "module:callable" building a kernel object from (spec, config, target, mode,
+# has_bias). Another pass registers itself with ``register_builder``.
+_BUILDERS: dict[str, str] = {"fwd": "dfpgen.fwd:ConvKernel", "bwd_data": "dfpgen.fwd:ConvKernel"}
+_conv_kernels: dict[tuple, object] = {}
+OVERFLOW_MODES = ("exact", "fast")
+
+
+def register_builder(pass_kind: str, builder: str) -> None:
+    """Register ``"module:callable"`` as the kernel builder of ``pass_kind``."""
+    _BUILDERS[pass_kind] = builder
+
+
+def _builder(pass_kind: str):
+    from importlib import import_module
+    from .errors import DfpError
+    path = _BUILDERS.get(pass_kind)
+    if path is None:
+        raise DfpError(f"no kernel builder registered for pass {pass_kind!r}")
+    mod, name = path.split(":")
+    return getattr(import_module(mod), name)
+
+
+def resolve_config(spec, config=None, *, overflow: str = "fast", target: CpuTarget | None = None):
+    """The schedule ``get_kernel`` uses: ``config`` if given, else the tuned decision
+    (``dfpgen.autotune.lookup``, when that module is present), else the heuristic default.
+    In exact mode with ``flush == 0`` the flush becomes one pair per partial (``c_block`` 2,
+    one tap), provably exact for any DFP16 operands; ``dfpgen.conv`` picks a longer one
+    from the operands instead (``dfpgen.plan_exact``)."""
+    from .target import host_target
+    from .tuning import default_config
+    target = target or host_target()
+    if config is None:
+        try:
+            from .autotune import lookup
+        except ImportError:
+            lookup = None
+        if lookup is not None:
+            config = lookup(spec, target, overflow)
+    if config is None:
+        if spec.pass_kind == "bwd_weight":
+            from .plan_wgrad import default_config as wdefault
+            config = wdefault(spec, target)
+        else:
+            config = default_config(spec, target)
+    if overflow == "exact" and config.flush == 0 and spec.pass_kind != "bwd_weight":
+        config = config.replace(c_block=2, flush=2)
+    return config, target
+
+
+def get_kernel(spec, config=None, *, overflow: str = "fast", target: CpuTarget | None = None,
+               bias: bool = False):
+    """The kernel object of a conv pass ``spec`` (memory -> disk via :func:`load_kernel` ->
+    render + compile), scheduled by :func:`resolve_config`. Forward / backward-data return a
+    :class:`dfpgen.fwd.ConvKernel` (``.parts``: one loaded kernel, or one per output phase).
+    Raises :class:`dfpgen.DfpError` for an unknown overflow mode or an illegal config."""
+    from .errors import DfpError
+    if overflow not in OVERFLOW_MODES:
+        raise DfpError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
+    config, target = resolve_config(spec, config, overflow=overflow, target=target)
+    key = (spec, config, overflow, bool(bias), tuple(sorted(target.key().items(), key=str)).__repr__())
+    with _lock:
+        hit = _conv_kernels.get(key)
+    if hit is not None:
+        return hit
+    k = _builder(spec.pass_kind)(spec, config, target, overflow, bool(bias))
+    with _lock:
+        return _conv_kernels.setdefault(key, k)
+
+
+def kernel_sources(spec, config=None, *, target: CpuTarget | None = None, overflow: str = "exact"
+                   ) -> list[tuple[str, dict, str]]:
+    """``[(symbol, plan dict, LLVM IR)]`` of the forward / backward-data kernel(s) of ``spec``
+    (``dfpgen show``), without compiling."""
+    from .plan import plan_fwd
+    from .plan_bwd import plan_bwd_data
+    from .render import render
+    config, target = resolve_config(spec, config, overflow=overflow, target=target)
+    if spec.pass_kind == "fwd":
+        plans = [plan_fwd(spec, config, target, mode=overflow)[1]]
+    elif spec.pass_kind == "bwd_data":
+        plans = [p for _, p in plan_bwd_data(spec, config, target, mode=overflow).phases]
+    else:
+        from .errors import DfpError
+        raise DfpError("kernel_sources covers fwd and bwd_data; see dfpgen.wgrad for bwd_weight")
+    return [(p.symbol, p.describe(), render("conv_fwd.ll.j2", p=p)) for p in plans]

@@ -1,0 +1,211 @@
+"""Public numpy API: DFP16 convolution passes with PyTorch's conventions.
+
+``conv2d`` mirrors ``torch.nn.functional.conv2d`` (groups = 1), ``conv2d_input`` /
+``conv2d_weight`` mirror ``torch.nn.grad.conv2d_input`` / ``conv2d_weight``, ``linear``
+mirrors ``torch.nn.functional.linear``. Float operands are quantized to DFP16 inside
+(``fmt``, ``seed`` for stochastic rounding); already-quantized :class:`dfpgen.DfpTensor`
+operands are used as they are. Outputs are float32 NCHW arrays (views of the kernels' NHWC
+buffers: channels_last memory).
+
+Overflow modes (issue 3, item 3):
+
+- ``"fast"`` (the default, as in the paper): chains of ``c_block x R x S`` products (16 x 9
+  for a 3x3 layer) accumulate with the saturating ``vpdpwssds``; at every flush the lanes
+  equal to INT32_MAX / INT32_MIN are counted and a :class:`dfpgen.OverflowWarning` reports
+  them. When the count is 0 the result equals the exact computation of that flush schedule
+  (``dfpgen.reference`` with ``saturate=True`` gives the same bits in every case). A lane that
+  saturates and is later pulled back into range is not visible at the flush.
+- ``"exact"``: non-saturating ``vpdpwssd`` with the longest flush schedule that a bound on the
+  actual operands proves safe (``dfpgen.plan_exact``); bit-exact with ``dfpgen.reference`` and
+  the same bits for every tuning config, tier and thread count. It costs extra flushes.
+
+Fast is the default because it is the paper's design and the faster one; the count makes a
+saturation visible, and ``overflow="exact"`` is one keyword away.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+
+from .dfp import DFP16, DfpFormat, DfpTensor, quantize
+from .errors import DfpError, OverflowWarning
+from .fwd import execute
+from .kernels import get_kernel
+from .plan_exact import exact_schedule
+from .runinfo import RunInfo
+from .spec import ConvSpec, _pair
+from .tuning import TuningConfig
+
+DEFAULT_OVERFLOW = "fast"
+
+
+class ConvResult(NamedTuple):
+    """``(output, info)`` returned with ``return_info=True``."""
+    output: np.ndarray
+    info: RunInfo
+
+
+def _quantize_act(a, fmt: DfpFormat, seed: int, name: str, threads) -> DfpTensor:
+    if isinstance(a, DfpTensor):
+        if a.mantissa.ndim != 4:
+            raise DfpError(f"{name}: expected 4-D NCHW, got shape {a.shape}")
+        return a
+    arr = np.asarray(a)
+    if arr.ndim != 4:
+        raise DfpError(f"{name}: expected a 4-D NCHW array, got shape {arr.shape}")
+    if arr.dtype != np.float32:
+        arr = arr.astype(np.float32)
+    try:
+        from .pack import quantize_pack
+    except ImportError:
+        return quantize(arr, fmt, seed=seed, name=name)
+    return quantize_pack(arr, fmt, seed=seed, name=name, threads=threads)
+
+
+def _quantize_weight(w, fmt: DfpFormat, name: str) -> DfpTensor:
+    q = w if isinstance(w, DfpTensor) else quantize(np.asarray(w), fmt, name=name)
+    if q.mantissa.ndim != 4:
+        raise DfpError(f"{name}: expected 4-D KCRS weights, got shape {q.shape}")
+    return q
+
+
+def _channel_max(m: np.ndarray) -> np.ndarray:
+    """Per-channel (axis 1) max |mantissa| of an NCHW int16 array."""
+    if m.size == 0:
+        return np.zeros(m.shape[1], np.int64)
+    return np.maximum(m.max(axis=(0, 2, 3)).astype(np.int64), -m.min(axis=(0, 2, 3)).astype(np.int64))
+
+
+def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: DfpTensor,
+              w_out_red: np.ndarray, target=None):
+    """The kernel of ``spec``; in exact mode its flush schedule comes from the operands."""
+    if overflow not in ("exact", "fast"):
+        raise DfpError(f"overflow must be 'exact' or 'fast', got {overflow!r}")
+    if overflow == "exact":
+        from .kernels import resolve_config
+        base, _ = resolve_config(spec, config, overflow="exact", target=target)
+        o, r = w_out_red.shape[:2]
+        cb, ft = exact_schedule(np.abs(w_out_red.astype(np.int32)).reshape(o, r, -1),
+                                _channel_max(act.mantissa))
+        config = base.replace(c_block=cb, flush=cb * ft)
+    return config
+
+
+def _finish(y_nhwc: np.ndarray, info: RunInfo, return_info: bool):
+    if info.saturated:
+        warnings.warn(f"DFP16 {info.pass_kind}: {info.saturated} INT32 lanes saturated in fast mode "
+                      f"(flush interval {info.flush}); use overflow='exact' for a proven result",
+                      OverflowWarning, stacklevel=3)
+    out = y_nhwc.transpose(0, 3, 1, 2)
+    return ConvResult(out, info) if return_info else out
+
+
+def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = DEFAULT_OVERFLOW,
+           fmt: DfpFormat = DFP16, seed: int = 0, threads: int | None = None,
+           config: TuningConfig | None = None, return_info: bool = False, target=None):
+    """DFP16 forward convolution.
+
+    ``x``: float NCHW (N, C, H, W) (any strides; channels_last is cheapest) or a DfpTensor;
+    ``w``: float KCRS (K, C, R, S) or a DfpTensor; ``bias``: float32 (K,) or None (added in FP32
+    after the last partial). Returns float32 (N, K, P, Q), or ``ConvResult(output, RunInfo)``
+    with ``return_info=True``. Raises :class:`DfpError` for mismatched shapes, wrong ndim,
+    NaN/Inf operands (named), groups (C of w != C of x), an unknown overflow mode; warns
+    :class:`OverflowWarning` with the count when fast mode saturated.
+    """
+    xq = _quantize_act(x, fmt, seed, "conv2d input X", threads)
+    wq = _quantize_weight(w, fmt, "conv2d weight W")
+    (n, c, h, wd), (k, c2, r, s) = xq.shape, wq.shape
+    if c != c2:
+        raise DfpError(f"conv2d: input has C={c} channels but weight expects {c2} (KCRS {wq.shape}); "
+                       "groups > 1 are not supported")
+    b = None
+    if bias is not None:
+        b = np.asarray(bias, np.float32)
+        if b.shape != (k,):
+            raise DfpError(f"conv2d: bias shape {b.shape} != (K,) = ({k},)")
+        if not np.isfinite(b).all():
+            raise DfpError("conv2d: bias contains NaN or Inf")
+    spec = ConvSpec(n, c, h, wd, k, r, s, _pair(stride, "stride"), _pair(padding, "padding"),
+                    _pair(dilation, "dilation"), "fwd")
+    cfg = _schedule(spec, overflow, config, xq, wq.mantissa, target)
+    kern = get_kernel(spec, cfg, overflow=overflow, target=target, bias=b is not None)
+    y, info = execute(kern, xq, wq.mantissa, b, xq.exponent + wq.exponent, threads)
+    return _finish(y, info, return_info)
+
+
+def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *,
+                 overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat = DFP16, seed: int = 0,
+                 threads: int | None = None, config: TuningConfig | None = None,
+                 return_info: bool = False, target=None):
+    """DFP16 backward-data: dX (float32 NCHW ``input_shape``) from ``w`` (KCRS) and
+    ``grad_output`` dY (N, K, P, Q), as ``torch.nn.grad.conv2d_input``. Stride > 1 runs one
+    stride-1 sub-convolution per output phase. Same keywords, errors and return as
+    :func:`conv2d`."""
+    if len(tuple(input_shape)) != 4:
+        raise DfpError(f"conv2d_input: input_shape must be (N, C, H, W), got {input_shape!r}")
+    n, c, h, wd = (int(v) for v in input_shape)
+    dyq = _quantize_act(grad_output, fmt, seed, "conv2d_input grad_output dY", threads)
+    wq = _quantize_weight(w, fmt, "conv2d_input weight W")
+    k, c2, r, s = wq.shape
+    if c != c2:
+        raise DfpError(f"conv2d_input: input_shape has C={c} but weight has C={c2}; groups > 1 are not supported")
+    spec = ConvSpec(n, c, h, wd, k, r, s, _pair(stride, "stride"), _pair(padding, "padding"),
+                    _pair(dilation, "dilation"), "bwd_data")
+    if dyq.shape != spec.output_shape:
+        raise DfpError(f"conv2d_input: grad_output shape {dyq.shape} != {spec.output_shape}, the "
+                       f"forward output of input {tuple(input_shape)} and weight {wq.shape}")
+    wt = wq.mantissa.transpose(1, 0, 2, 3)
+    cfg = _schedule(spec, overflow, config, dyq, wt, target)
+    kern = get_kernel(spec, cfg, overflow=overflow, target=target)
+    dx, info = execute(kern, dyq, wt, None, dyq.exponent + wq.exponent, threads)
+    return _finish(dx, info, return_info)
+
+
+def conv2d_weight(x, weight_shape, grad_output, stride=1, padding=0, dilation=1, *,
+                  overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat = DFP16, seed: int = 0,
+                  threads: int | None = None, config: TuningConfig | None = None,
+                  return_info: bool = False, target=None):
+    """DFP16 backward-weight: dW (float32 KCRS ``weight_shape``) from ``x`` (NCHW) and
+    ``grad_output`` dY, as ``torch.nn.grad.conv2d_weight`` (kernel: ``dfpgen.wgrad``)."""
+    from .wgrad import conv2d_weight_q
+    xq = _quantize_act(x, fmt, seed, "conv2d_weight input X", threads)
+    dyq = _quantize_act(grad_output, fmt, seed, "conv2d_weight grad_output dY", threads)
+    kw = dict(overflow=overflow, threads=threads, config=config)
+    if target is not None:
+        kw["target"] = target
+    dw, info = conv2d_weight_q(xq, tuple(weight_shape), dyq, stride, padding, dilation, **kw)
+    if info.saturated:
+        warnings.warn(f"DFP16 bwd_weight: {info.saturated} INT32 lanes saturated in fast mode "
+                      f"(flush interval {info.flush})", OverflowWarning, stacklevel=2)
+    return ConvResult(dw, info) if return_info else dw
+
+
+def linear(x, w, bias=None, *, overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat = DFP16,
+           seed: int = 0, threads: int | None = None, config: TuningConfig | None = None,
+           return_info: bool = False, target=None):
+    """DFP16 ``x @ w.T + bias``: x float (N, C) or a 2-D DfpTensor, w (K, C), bias (K,) or None.
+    Runs as a 1x1 convolution over N pixels of one row. Returns float32 (N, K)."""
+    if isinstance(x, DfpTensor):
+        if x.mantissa.ndim != 2:
+            raise DfpError(f"linear: x must be 2-D (N, C), got shape {x.shape}")
+        xq = DfpTensor(x.mantissa.T[None, :, None, :], x.exponent, x.fmt)
+    else:
+        arr = np.asarray(x, np.float32)
+        if arr.ndim != 2:
+            raise DfpError(f"linear: x must be 2-D (N, C), got shape {arr.shape}")
+        xq = quantize(arr.T[None, :, None, :], fmt, seed=seed, name="linear input X")
+    if isinstance(w, DfpTensor):
+        if w.mantissa.ndim != 2:
+            raise DfpError(f"linear: w must be 2-D (K, C), got shape {w.shape}")
+        wq = DfpTensor(w.mantissa[:, :, None, None], w.exponent, w.fmt)
+    else:
+        arr = np.asarray(w, np.float32)
+        if arr.ndim != 2:
+            raise DfpError(f"linear: w must be 2-D (K, C), got shape {arr.shape}")
+        wq = quantize(arr[:, :, None, None], fmt, name="linear weight W")
+    res = conv2d(xq, wq, bias, overflow=overflow, threads=threads, config=config,
+                 return_info=True, target=target)
+    out = res.output[0, :, 0, :].T
+    return ConvResult(out, res.info) if return_info else out
