@@ -1,0 +1,213 @@
+"""Quantize-and-pack: FP32 activations -> DFP16 mantissas in the conv kernels' layout.
+
+Input: float32 (N, C, H, W) whose memory is NCHW (C-contiguous) or NHWC (torch
+``channels_last``: ``x.transpose(0, 2, 3, 1)`` is C-contiguous); or (N, C) for Linear inputs
+(treated as (N, C, 1, 1)). Output buffer: NHWC int16 with C padded to even,
+``Cp = C + C % 2`` (pad channel = 0), so that VNNI reads INT16 pairs along C (DESIGN §3).
+
+Two passes over memory, both generated LLVM IR (``templates/quantize_pack.ll.j2``), split
+over threads with :func:`dfpgen.threads.parallel_for`:
+
+1. ``dfp_maxabs_f32``: max of ``bits(x) & 0x7fffffff`` per chunk (a result >= 0x7f800000
+   flags NaN/Inf; numpy then finds the count and first index, on the error path only);
+   the shared exponent follows :func:`dfpgen.dfp.exponent_for`.
+2. ``dfp_pack_{nchw,nhwc}_{nearest,stochastic}``: scale by ``2**-E``, round, clamp, write
+   int16 NHWC-padded. Bits equal :func:`dfpgen.dfp.quantize` for both rounding modes (the
+   stochastic hash uses each element's logical NCHW C-order index), for any thread count.
+
+Other dtypes, 2-D/4-D arrays with other strides, fall back to ``dfp.quantize`` plus a copy
+into the padded buffer (same bits, more passes).
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+
+import numpy as np
+
+from . import threads as _threads
+from .dfp import DFP16, DfpFormat, DfpTensor, exponent_for, fmix32, quantize, raise_nonfinite, scale_factors
+from .errors import DfpError
+from .kernels import load_kernel
+from .render import render
+from .target import CpuTarget, host_target
+
+ABI_VERSION = 1
+NONFINITE_BITS = 0x7F800000
+# Below this many elements per thread the pool hand-off costs more than the work.
+MIN_ELEMS_PER_THREAD = 1 << 16
+
+_MAXABS_T = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+_NHWC_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_uint32)
+_NCHW_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
+                           ctypes.c_uint32)
+_PROTOS = {"maxabs": _MAXABS_T, "pack_nhwc": _NHWC_T, "pack_nchw": _NCHW_T}
+_funcs: dict[tuple, object] = {}
+_lock = threading.Lock()
+
+
+def _llvm_float(v: float) -> str:
+    """An LLVM IR float literal (the double's hex pattern; exact for float32 values)."""
+    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", float(v)))[0]
+
+
+def _i32(v: int) -> int:
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def kernel_plan(kind: str, fmt: DfpFormat, target: CpuTarget) -> dict:
+    """Every field the template prints, for ``kind`` in maxabs | pack_nhwc | pack_nchw."""
+    lanes = target.vector_bits // 32
+    if kind == "maxabs":
+        symbol = f"dfp_maxabs_f32_v{lanes}_{target.tier}"
+    else:
+        symbol = f"dfp_{kind}_{fmt.rounding}_p{fmt.bits}_v{lanes}_{target.tier}"
+    return {
+        "kind": kind, "symbol": symbol, "tier": target.tier, "lanes": lanes,
+        "neg_lanes": -lanes, "rounding": fmt.rounding, "max_mantissa": fmt.max_mantissa,
+        "max_f": _llvm_float(fmt.max_mantissa), "neg_max_f": _llvm_float(-fmt.max_mantissa),
+        "two24": _llvm_float(2.0 ** 24), "fmix_m1": _i32(0x85EBCA6B), "fmix_m2": _i32(0xC2B2AE35),
+        "lane_ids_i64": ", ".join(f"i64 {i}" for i in range(lanes)),
+        "lane_ids_i32": ", ".join(f"i32 {i}" for i in range(lanes)),
+    }
+
+
+def render_kernel(kind: str, fmt: DfpFormat = DFP16, target: CpuTarget | None = None) -> str:
+    """LLVM IR of one quantize-and-pack kernel (for ``dfpgen show`` and tests)."""
+    return render("quantize_pack.ll.j2", p=kernel_plan(kind, fmt, target or host_target()))
+
+
+def _kernel(kind: str, fmt: DfpFormat, target: CpuTarget):
+    plan = kernel_plan(kind, fmt, target)
+    fields = {"kernel": "quantize_pack", "abi": ABI_VERSION, **{k: plan[k] for k in ("kind", "lanes")}}
+    if kind != "maxabs":
+        fields["format"] = fmt.key()
+    k = load_kernel(plan["symbol"], fields, lambda: render("quantize_pack.ll.j2", p=plan), target)
+    key = (k.symbol, k.address)
+    with _lock:
+        fn = _funcs.get(key)
+        if fn is None:
+            fn = _funcs[key] = _PROTOS[kind](k.address)
+    return fn
+
+
+def _split_threads(threads: int | None, work_items: int, elems_per_item: int) -> int:
+    n = threads or _threads.num_threads()
+    cap = max(1, (work_items * elems_per_item) // MIN_ELEMS_PER_THREAD) if threads is None else n
+    return max(1, min(n, cap, work_items))
+
+
+def max_abs(flat: np.ndarray, *, name: str = "tensor", threads: int | None = None,
+            target: CpuTarget | None = None, logical: np.ndarray | None = None) -> float:
+    """max |x| of a C-contiguous float32 array with the generated kernel (pass 1).
+
+    Raises :class:`DfpError` naming ``name`` (count and first index in ``logical``, the
+    user's view of the same data, default ``flat``) if a NaN or Inf is present.
+    """
+    if flat.dtype != np.float32 or not flat.flags.c_contiguous:
+        raise DfpError("max_abs needs a C-contiguous float32 array")
+    total = flat.size
+    if total == 0:
+        return 0.0
+    fn = _kernel("maxabs", DFP16, target or host_target())
+    nt = _split_threads(threads, total, 1)
+    ranges = _threads.split(total, nt)
+    out = [0] * len(ranges)
+    ptr = flat.ctypes.data
+
+    def work(b: int, e: int) -> None:
+        for j in range(b, e):
+            out[j] = fn(ptr, ranges[j][0], ranges[j][1])
+
+    _threads.parallel_for(len(ranges), work, nt)
+    bits = max(out)
+    if bits >= NONFINITE_BITS:
+        raise_nonfinite(flat if logical is None else logical, name=name)
+    return float(np.array([bits], np.uint32).view(np.float32)[0])
+
+
+def _layout(x: np.ndarray) -> str | None:
+    if x.flags.c_contiguous:
+        return "nchw"
+    if x.transpose(0, 2, 3, 1).flags.c_contiguous:
+        return "nhwc"
+    return None
+
+
+def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name: str = "tensor",
+                  threads: int | None = None, target: CpuTarget | None = None) -> DfpTensor:
+    """Quantize ``x`` to DFP and pack it for the conv kernels.
+
+    ``x``: float32 (N, C, H, W), memory NCHW or NHWC (channels_last), or (N, C). Returns a
+    :class:`DfpTensor` whose ``mantissa`` is the logical (N, C, H, W) (or (N, C)) int16 view
+    ``buf[..., :C].transpose(0, 3, 1, 2)`` of an NHWC buffer ``buf`` (N, H, W, Cp) with
+    ``Cp = C + C % 2`` (see :func:`nhwc_buffer`). Bits equal ``dfp.quantize(x, fmt, seed=seed)``
+    for any ``threads``. Raises :class:`DfpError` on NaN/Inf (naming ``name``, the count and
+    first index), on other ranks, or when the tensor exceeds the exponent range.
+    """
+    if not isinstance(fmt, DfpFormat):
+        raise DfpError(f"fmt must be a DfpFormat, got {type(fmt).__name__}")
+    x = np.asarray(x)
+    if x.ndim == 2:
+        q = quantize_pack(x.reshape(*x.shape, 1, 1), fmt, seed=seed, name=name, threads=threads, target=target)
+        return DfpTensor(q.mantissa[:, :, 0, 0], q.exponent, q.fmt)
+    if x.ndim != 4:
+        raise DfpError(f"{name}: quantize_pack expects (N, C, H, W) or (N, C), got shape {x.shape}")
+    layout = _layout(x) if x.dtype == np.float32 else None
+    if layout is None or x.size == 0:
+        q = quantize(x, fmt, seed=seed, name=name)
+        buf = _pad_nhwc(q.mantissa)
+        return DfpTensor(_logical(buf, x.shape[1]), q.exponent, fmt)
+    target = target or host_target()
+    N, C, H, W = x.shape
+    mem = x if layout == "nchw" else x.transpose(0, 2, 3, 1)
+    E = exponent_for(max_abs(mem, name=name, threads=threads, target=target, logical=x), fmt, name)
+    s1, s2 = scale_factors(E)
+    seedmix = int(fmix32(np.array([int(seed) & 0xFFFFFFFF], np.uint32))[0])
+    Cp = C + C % 2
+    buf = np.empty((N, H, W, Cp), np.int16)
+    fn = _kernel(f"pack_{layout}", fmt, target)
+    xp, op = mem.ctypes.data, buf.ctypes.data
+    if layout == "nhwc":
+        items = N * H * W
+        nt = _split_threads(threads, items, C)
+        _threads.parallel_for(items, lambda b, e: fn(xp, op, b, e, C, H * W, s1, s2, seedmix), nt)
+    else:
+        items = N * H
+        nt = _split_threads(threads, items, C * W)
+        _threads.parallel_for(items, lambda b, e: fn(xp, op, b, e, C, H, W, s1, s2, seedmix), nt)
+    return DfpTensor(_logical(buf, C), E, fmt)
+
+
+def _logical(buf: np.ndarray, C: int) -> np.ndarray:
+    return buf[..., :C].transpose(0, 3, 1, 2)
+
+
+def _pad_nhwc(m: np.ndarray) -> np.ndarray:
+    N, C, H, W = m.shape
+    buf = np.zeros((N, H, W, C + C % 2), np.int16)
+    buf[..., :C] = m.transpose(0, 2, 3, 1)
+    return buf
+
+
+def nhwc_buffer(q: DfpTensor) -> np.ndarray:
+    """The NHWC int16 buffer (N, H, W, Cp) (or (N, Cp) for a 2-D tensor) behind ``q``, with
+    ``Cp = C + C % 2`` and a zero pad channel: no copy when ``q`` came from
+    :func:`quantize_pack`, a packed copy for any other DfpTensor of rank 2 or 4.
+    Raises :class:`DfpError` for other ranks."""
+    m = q.mantissa
+    if m.ndim == 2:
+        return nhwc_buffer(DfpTensor(m[:, :, None, None], q.exponent, q.fmt))[:, 0, 0, :]
+    if m.ndim != 4:
+        raise DfpError(f"nhwc_buffer expects a rank-4 (N, C, H, W) or rank-2 tensor, got shape {m.shape}")
+    N, C, H, W = m.shape
+    b = m.base
+    if (isinstance(b, np.ndarray) and b.dtype == np.int16 and b.flags.c_contiguous
+            and b.shape == (N, H, W, C + C % 2) and m.ctypes.data == b.ctypes.data
+            and all(st == bs for st, bs, n in zip(m.strides, (b.strides[0], b.strides[3], b.strides[1],
+                                                             b.strides[2]), m.shape) if n > 1)):
+        return b
+    return _pad_nhwc(m)
