@@ -1,0 +1,149 @@
+"""Quantize-and-pack kernels (dfpgen/pack.py, templates/quantize_pack.ll.j2): bit-exact with
+dfp.quantize for both layouts and rounding modes, any thread count, in the padded NHWC layout."""
+import numpy as np
+import pytest
+
+from dfpgen import DfpError
+from dfpgen.dfp import DFP16, DfpFormat, quantize
+from dfpgen.pack import max_abs, nhwc_buffer, quantize_pack, render_kernel
+from dfpgen.target import host_target
+
+SR = DfpFormat(rounding="stochastic")
+SHAPES = [(2, 3, 5, 7), (1, 16, 4, 17), (2, 33, 3, 3), (3, 1, 2, 2), (1, 4, 1, 40), (1, 17, 2, 16)]
+
+
+def _nhwc(x):
+    """The same logical NCHW tensor with NHWC (channels_last) memory."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def _check(x, fmt, seed=0, **kw):
+    q = quantize_pack(x, fmt, seed=seed, **kw)
+    r = quantize(x, fmt, seed=seed)
+    assert q.exponent == r.exponent
+    assert q.mantissa.dtype == np.int16 and q.mantissa.shape == x.shape
+    assert np.array_equal(q.mantissa, r.mantissa)
+    return q
+
+
+@pytest.mark.parametrize("fmt", [DFP16, SR], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bit_exact_both_layouts(shape, fmt):
+    rng = np.random.default_rng(sum(shape))
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    for view in (x, _nhwc(x)):
+        q = _check(view, fmt, seed=11)
+        buf = nhwc_buffer(q)
+        N, C, H, W = shape
+        assert buf.shape == (N, H, W, C + C % 2) and buf.flags.c_contiguous
+        assert np.shares_memory(buf, q.mantissa)  # no copy
+        assert np.array_equal(buf[..., :C], q.mantissa.transpose(0, 2, 3, 1))
+        assert not buf[..., C:].any()  # pad channel is zero
+
+
+@pytest.mark.parametrize("fmt", [DFP16, SR], ids=["nearest", "stochastic"])
+def test_threads_bit_identical(fmt):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 5, 9, 11)).astype(np.float32)
+    for view in (x, _nhwc(x)):
+        one = quantize_pack(view, fmt, seed=2, threads=1)
+        two = quantize_pack(view, fmt, seed=2, threads=2)
+        assert np.array_equal(nhwc_buffer(one), nhwc_buffer(two))
+        assert np.array_equal(one.mantissa, quantize(x, fmt, seed=2).mantissa)
+
+
+def test_seed_changes_stochastic_bits():
+    x = np.random.default_rng(4).standard_normal((1, 6, 8, 8)).astype(np.float32)
+    a, b = quantize_pack(x, SR, seed=1), quantize_pack(x, SR, seed=2)
+    assert not np.array_equal(a.mantissa, b.mantissa)
+
+
+def test_zero_and_extreme_exponents():
+    z = quantize_pack(np.zeros((2, 3, 4, 4), np.float32))
+    assert z.exponent == 0 and not nhwc_buffer(z).any()
+    # Tiny values: E clamps to -128, where the kernel scales by 2**64 twice.
+    rng = np.random.default_rng(5)
+    tiny = (rng.standard_normal((1, 5, 3, 3)) * 2.0 ** -125).astype(np.float32)
+    for fmt in (DFP16, SR):
+        q = _check(tiny, fmt, seed=3)
+        assert q.exponent == -128 and q.mantissa.any()
+    huge = np.full((1, 2, 2, 2), np.finfo(np.float32).max, np.float32)
+    huge[0, 1] *= -1
+    q = _check(_nhwc(huge), DFP16)
+    assert q.exponent == 113 and set(np.unique(q.mantissa)) == {-32767, 32767}
+
+
+@pytest.mark.parametrize("bits", [4, 8, 14])
+def test_fewer_bits(bits):
+    x = np.random.default_rng(bits).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    q = _check(x, DfpFormat(bits=bits, rounding="stochastic"), seed=8)
+    assert 2 ** (bits - 1) <= q.max_abs_mantissa <= 2 ** bits - 1
+
+
+def test_nan_inf_error_names_logical_index():
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    x[1, 2, 0, 3] = np.nan
+    x[1, 0, 3, 4] = np.inf  # first in NCHW C order: (1, 0, 3, 4)
+    for view in (x, _nhwc(x)):
+        with pytest.raises(DfpError) as ei:
+            quantize_pack(view, name="block2.conv1.input")
+        msg = str(ei.value)
+        assert "block2.conv1.input" in msg and "1 NaN" in msg and "1 Inf" in msg
+        assert "(1, 0, 3, 4)" in msg
+
+
+def test_max_abs_kernel():
+    rng = np.random.default_rng(6)
+    for n in (1, 15, 16, 17, 1000, 4099):
+        x = rng.standard_normal(n).astype(np.float32)
+        x[rng.integers(n)] = -7.5
+        assert max_abs(x) == float(np.abs(x).max()) == 7.5
+        assert max_abs(x, threads=2) == 7.5
+    assert max_abs(np.array([-0.0, 0.0], np.float32)) == 0.0
+    assert max_abs(np.zeros(0, np.float32)) == 0.0
+    with pytest.raises(DfpError, match="NaN"):
+        max_abs(np.array([1, np.nan, 2], np.float32), name="v")
+
+
+def test_linear_2d_and_fallbacks():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 9)).astype(np.float32)
+    q = _check(x, SR, seed=4)
+    buf = nhwc_buffer(q)
+    assert buf.shape == (6, 10) and np.shares_memory(buf, q.mantissa) and not buf[:, 9].any()
+    # float64 input and other strides take dfp.quantize + a packed copy: same bits.
+    x4 = rng.standard_normal((2, 3, 6, 4))
+    _check(x4, SR, seed=1)
+    strided = x4.astype(np.float32)[:, :, ::2, :]
+    q = _check(strided, DFP16)
+    assert np.array_equal(nhwc_buffer(q)[..., :3], q.mantissa.transpose(0, 2, 3, 1))
+    assert _check(np.zeros((0, 3, 2, 2), np.float32), DFP16).mantissa.shape == (0, 3, 2, 2)
+    with pytest.raises(DfpError, match="expects"):
+        quantize_pack(np.zeros((2, 3, 4), np.float32))
+
+
+def test_nhwc_buffer_of_plain_quantize():
+    x = np.random.default_rng(8).standard_normal((2, 5, 3, 3)).astype(np.float32)
+    q = quantize(x)
+    buf = nhwc_buffer(q)
+    assert buf.shape == (2, 3, 3, 6) and not np.shares_memory(buf, q.mantissa)
+    assert np.array_equal(buf, nhwc_buffer(quantize_pack(x)))
+
+
+@pytest.mark.parametrize("tier", ["avx2", "generic"])
+def test_lower_tiers_same_bits(tier):
+    target = host_target().with_tier(tier)
+    if not target.executable:
+        pytest.skip(f"host cannot run {tier}")
+    x = np.random.default_rng(9).standard_normal((2, 5, 3, 9)).astype(np.float32)
+    for view in (x, _nhwc(x)):
+        for fmt in (DFP16, SR):
+            q = quantize_pack(view, fmt, seed=6, target=target)
+            assert np.array_equal(q.mantissa, quantize(x, fmt, seed=6).mantissa)
+
+
+def test_template_opens_with_pseudocode():
+    for kind in ("maxabs", "pack_nhwc", "pack_nchw"):
+        ir = render_kernel(kind, SR)
+        assert ir.startswith("; dfpgen quantize-and-pack kernel") and "What it computes" in ir
+        assert "define " in ir
