@@ -98,6 +98,8 @@ class WgradPlan:
     items: int            # work items = RS * n_kb * n_cg
     block_pairs: int      # pixel pairs per cache block (config.c_block)
     saturating: bool
+    fp32_regs: bool       # FP32 dW accumulators live in registers (budget allows 2x the INT32 ones)
+    scaled: bool          # flush multiplies by 2**E in-kernel (E outside [-126, 63]); else caller does
     symbol: str
 
     @property
@@ -136,7 +138,7 @@ class WgradPlan:
     def key(self) -> dict:
         """What changes the generated code (for the kernel cache key)."""
         return {"pass": "bwd_weight", "spec": self.spec.geometry(), "config": self.config.to_dict(),
-                "mode": self.mode, "tier": self.tier, "abi": 1}
+                "mode": self.mode, "tier": self.tier, "scaled": self.scaled, "abi": 1}
 
 
 def registers_needed(kv: int, cb: int) -> int:
@@ -151,7 +153,14 @@ def _check_budget(kv: int, cb: int, target: CpuTarget) -> None:
                        f"vector registers; tier {target.tier} has {target.registers}")
 
 
-def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "exact") -> WgradPlan:
+def unscaled_ok(scale_exp: int) -> bool:
+    """Whether the kernel may flush unscaled (see the template): nonzero sums are integer-valued
+    floats >= 1 and < 2**64, so 2**E keeps them normal for -126 <= E <= 63."""
+    return -126 <= scale_exp <= 63
+
+
+def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "exact",
+         scaled: bool = False) -> WgradPlan:
     """Plan one backward-weight kernel. Raises :class:`DfpError` on an illegal config
     (register budget exceeded, unknown mode)."""
     if mode not in MODES:
@@ -181,26 +190,35 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     C = spec.C
     taps = tuple(r * dh * Wp * C + s * dw * C for r in range(spec.R) for s in range(spec.S))
     RS = spec.R * spec.S
-    sym = (f"dfp_conv_bwdw_{spec.geometry()}_kb{kv}_cb{cb}_pp{config.c_block}_{target.tier}_{mode}")
+    fp32_regs = 2 * kv * cb + kv + 1 <= target.registers
+    sym = (f"dfp_conv_bwdw_{spec.geometry()}_kb{kv}_cb{cb}_pp{config.c_block}_{target.tier}_{mode}"
+           + ("_sc" if scaled else ""))
     return WgradPlan(
         spec=spec, config=config, tier=target.tier, mode=mode, lanes=lanes, i16_lanes=2 * lanes,
         vec_bytes=4 * lanes, kv=kv, kv_tail=kv_tail, n_kb=n_kb, cb=cb, cb_tail=cb, c_group=c_group,
         n_cg=n_cg, n_cb_group=n_cb_group, n_cb_last=n_cb_last, cb_tail_last=cb_tail_last,
         C=C, K=spec.K, Kp=Kp, RS=RS, Hp=Hp, Wp=Wp, Q2=Q2, x_pair_stride=2 * uw * C,
         tap_offsets=taps, items=RS * n_kb * n_cg, block_pairs=config.c_block,
-        saturating=(mode == "fast"), symbol=sym)
+        saturating=(mode == "fast"), fp32_regs=fp32_regs, scaled=scaled, symbol=sym)
 
 
-def default_config(spec: ConvSpec, target: CpuTarget) -> TuningConfig:
-    """Heuristic: 2 K-vectors x 13 channels (29 zmm) with AVX-512, 2 x 6 (15 ymm) with 16
-    registers; 4 K-vectors x 6 when K fits one 64-channel block; 128 pairs per cache block
-    (dY block = 128 x 32 k x 4 B = 16 KiB, half of L1D)."""
+SHORT_FLUSH = 64     # pixels: below this the flush dominates, keep FP32 accumulators in registers
+
+
+def default_config(spec: ConvSpec, target: CpuTarget, flush: int | None = None) -> TuningConfig:
+    """Heuristic register block. Long flush intervals (``flush`` None or >= 64 pixels): 2
+    K-vectors x 13 channels (29 zmm; 4 x 6 when K is one 64-channel block), FP32 dW in an L1
+    tile. Short ones (exact mode on full-range DFP16 data: a flush every few pixels): 2 x 7,
+    so 14 INT32 + 14 FP32 accumulators stay in registers and a flush is vcvtdq2ps + vaddps.
+    16-register tiers: 2 x 6 / 2 x 3. 128 pairs per cache block (dY block = 128 x 32 k x 4 B =
+    16 KiB, half of L1D)."""
     lanes = target.lanes
     kvecs_total = round_up(spec.K, K_PAD) // lanes
+    short = flush is not None and flush < SHORT_FLUSH
     if target.registers >= 32:
-        kv, cb = (4, 6) if kvecs_total == 4 else (2, 13)
+        kv, cb = (2, 7) if short else ((4, 6) if kvecs_total == 4 else (2, 13))
     else:
-        kv, cb = 2, 6
+        kv, cb = (2, 3) if short else (2, 6)
     kv = min(kv, kvecs_total)
     cb = min(cb, spec.C)
     return TuningConfig(k_vecs=kv, pixels=cb, c_block=128, flush=0, unroll="none", threads=0)

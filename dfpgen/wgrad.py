@@ -28,7 +28,7 @@ from .threads import num_threads, parallel_for
 from .tuning import TuningConfig
 
 INT32_MAX = 2 ** 31 - 1
-FAST_FLUSH = 4096   # fast mode default: long INT32 chains, as the paper's kernels ran them
+FAST_FLUSH = 1024   # fast mode default: long INT32 chains, as the paper's kernels ran them
 TEMPLATE = "conv_bwd_weight.ll.j2"
 
 _KERNEL_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -142,7 +142,7 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     partials at the largest power-of-two interval proven safe on these operands
     (:func:`exact_flush`) and is bit-identical to ``reference.conv2d_bwd_weight(...,
     flush_pixels=info.flush)``; ``"fast"`` uses saturating ``vpdpwssds`` with ``config.flush``
-    (default 4096) pixels per partial and counts the lanes found saturated at flushes
+    (default 1024) pixels per partial and counts the lanes found saturated at flushes
     (``info.saturated``; a lane that saturates and is pulled back before the flush is not seen).
     ``config.flush`` > 0 in exact mode caps the proven interval.
     Returns ``(dW float32 (K, C, R, S) C-contiguous, RunInfo)``. Raises :class:`DfpError` on
@@ -166,8 +166,10 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     if overflow not in pw.MODES:
         raise DfpError(f"overflow must be one of {pw.MODES}, got {overflow!r}")
     target = target or host_target()
-    config = config or pw.default_config(spec, target)
-    p = pw.plan(spec, config, target, overflow)
+    scale_exp = int(xq.exponent) + int(dyq.exponent)
+    scaled = not pw.unscaled_ok(scale_exp)
+    # Layouts depend on the spec only, so packing can use any plan of it.
+    p = pw.plan(spec, config or pw.default_config(spec, target), target, overflow, scaled)
 
     xw, xpad = _pack_x(x, p)
     dyp = _pack_dy(dy, p)
@@ -182,13 +184,16 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
                           s * dw: s * dw + (spec.Q - 1) * uw + 1: uw]
                 np.maximum(a_pix, v, out=a_pix)
         flush = exact_flush(a_pix, b_pix)
-        if config.flush:
+        if config is not None and config.flush:
             flush = max(2, min(flush, config.flush - config.flush % 2))
     else:
         _abs_max(x, None, "x")
-        flush = config.flush or FAST_FLUSH
+        flush = (config.flush if config is not None else 0) or FAST_FLUSH
         if flush % 2:
             raise DfpError(f"backward-weight flush interval must be even (INT16 pairs), got {flush}")
+    if config is None:
+        config = pw.default_config(spec, target, flush)
+        p = pw.plan(spec, config, target, overflow, scaled)
     seg, blocks = pw.schedule(p, flush)
     t_pack = time.perf_counter() - t0
 
@@ -197,7 +202,7 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     out = aligned_zeros((p.RS, C, p.Kp), np.float32)
     acc = aligned_zeros((p.RS, C, p.Kp), np.int32)
     sat = np.zeros(p.items, np.int64)
-    s1, s2 = _scales(int(xq.exponent) + int(dyq.exponent))
+    s1, s2 = _scales(scale_exp) if scaled else (1.0, 1.0)
     nthreads = threads or config.threads or num_threads()
     args = (xw.ctypes.data, dyp.ctypes.data, out.ctypes.data, acc.ctypes.data, seg.ctypes.data,
             blocks.ctypes.data, len(blocks) - 1, s1, s2, sat.ctypes.data)
@@ -205,6 +210,8 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     parallel_for(p.items, lambda b, e: fn(*args, b, e), nthreads)
     t_kernel = time.perf_counter() - t1
     dw = np.ascontiguousarray(out.reshape(R, S, C, p.Kp)[..., :K].transpose(3, 2, 0, 1))
+    if not scaled:
+        dw *= np.float32(2.0 ** scale_exp)  # exact: see plan_wgrad.unscaled_ok
     last_times = WgradTimes(pack=t_pack, kernel=t_kernel, total=time.perf_counter() - t0)
     info = RunInfo(pass_kind="bwd_weight", overflow=overflow, flush=flush, saturated=int(sat.sum()),
                    tier=target.tier, symbol=p.symbol, symbols=(p.symbol,), config=config.to_dict(),
