@@ -47,12 +47,20 @@ class SubKernel:
     def pack_weights(self, wt: np.ndarray) -> np.ndarray:
         """``wt`` (OUT, RED, R, S) integer -> int16 ``(out blocks, taps, red pairs, kvl, 2)``."""
         p, sub = self.plan, self.sub
-        out, red = wt.shape[:2]
-        rr = np.array([t.r for t in sub.taps]); ss = np.array([t.s for t in sub.taps])
-        sel = np.zeros((p.out_pad, 2 * p.red_pairs, len(sub.taps)), np.int16)
-        sel[:out, :red] = wt[:, :, rr, ss]
-        packed = sel.reshape(p.out_blocks, p.kvl, p.red_pairs, 2, len(sub.taps)).transpose(0, 4, 2, 1, 3)
-        return np.ascontiguousarray(packed)
+        out, red, r, s = wt.shape
+        ntaps = len(sub.taps)
+        w3 = wt.reshape(out, red, r * s) if wt.flags.c_contiguous else np.ascontiguousarray(wt).reshape(out, red, r * s)
+        tap_idx = [t.r * s + t.s for t in sub.taps]
+        if tap_idx != list(range(r * s)):
+            w3 = w3[:, :, tap_idx]
+        if (out, red) != (p.out_pad, 2 * p.red_pairs):
+            full = np.zeros((p.out_pad, 2 * p.red_pairs, ntaps), np.int16)
+            full[:out, :red] = w3
+            w3 = full
+        packed = np.empty((p.out_blocks, ntaps, p.red_pairs, p.kvl, 2), np.int16)
+        # one strided copy: packed[b, t, c2, kk, e] = w3[b*kvl + kk, 2*c2 + e, t]
+        packed.transpose(0, 3, 2, 4, 1)[...] = w3.reshape(p.out_blocks, p.kvl, p.red_pairs, 2, ntaps)
+        return packed
 
     def run(self, xbuf: np.ndarray, wpack: np.ndarray, ybuf: np.ndarray, bias: np.ndarray | None,
             scale: float, batch: int, threads: int) -> int:
