@@ -43,9 +43,9 @@ def output_channels_last(x: Tensor, weight: Tensor) -> bool:
 
 
 def padded_channels(c):
-    """Channels of the kernels' NHWC INT16 buffer: C padded as ``dfpgen.pack`` pads it."""
-    from dfpgen import pack
-    return pack.padded_channels(c)
+    """Channels of the kernels' NHWC INT16 buffer: ``dfpgen.pack`` pads C to even,
+    ``Cp = C + C % 2`` (VNNI reads INT16 pairs along C). Works on SymInts (fake impls)."""
+    return c + c % 2
 
 
 def _out_hw(h, w, r, s, stride, padding, dilation):
