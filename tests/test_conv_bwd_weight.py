@@ -1,0 +1,267 @@
+"""Backward-weight kernel (dfpgen.wgrad): bit-exact against dfpgen.reference in exact mode,
+saturation reporting in fast mode, every tier / config / thread count, and PyTorch float64."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dfpgen import plan_wgrad as pw
+from dfpgen import reference, wgrad
+from dfpgen.dfp import DfpTensor, quantize
+from dfpgen.errors import DfpError
+from dfpgen.jit import compile_ir
+from dfpgen.render import render
+from dfpgen.spec import ConvSpec
+from dfpgen.target import TIERS, host_target
+from dfpgen.tuning import TuningConfig
+
+MAXM = 32767
+HOST = host_target()
+RUNNABLE = [t for t in TIERS if host_target(t).executable]
+
+# (N, C, H, W, K, R, S, stride, padding, dilation): tails in C and K (odd, not multiples of
+# 16), odd N*P*Q, stride 2, padding, dilation 2, 1x1, 7x7 with C=3, batch 1.
+SHAPES = [
+    (2, 5, 6, 7, 20, 3, 3, 1, 1, 1),      # odd C, K = 16 + 4, odd Q (7)
+    (1, 3, 9, 9, 17, 3, 3, 2, 1, 1),      # stride 2, batch 1, odd N*P*Q (25)
+    (2, 4, 8, 8, 5, 3, 3, 1, 2, 2),       # dilation 2, padding 2, K < 16
+    (1, 3, 13, 11, 8, 7, 7, 2, 3, 1),     # 7x7, C=3, stride 2
+    (3, 33, 5, 5, 33, 1, 1, 1, 0, 1),     # 1x1, C and K = 32 + 1
+    (2, 30, 6, 6, 70, 1, 1, 2, 0, 1),     # 1x1 stride 2, C > one register block, K = 4x16 + 6
+    (1, 7, 5, 9, 3, 3, 1, (2, 1), (0, 1), (1, 2)),  # per-axis stride/padding/dilation, R != S
+]
+
+
+def spec_of(shape) -> ConvSpec:
+    N, C, H, W, K, R, S, u, p, d = shape
+    return ConvSpec(N, C, H, W, K, R, S, u, p, d, pass_kind="bwd_weight")
+
+
+def operands(shape, rng, kind="real"):
+    """DFP16 X and dY: 'real' = quantized ReLU activations and sparse gradients (full-range
+    mantissas), 'small' = |mantissa| < 64, 'adversarial' = all +/-32767."""
+    sp = spec_of(shape)
+    xs, ys = sp.input_shape, sp.output_shape
+    if kind == "real":
+        x = np.maximum(rng.standard_normal(xs), 0).astype(np.float32)
+        dy = (rng.standard_normal(ys) * (rng.random(ys) < 0.6)).astype(np.float32)
+        return quantize(x), quantize(dy)
+    if kind == "small":
+        return (DfpTensor(rng.integers(-63, 64, xs).astype(np.int16), -6),
+                DfpTensor(rng.integers(-63, 64, ys).astype(np.int16), -9))
+    sign = lambda s: np.where(rng.random(s) < 0.5, -MAXM, MAXM).astype(np.int16)  # noqa: E731
+    return DfpTensor(sign(xs), -15), DfpTensor(sign(ys), -20)
+
+
+def run(shape, xq, dyq, **kw):
+    sp = spec_of(shape)
+    return wgrad.conv2d_weight_q(xq, sp.weight_shape, dyq, sp.stride, sp.padding, sp.dilation, **kw)
+
+
+def ref(shape, xq, dyq, flush, saturate=False):
+    sp = spec_of(shape)
+    return reference.conv2d_bwd_weight(xq, dyq, (sp.R, sp.S), sp.stride, sp.padding, sp.dilation,
+                                       flush_pixels=flush, saturate=saturate)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: spec_of(s).geometry())
+def test_exact_matches_reference(shape):
+    rng = np.random.default_rng(1)
+    for kind in ("real", "small"):
+        xq, dyq = operands(shape, rng, kind)
+        dw, info = run(shape, xq, dyq, overflow="exact", threads=2)
+        r = ref(shape, xq, dyq, info.flush)
+        assert info.overflow == "exact" and info.pass_kind == "bwd_weight" and info.saturated == 0
+        assert not r.overflowed
+        assert dw.dtype == np.float32 and dw.shape == spec_of(shape).weight_shape
+        assert np.array_equal(dw, r.fp32), f"{kind}: max |diff| {np.abs(dw - r.fp32).max()}"
+        assert np.count_nonzero(dw) > 0
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: spec_of(s).geometry())
+def test_adversarial_mantissas_exact(shape):
+    """All +/-32767: the proven interval drops to one pair (2 * 32767**2 < 2**31)."""
+    xq, dyq = operands(shape, np.random.default_rng(2), "adversarial")
+    dw, info = run(shape, xq, dyq, overflow="exact")
+    assert info.flush == 2
+    r = ref(shape, xq, dyq, 2)
+    assert not r.overflowed and np.array_equal(dw, r.fp32)
+
+
+def test_exact_flush_is_proven_and_largest():
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 32768, 1000)
+    b = rng.integers(0, 32768, 1000)
+    f = wgrad.exact_flush(a, b)
+    prod = a * b
+    sums = lambda F: np.add.reduceat(prod, np.arange(0, prod.size, F))  # noqa: E731
+    assert f >= 2 and f % 2 == 0
+    assert sums(f).max() <= 2 ** 31 - 1
+    assert sums(2 * f).max() > 2 ** 31 - 1
+    assert wgrad.exact_flush(np.zeros(10, np.int64), b[:10]) >= 10  # all-zero X: one chunk
+
+
+def test_config_flush_caps_exact_interval():
+    shape = SHAPES[0]
+    xq, dyq = operands(shape, np.random.default_rng(4), "small")
+    cfg = pw.default_config(spec_of(shape), HOST).replace(flush=6)
+    dw, info = run(shape, xq, dyq, config=cfg)
+    assert info.flush == 6  # small data: the proven bound is far above 6
+    assert np.array_equal(dw, ref(shape, xq, dyq, 6).fp32)
+
+
+@pytest.mark.parametrize("tier", RUNNABLE)
+def test_fast_mode_saturation_count(tier):
+    t = host_target(tier)
+    shape = SHAPES[0]
+    xq, dyq = operands(shape, np.random.default_rng(5), "small")
+    dw, info = run(shape, xq, dyq, overflow="fast", target=t)
+    assert info.overflow == "fast" and info.saturated == 0 and info.tier == tier
+    assert np.array_equal(dw, ref(shape, xq, dyq, info.flush).fp32)
+    # Same sign everywhere: every partial over >= 2 pairs of 32767**2 saturates.
+    sp = spec_of(shape)
+    big_x = DfpTensor(np.full(sp.input_shape, MAXM, np.int16), -15)
+    big_y = DfpTensor(np.full(sp.output_shape, MAXM, np.int16), -15)
+    dw, info = run(shape, big_x, big_y, overflow="fast", target=t,
+                   config=pw.default_config(sp, t).replace(flush=8))
+    r = ref(shape, big_x, big_y, 8, saturate=True)
+    assert info.saturated > 0
+    # Row-local pairs: with odd Q this kernel pairs pixels differently from the reference's
+    # global pairs, so only the count's order of magnitude is comparable; the clipped
+    # partials are at the INT32 limit either way.
+    assert info.saturated <= r.saturated * 2 and r.saturated > 0
+    assert np.all(dw > 0)
+
+
+@pytest.mark.parametrize("tier", RUNNABLE)
+def test_every_tier_gives_the_same_bits(tier):
+    shape = SHAPES[1]
+    xq, dyq = operands(shape, np.random.default_rng(6), "real")
+    base, info0 = run(shape, xq, dyq, target=host_target(RUNNABLE[0]))
+    dw, info = run(shape, xq, dyq, target=host_target(tier))
+    assert info.tier == tier and info.flush == info0.flush
+    assert np.array_equal(dw, base)
+
+
+def test_threads_do_not_change_bits():
+    shape = SHAPES[5]
+    xq, dyq = operands(shape, np.random.default_rng(7), "real")
+    one, _ = run(shape, xq, dyq, threads=1)
+    two, info = run(shape, xq, dyq, threads=2)
+    assert info.threads == 2
+    assert np.array_equal(one, two)
+
+
+def test_search_space_renders_verifies_and_is_exact():
+    shape = (2, 19, 5, 6, 40, 3, 3, 1, 1, 1)
+    sp = spec_of(shape)
+    xq, dyq = operands(shape, np.random.default_rng(8), "real")
+    space = pw.search_space(sp, HOST)
+    assert len(space) >= 4
+    expect = None
+    for cfg in space:
+        for mode in ("exact", "fast"):
+            p = pw.plan(sp, cfg, HOST, mode)
+            compile_ir(render(wgrad.TEMPLATE, p=p), cpu=HOST.compile_cpu, features=HOST.compile_features)
+        dw, info = run(shape, xq, dyq, config=cfg)
+        if expect is None:
+            expect = ref(shape, xq, dyq, info.flush).fp32
+        assert np.array_equal(dw, expect), cfg
+
+
+def test_out_of_range_scale_exponent_uses_scaled_flush():
+    """E = Ex + Edy outside [-126, 63]: the in-kernel two-multiply flush (subnormal results)."""
+    shape = SHAPES[0]
+    rng = np.random.default_rng(9)
+    xs, dys = operands(shape, rng, "real")
+    for ex, ey in ((-100, -60), (40, 30)):
+        xq, dyq = DfpTensor(xs.mantissa, ex), DfpTensor(dys.mantissa, ey)
+        dw, info = run(shape, xq, dyq)
+        assert info.symbol.endswith("_sc") and info.scale_exp == ex + ey
+        assert np.array_equal(dw, ref(shape, xq, dyq, info.flush).fp32)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=lambda s: spec_of(s).geometry())
+def test_matches_torch_float64(shape):
+    """Against torch.nn.grad.conv2d_weight in float64 on the dequantized operands. Each of the
+    n flushes rounds the partial (vcvtdq2ps) and the FP32 sum once, each by at most 2**-24 of
+    the sum of |products| it covers, so |error| <= (2n + 1) * 2**-24 * (|X| conv |dY|)."""
+    sp = spec_of(shape)
+    xq, dyq = operands(shape, np.random.default_rng(10), "real")
+    dw, info = run(shape, xq, dyq)
+    x = torch.from_numpy(xq.dequantize(np.float64))
+    dy = torch.from_numpy(dyq.dequantize(np.float64))
+    kw = dict(stride=sp.stride, padding=sp.padding, dilation=sp.dilation)
+    want = torch.nn.grad.conv2d_weight(x, sp.weight_shape, dy, **kw).numpy()
+    mag = torch.nn.grad.conv2d_weight(x.abs(), sp.weight_shape, dy.abs(), **kw).numpy()
+    n = -(-sp.N * sp.P * sp.Q // info.flush)
+    tol = (2 * n + 1) * 2.0 ** -24 * mag
+    assert np.all(np.abs(dw - want) <= tol)
+    assert np.abs(dw - want).max() > 0 or n == 1  # the check can see rounding
+
+
+def test_plan_register_budget_and_layouts():
+    sp = spec_of(SHAPES[4])  # C = K = 33
+    with pytest.raises(DfpError, match="register"):
+        pw.plan(sp, TuningConfig(k_vecs=2, pixels=20), HOST)
+    with pytest.raises(DfpError, match="register"):
+        pw.plan(sp, TuningConfig(k_vecs=2, pixels=7), host_target("avx2"))
+    for cfg in pw.search_space(sp, HOST):
+        p = pw.plan(sp, cfg, HOST)
+        assert pw.registers_needed(p.kv, p.cb) <= HOST.registers
+        assert p.Kp % 16 == 0 and p.Kp >= sp.K
+    p = pw.plan(sp, TuningConfig(k_vecs=2, pixels=13, c_block=128), HOST)
+    assert p.symbol == "dfp_conv_bwdw_n3c33h5w5k33r1s1u1p0_kb2_cb13_pp128_avx512_vnni_exact" or \
+        HOST.tier != "avx512_vnni"
+    # K = 33 -> Kp = 48 = 3 vectors: one block of 2 and a tail of 1; C = 33 -> 13 + 13 + 7
+    assert (p.Kp, p.n_kb, p.kv_tail, p.n_cb_last, p.cb_tail_last) == (48, 2, 1, 3, 7) or HOST.lanes != 16
+
+
+def test_schedule_covers_every_pixel_once():
+    """Segments list each (row, pixel) exactly once (split pairs as two masked halves) and
+    flushes sit after pixel m = i*flush - 1 and at the end."""
+    sp = ConvSpec(2, 3, 5, 7, 4, 3, 3, 1, 1, 1, pass_kind="bwd_weight")  # Q = 7 (odd)
+    p = pw.plan(sp, pw.default_config(sp, HOST), HOST)
+    for flush in (2, 4, 6, 10, 128):
+        seg, blocks = pw.schedule(p, flush)
+        assert blocks[0] == 0 and blocks[-1] == len(seg)
+        seen, flush_at, m = [], [], -1
+        for xoff, dyoff, npairs, ctl in seg.tolist():
+            row, j0 = divmod(dyoff // p.Kp, p.Q2)
+            mask = ctl & 0xFFFFFFFF
+            for j in range(j0, j0 + npairs):
+                for e in (0, 1):
+                    q = 2 * j + e
+                    keep = mask == 0xFFFFFFFF or (mask == pw.MASK_LO and e == 0) or \
+                        (mask == (pw.MASK_HI & 0xFFFFFFFF) and e == 1)
+                    if keep and q < sp.Q:
+                        m = row * sp.Q + q
+                        seen.append(m)
+            if ctl >> 32:
+                flush_at.append(m)
+        M = sp.N * sp.P * sp.Q
+        assert seen == list(range(M))
+        assert flush_at == sorted(set(list(range(flush - 1, M, flush)) + [M - 1]))
+    with pytest.raises(DfpError, match="even"):
+        pw.schedule(p, 5)
+
+
+def test_bad_inputs():
+    shape = SHAPES[0]
+    xq, dyq = operands(shape, np.random.default_rng(11), "small")
+    sp = spec_of(shape)
+    with pytest.raises(DfpError, match="channels"):
+        wgrad.conv2d_weight_q(xq, (sp.K, sp.C + 1, 3, 3), dyq, 1, 1)
+    with pytest.raises(DfpError, match="grad_output shape"):
+        wgrad.conv2d_weight_q(xq, sp.weight_shape, dyq, 2, 1)
+    with pytest.raises(DfpError, match="overflow"):
+        run(shape, xq, dyq, overflow="maybe")
+    with pytest.raises(DfpError, match="DfpTensor"):
+        wgrad.conv2d_weight_q(xq.mantissa, sp.weight_shape, dyq, 1, 1)
+    bad = xq.mantissa.copy()
+    bad[0, 0, 0, 0] = -32768
+    with pytest.raises(DfpError, match="-32768"):
+        run(shape, DfpTensor(bad, xq.exponent), dyq)
+    with pytest.raises(DfpError, match="even"):
+        run(shape, xq, dyq, overflow="fast", config=pw.default_config(sp, HOST).replace(flush=7))
