@@ -37,13 +37,18 @@ ABI_VERSION = 1
 NONFINITE_BITS = 0x7F800000
 # Below this many elements per thread the pool hand-off costs more than the work.
 MIN_ELEMS_PER_THREAD = 1 << 16
+# NCHW kernel: output bytes per work item (a tile of pixel blocks of one image). Each transpose
+# pass reads 32 channel planes as runs of tile pixels; the tile's NHWC output stays in L2
+# between passes. Measured on Zen 4 (C=256, 56x56): 1 block/item 8.6 ms, 16: 5.2 ms,
+# 49 (392 KiB): 3.7 ms, a whole image (1.6 MiB): 5.5 ms.
+NCHW_TILE_BYTES = 384 << 10
 
 _MAXABS_T = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 _NHWC_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                            ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_uint32)
 _NCHW_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
-                           ctypes.c_uint32)
+                           ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_uint32,
+                           ctypes.c_int64)
 _PROTOS = {"maxabs": _MAXABS_T, "pack_nhwc": _NHWC_T, "pack_nchw": _NCHW_T}
 _funcs: dict[tuple, object] = {}
 _lock = threading.Lock()
@@ -72,7 +77,33 @@ def kernel_plan(kind: str, fmt: DfpFormat, target: CpuTarget) -> dict:
         "two24": _llvm_float(2.0 ** 24), "fmix_m1": _i32(0x85EBCA6B), "fmix_m2": _i32(0xC2B2AE35),
         "lane_ids_i64": ", ".join(f"i64 {i}" for i in range(lanes)),
         "lane_ids_i32": ", ".join(f"i32 {i}" for i in range(lanes)),
+        "two_lanes": 2 * lanes, "neg_two_lanes": -2 * lanes, "lanes_m1": lanes - 1, "lanes_x2_m1": 2 * lanes - 1,
+        **_transpose_plan(lanes),
     }
+
+
+def _transpose_plan(lanes: int) -> dict:
+    """The NCHW kernel's register transpose of ``lanes`` x ``lanes`` INT32 (INT16 pairs):
+    rows ``%t0.q`` (pair q of every pixel) -> rows of one pixel each, in log2(lanes) stages.
+    Stage with block size s pairs rows i and i+s (bit s of i clear) and swaps bit s of the row
+    index with bit s of the lane index: lo[j] = j & s ? b[j-s] : a[j], hi[j] = j & s ? b[j] : a[j+s]."""
+    names = [f"%t0.{q}" for q in range(lanes)]
+    shuffles, s, stage = [], lanes // 2, 0
+    while s >= 1:
+        stage += 1
+        new = list(names)
+        lo = ", ".join(f"i32 {lanes + j - s if j & s else j}" for j in range(lanes))
+        hi = ", ".join(f"i32 {lanes + j if j & s else j + s}" for j in range(lanes))
+        for i in range(lanes):
+            if i & s:
+                continue
+            new[i], new[i + s] = f"%t{stage}.{i}", f"%t{stage}.{i + s}"
+            shuffles.append({"dst": new[i], "a": names[i], "b": names[i + s], "mask": lo})
+            shuffles.append({"dst": new[i + s], "a": names[i], "b": names[i + s], "mask": hi})
+        names, s = new, s // 2
+    return {"stages": stage, "shuffles": shuffles,
+            "tpairs": [{"q": q, "ca": 2 * q} for q in range(lanes)],
+            "trows": [{"j": j, "src": names[j]} for j in range(lanes)]}
 
 
 def render_kernel(kind: str, fmt: DfpFormat = DFP16, target: CpuTarget | None = None) -> str:
@@ -156,7 +187,8 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
         return DfpTensor(q.mantissa[:, :, 0, 0], q.exponent, q.fmt)
     if x.ndim != 4:
         raise DfpError(f"{name}: quantize_pack expects (N, C, H, W) or (N, C), got shape {x.shape}")
-    layout = _layout(x) if x.dtype == np.float32 else None
+    # The stochastic hash steps lane indices by up to 16*H*W inside 32 bits (see the template).
+    layout = _layout(x) if x.dtype == np.float32 and 16 * x.shape[2] * x.shape[3] < 2 ** 32 else None
     if layout is None or x.size == 0:
         q = quantize(x, fmt, seed=seed, name=name)
         buf = _pad_nhwc(q.mantissa)
@@ -176,9 +208,12 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
         nt = _split_threads(threads, items, C)
         _threads.parallel_for(items, lambda b, e: fn(xp, op, b, e, C, H * W, s1, s2, seedmix), nt)
     else:
-        items = N * H
-        nt = _split_threads(threads, items, C * W)
-        _threads.parallel_for(items, lambda b, e: fn(xp, op, b, e, C, H, W, s1, s2, seedmix), nt)
+        lanes = target.vector_bits // 32
+        nblk = -(-H * W // lanes)  # blocks of `lanes` pixels per image
+        tile = max(1, min(nblk, NCHW_TILE_BYTES // (lanes * Cp * 2)))
+        items = N * (-(-nblk // tile))
+        nt = _split_threads(threads, items, C * lanes * tile)
+        _threads.parallel_for(items, lambda b, e: fn(xp, op, b, e, C, H * W, s1, s2, seedmix, tile), nt)
     return DfpTensor(_logical(buf, C), E, fmt)
 
 

@@ -9,7 +9,10 @@ from dfpgen.pack import max_abs, nhwc_buffer, quantize_pack, render_kernel
 from dfpgen.target import host_target
 
 SR = DfpFormat(rounding="stochastic")
-SHAPES = [(2, 3, 5, 7), (1, 16, 4, 17), (2, 33, 3, 3), (3, 1, 2, 2), (1, 4, 1, 40), (1, 17, 2, 16)]
+# Tails everywhere: odd C, C below/above the 32-channel register transpose of the NCHW kernel,
+# H*W below/above/not a multiple of its 16-pixel block, and the 16-channel NHWC vectors.
+SHAPES = [(2, 3, 5, 7), (1, 16, 4, 17), (2, 33, 3, 3), (3, 1, 2, 2), (1, 4, 1, 40), (1, 17, 2, 16),
+          (2, 35, 4, 5), (1, 64, 4, 4), (2, 97, 3, 7)]
 
 
 def _nhwc(x):
@@ -135,7 +138,7 @@ def test_lower_tiers_same_bits(tier):
     target = host_target().with_tier(tier)
     if not target.executable:
         pytest.skip(f"host cannot run {tier}")
-    x = np.random.default_rng(9).standard_normal((2, 5, 3, 9)).astype(np.float32)
+    x = np.random.default_rng(9).standard_normal((2, 19, 3, 9)).astype(np.float32)
     for view in (x, _nhwc(x)):
         for fmt in (DFP16, SR):
             q = quantize_pack(view, fmt, seed=6, target=target)
@@ -147,3 +150,15 @@ def test_template_opens_with_pseudocode():
         ir = render_kernel(kind, SR)
         assert ir.startswith("; dfpgen quantize-and-pack kernel") and "What it computes" in ir
         assert "define " in ir
+
+
+@pytest.mark.parametrize("fmt", [DFP16, SR], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("tile_blocks", [1, 2])
+def test_nchw_tiles_within_an_image(monkeypatch, fmt, tile_blocks):
+    """Several work items per image (tile of 1 or 2 pixel blocks; 45 pixels = 3 blocks of 16
+    of which the last is partial), with 2 threads."""
+    import dfpgen.pack as pack
+    lanes = host_target().vector_bits // 32
+    monkeypatch.setattr(pack, "NCHW_TILE_BYTES", tile_blocks * lanes * 36 * 2)
+    x = np.random.default_rng(10).standard_normal((2, 35, 5, 9)).astype(np.float32)
+    _check(x, fmt, seed=12, threads=2)
