@@ -36,9 +36,10 @@ chunk's INT32 *partial* is flushed into an FP32 accumulator, then the lane resta
   the same ``t``; a chunk with no valid tap has partial 0 and adding +0 changes nothing.
 - backward-weight, output (k,c,r,s), reduction over pixels ``m = (n*P + p)*Q + q`` in
   increasing order, pairs (m, m+1) with m even (N*P*Q padded to even with 0), one chunk per
-  ``flush_pixels`` (even) consecutive m; pixels whose input tap is in the padding contribute 0
-  and still count.
-- GEMM ``C[m,n] = sum_k A[m,k] B[k,n]``: chunks of ``k_block`` (even) consecutive k.
+  ``flush_pixels`` consecutive m; pixels whose input tap is in the padding contribute 0
+  and still count. ``flush_pixels`` should be even; an odd one splits a pair between two
+  chunks, and each half then is a pair step of its own (the other product 0).
+- GEMM ``C[m,n] = sum_k A[m,k] B[k,n]``: chunks of ``k_block`` consecutive k, pairs as above.
 
 FP32 accumulation, per output element, with ``E = Ea + Eb``::
 
@@ -300,13 +301,19 @@ def conv2d_bwd_data(dyq: DfpTensor, wq: DfpTensor, input_hw, stride=1, padding=0
 
 
 def _pixel_chunks(M: int, flush_pixels, what: str = "flush_pixels") -> list[np.ndarray]:
-    """Chunks of ``flush_pixels`` consecutive reduction indices 0..M-1; -1 pads to whole pairs."""
-    fp = M + M % 2 if flush_pixels is None else _check_block(flush_pixels, what)
+    """Chunks of ``flush_pixels`` consecutive reduction indices 0..M-1. Pair steps are the
+    global pairs (m, m+1), m even: -1 (zero) stands in for the half of a pair that lies in
+    the neighbouring chunk (odd intervals) or beyond M."""
+    if flush_pixels is None:
+        fp = M + M % 2
+    elif isinstance(flush_pixels, (int, np.integer)) and flush_pixels >= 1:
+        fp = int(flush_pixels)
+    else:
+        raise DfpError(f"{what} must be an int >= 1 or None, got {flush_pixels!r}")
     chunks = []
     for m0 in range(0, M, fp):
-        idx = list(range(m0, min(m0 + fp, M)))
-        if len(idx) % 2:
-            idx.append(-1)
+        m1 = min(m0 + fp, M)
+        idx = ([-1] if m0 % 2 else []) + list(range(m0, m1)) + ([-1] if m1 % 2 else [])
         chunks.append(np.array(idx, np.int64))
     return chunks
 
@@ -325,7 +332,7 @@ def conv2d_bwd_weight(xq: DfpTensor, dyq: DfpTensor, kernel_rs, stride=1, paddin
 
 
 def gemm(aq: DfpTensor, bq: DfpTensor, *, k_block: int | None = None, saturate: bool = False) -> RefResult:
-    """Reference GEMM of DFP A (M x K) and B (K x N), one flush per ``k_block`` (even) values
+    """Reference GEMM of DFP A (M x K) and B (K x N), one flush per ``k_block`` values
     of k (None: one partial over all K). A Linear layer ``x @ W.T`` is ``gemm(x, W.T)``."""
     (am, ea), (bm, eb) = _operands(aq, "A"), _operands(bq, "B")
     exact = gemm_int(am, bm)

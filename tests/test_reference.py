@@ -91,8 +91,8 @@ def test_bad_inputs():
     q = lambda a: DfpTensor(a, 0)  # noqa: E731
     with pytest.raises(DfpError, match="even"):
         ref.conv2d_fwd(q(x), q(w[:, :3]), c_block=3)
-    with pytest.raises(DfpError, match="even"):
-        ref.conv2d_bwd_weight(q(x), q(np.zeros((1, 2, 3, 3), np.int16)), 3, flush_pixels=5)
+    with pytest.raises(DfpError, match="flush_pixels"):
+        ref.conv2d_bwd_weight(q(x), q(np.zeros((1, 2, 3, 3), np.int16)), 3, flush_pixels=0)
     with pytest.raises(DfpError, match="bias"):
         ref.conv2d_fwd(q(x), q(w[:, :3]), bias=np.zeros(3))
     with pytest.raises(DfpError, match="DfpTensor"):
@@ -190,7 +190,7 @@ def test_many_flushes_match_scalar_loops(u, pad, d):
         r = ref.conv2d_bwd_data(dy, w, (6, 5), u, pad, d, k_block=k_block, flush_taps=ft)
         exp = _scalar_bwd_data(dy.mantissa, w.mantissa, 6, 5, -4, u, pad, d, k_block, ft or 9)
         assert np.array_equal(r.fp32, exp), (k_block, ft)
-    for fp in (2, 6, None):
+    for fp in (2, 6, 3, None):
         r = ref.conv2d_bwd_weight(x, dy, (3, 3), u, pad, d, flush_pixels=fp)
         exp = _scalar_bwd_weight(x.mantissa, dy.mantissa, 3, 3, -9, u, pad, d, fp or 10 ** 9)
         assert np.array_equal(r.fp32, exp), fp
@@ -255,6 +255,10 @@ def test_overflow_detection_adversarial():
     xs, dys = full((1, 1, 2, 2)), full((1, 1, 2, 2))
     assert not ref.conv2d_bwd_weight(xs, dys, 1, flush_pixels=2).overflowed
     assert ref.conv2d_bwd_weight(xs, dys, 1, flush_pixels=4).overflowed
+    # An odd interval splits pairs: 3 pixels = pair + half pair, a half pair cannot overflow.
+    odd = ref.conv2d_bwd_weight(full((1, 1, 1, 3)), full((1, 1, 1, 3)), 1, flush_pixels=3)
+    assert odd.overflowed and odd.partials == 1
+    assert not ref.conv2d_bwd_weight(full((1, 1, 1, 4)), full((1, 1, 1, 4)), 1, flush_pixels=1).overflowed
     assert ref.conv2d_bwd_data(full((1, 4, 2, 2)), full((4, 1, 1, 1)), 2, k_block=4).overflowed
     assert not ref.conv2d_bwd_data(full((1, 4, 2, 2)), full((4, 1, 1, 1)), 2, k_block=2).overflowed
     g = ref.gemm(full((2, 6)), full((6, 1)), k_block=4)
