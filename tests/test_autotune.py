@@ -75,20 +75,33 @@ def test_picks_the_fastest_exact_config_and_never_stores_a_rejected_one(fresh, m
     wrong = min(space[1:], key=cost)
     fake = Fake(wrong=wrong)
     install(monkeypatch, fake)
-    r = autotune.tune(SPEC, target=t, budget=1000.0)
+    r = autotune.tune(SPEC, target=t, budget=1000.0, overflow="fast")
     assert wrong in [c.config for c in r.rejected]
     assert r.config != wrong
     ok = [c for c in r.candidates if c.status == "ok"]
     assert r.config == min(ok, key=lambda c: c.seconds).config
     assert r.seconds == cost(r.config) and r.default_seconds == cost(space[0])
-    stored = cache.load_tuning(autotune.tuning_fields(SPEC, t))
+    assert cache.load_tuning(autotune.tuning_fields(SPEC, t)) is None  # exact mode: not tuned
+    stored = cache.load_tuning(autotune.tuning_fields(SPEC, t, "fast"))
     assert stored["config"] == r.config.to_dict() and stored["config"] != wrong.to_dict()
     assert wrong.short() in [c["short"] for c in stored["candidates"] if c["status"] == "rejected"]
     # lookup: memory first, then disk in a "new process" (memory layers dropped)
-    assert autotune.lookup(SPEC, t) == r.config
+    assert autotune.lookup(SPEC, t, "fast") == r.config
     cache.forget_memory()
     autotune.forget_lookups()
-    assert autotune.lookup(SPEC, t) == r.config
+    assert autotune.lookup(SPEC, t, "fast") == r.config and autotune.lookup(SPEC, t) is None
+
+
+def test_exact_mode_times_each_register_blocking_once(fresh, monkeypatch):
+    # In exact mode dfpgen.conv picks c_block / flush from the operands: configs that differ
+    # only there run the same kernel and are timed once.
+    fake = Fake()
+    install(monkeypatch, fake)
+    r = autotune.tune(SPEC, budget=1000.0)
+    keys = [(c.config.k_vecs, c.config.pixels, c.config.unroll) for c in r.candidates]
+    assert len(keys) == len(set(keys))
+    space = tuning.search_space(SPEC, host_target())
+    assert len(set(keys)) == len({(c.k_vecs, c.pixels, c.unroll) for c in space})
 
 
 def test_tuned_layer_returns_at_once_unless_forced(fresh, monkeypatch):
