@@ -140,6 +140,17 @@ def _gather_dy(dy: np.ndarray, sp: ConvSpec) -> np.ndarray:
     return g.reshape(sp.N * sp.H * sp.W, sp.K * sp.R * sp.S)
 
 
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact int64 ``a @ b``; through float64 BLAS when every partial sum stays below 2**53
+    (numpy's integer matmul has no BLAS and dominates test time on larger shapes)."""
+    if a.size == 0 or b.size == 0:
+        return a @ b
+    bound = a.shape[1] * int(np.abs(a).max()) * int(np.abs(b).max())
+    if bound < 2 ** 53:
+        return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
+    return a @ b
+
+
 # ----------------------------------------------------------------------------- exact results
 def conv2d_fwd_int(xm, wm, stride=1, padding=0, dilation=1) -> np.ndarray:
     """Exact forward: X NCHW, W KCRS integer mantissas -> int64 NKPQ. DfpError on bad shapes."""
@@ -147,7 +158,7 @@ def conv2d_fwd_int(xm, wm, stride=1, padding=0, dilation=1) -> np.ndarray:
     if x.shape[1] != w.shape[1]:
         raise DfpError(f"forward: X has C={x.shape[1]} channels but W (KCRS {w.shape}) has C={w.shape[1]}")
     sp = _spec(*x.shape, w.shape[0], *w.shape[2:], stride, padding, dilation, "fwd")
-    y = _im2col(x, sp) @ w.reshape(sp.K, -1).T
+    y = _matmul(_im2col(x, sp), w.reshape(sp.K, -1).T)
     return y.reshape(sp.N, sp.P, sp.Q, sp.K).transpose(0, 3, 1, 2).copy()
 
 
@@ -170,7 +181,8 @@ def conv2d_bwd_data_int(dym, wm, input_hw, stride=1, padding=0, dilation=1) -> n
     for r in range(sp.R):
         for s in range(sp.S):
             hs, ws = _tap_slices(sp, r, s)
-            dxp[:, :, hs, ws] += np.einsum("nkpq,kc->ncpq", dy, w[:, :, r, s])
+            part = _matmul(dy.transpose(0, 2, 3, 1).reshape(-1, sp.K), w[:, :, r, s])
+            dxp[:, :, hs, ws] += part.reshape(sp.N, sp.P, sp.Q, sp.C).transpose(0, 3, 1, 2)
     return dxp[:, :, ph:ph + sp.H, pw:pw + sp.W].copy()
 
 
@@ -189,7 +201,7 @@ def conv2d_bwd_weight_int(xm, dym, kernel_rs, stride=1, padding=0, dilation=1) -
     """Exact backward-weight: X NCHW, dY NKPQ -> int64 dW KCRS (``kernel_rs`` = (R, S))."""
     x, dy = _ints(xm, "backward-weight X (NCHW)", 4), _ints(dym, "backward-weight dY (NKPQ)", 4)
     sp = _bwd_weight_spec(x, dy, kernel_rs, stride, padding, dilation)
-    dw = dy.transpose(1, 0, 2, 3).reshape(sp.K, -1) @ _im2col(x, sp)
+    dw = _matmul(dy.transpose(1, 0, 2, 3).reshape(sp.K, -1), _im2col(x, sp))
     return dw.reshape(sp.K, sp.C, sp.R, sp.S)
 
 
@@ -198,7 +210,7 @@ def gemm_int(a, b) -> np.ndarray:
     a, b = _ints(a, "gemm A (MxK)", 2), _ints(b, "gemm B (KxN)", 2)
     if a.shape[1] != b.shape[0]:
         raise DfpError(f"gemm: A {a.shape} and B {b.shape} do not agree on K")
-    return a @ b
+    return _matmul(a, b)
 
 
 # ----------------------------------------------------------------------------- flush model
@@ -240,8 +252,8 @@ def _run_chunks(a: np.ndarray, b: np.ndarray, chunks, scale_exp: int, saturate: 
     for idx in chunks:
         idx = np.where(idx < 0, L, idx)
         ac, bc = az[:, idx], bz[idx, :]
-        if (np.abs(ac) @ np.abs(bc)).max(initial=0) <= INT32_MAX:
-            part = ac @ bc  # no prefix can leave the INT32 range
+        if _matmul(np.abs(ac), np.abs(bc)).max(initial=0) <= INT32_MAX:
+            part = _matmul(ac, bc)  # no prefix can leave the INT32 range
         else:
             part = np.zeros_like(acc, dtype=np.int64)
             for j in range(0, len(idx), 2):
