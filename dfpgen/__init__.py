@@ -18,6 +18,7 @@ _LAZY = {
     "quantize": "dfp",
     "dequantize": "dfp",
     "DFP16": "dfp",
+    "quantize_pack": "pack",
     "ConvSpec": "spec",
     "parse_layer": "spec",
     "TuningConfig": "tuning",
