@@ -3,8 +3,9 @@
 
 GB/s counts the bytes each operation must move: copy = read + write of the FP32 tensor
 (8 bytes/element); quantize_pack = two FP32 reads (max-abs, then pack) + the INT16 write
-(10 bytes/element). ``ratio`` compares wall times (pack time over copy time) too, since that
-is what a training step pays.
+(10 bytes/element). The copy writes into a preallocated array; quantize_pack is timed both
+into a reused ``out=`` buffer (like for like) and allocating its buffer per call (what a call
+without ``out`` pays: fresh pages, page faults). ``copy/pack`` compares wall times too.
 
     .venv/bin/python benchmarks/pack_bandwidth.py [--shape 32 256 56 56] [--repeats 7] [--threads N]
 """
@@ -50,13 +51,15 @@ def main() -> None:
     print(f"{'np.copyto':32s} {t_copy * 1e3:8.2f} ms {copy_gbs:7.2f} GB/s")
     t_max = median_time(lambda: max_abs(nchw.reshape(-1), threads=nt), args.repeats)
     print(f"{'max-abs pass only':32s} {t_max * 1e3:8.2f} ms {4 * n / t_max / 1e9:7.2f} GB/s (read)")
+    out = np.empty((N, H, W, C + C % 2), np.int16)
     for layout, x in (("nhwc", nhwc), ("nchw", nchw)):
         for rounding in ("nearest", "stochastic"):
             fmt = DfpFormat(rounding=rounding)
-            t = median_time(lambda: quantize_pack(x, fmt, seed=1, threads=nt), args.repeats)
-            gbs = 10 * n / t / 1e9
-            print(f"{'quantize_pack ' + layout + ' ' + rounding:32s} {t * 1e3:8.2f} ms {gbs:7.2f} GB/s "
-                  f"= {100 * gbs / copy_gbs:5.1f}% of copy GB/s; time ratio copy/pack {t_copy / t:5.2f}")
+            for how, kw in (("out=", {"out": out}), ("alloc", {})):
+                t = median_time(lambda: quantize_pack(x, fmt, seed=1, threads=nt, **kw), args.repeats)
+                gbs = 10 * n / t / 1e9
+                print(f"{'quantize_pack ' + layout + ' ' + rounding + ' ' + how:32s} {t * 1e3:8.2f} ms "
+                      f"{gbs:7.2f} GB/s = {100 * gbs / copy_gbs:5.1f}% of copy GB/s; copy/pack {t_copy / t:5.2f}")
 
 
 if __name__ == "__main__":

@@ -161,15 +161,18 @@ def max_abs(flat: np.ndarray, *, name: str = "tensor", threads: int | None = Non
 
 
 def _layout(x: np.ndarray) -> str | None:
+    """Which kernel reads ``x``'s memory: NHWC (also for H*W == 1, e.g. Linear inputs, where
+    both layouts are the same memory and NHWC vectorises along C), NCHW, or None (copy)."""
+    if x.transpose(0, 2, 3, 1).flags.c_contiguous and (x.shape[2] * x.shape[3] == 1 or not x.flags.c_contiguous):
+        return "nhwc"
     if x.flags.c_contiguous:
         return "nchw"
-    if x.transpose(0, 2, 3, 1).flags.c_contiguous:
-        return "nhwc"
     return None
 
 
 def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name: str = "tensor",
-                  threads: int | None = None, target: CpuTarget | None = None) -> DfpTensor:
+                  threads: int | None = None, target: CpuTarget | None = None,
+                  out: np.ndarray | None = None) -> DfpTensor:
     """Quantize ``x`` to DFP and pack it for the conv kernels.
 
     ``x``: float32 (N, C, H, W), memory NCHW or NHWC (channels_last), or (N, C). Returns a
@@ -178,29 +181,38 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
     ``Cp = C + C % 2`` (see :func:`nhwc_buffer`). Bits equal ``dfp.quantize(x, fmt, seed=seed)``
     for any ``threads``. Raises :class:`DfpError` on NaN/Inf (naming ``name``, the count and
     first index), on other ranks, or when the tensor exceeds the exponent range.
+    ``out``: an int16 C-contiguous (N, H, W, Cp) buffer to write into (saves the allocation
+    and its page faults when the caller reuses buffers); DfpError if it does not fit.
     """
     if not isinstance(fmt, DfpFormat):
         raise DfpError(f"fmt must be a DfpFormat, got {type(fmt).__name__}")
     x = np.asarray(x)
     if x.ndim == 2:
-        q = quantize_pack(x.reshape(*x.shape, 1, 1), fmt, seed=seed, name=name, threads=threads, target=target)
+        out4 = None if out is None else out.reshape(out.shape[0], 1, 1, -1) if out.ndim == 2 else out
+        q = quantize_pack(x.reshape(*x.shape, 1, 1), fmt, seed=seed, name=name, threads=threads, target=target,
+                          out=out4)
         return DfpTensor(q.mantissa[:, :, 0, 0], q.exponent, q.fmt)
     if x.ndim != 4:
         raise DfpError(f"{name}: quantize_pack expects (N, C, H, W) or (N, C), got shape {x.shape}")
     # The stochastic hash steps lane indices by up to 16*H*W inside 32 bits (see the template).
     layout = _layout(x) if x.dtype == np.float32 and 16 * x.shape[2] * x.shape[3] < 2 ** 32 else None
+    N, C, H, W = x.shape
+    Cp = C + C % 2
+    if out is not None and (not isinstance(out, np.ndarray) or out.dtype != np.int16
+                            or out.shape != (N, H, W, Cp) or not out.flags.c_contiguous
+                            or not out.flags.writeable):
+        raise DfpError(f"{name}: out must be a writeable C-contiguous int16 array of shape "
+                       f"{(N, H, W, Cp)}, got {getattr(out, 'dtype', type(out))} {getattr(out, 'shape', '')}")
     if layout is None or x.size == 0:
         q = quantize(x, fmt, seed=seed, name=name)
-        buf = _pad_nhwc(q.mantissa)
-        return DfpTensor(_logical(buf, x.shape[1]), q.exponent, fmt)
+        buf = _pad_nhwc(q.mantissa, out)
+        return DfpTensor(_logical(buf, C), q.exponent, fmt)
     target = target or host_target()
-    N, C, H, W = x.shape
     mem = x if layout == "nchw" else x.transpose(0, 2, 3, 1)
     E = exponent_for(max_abs(mem, name=name, threads=threads, target=target, logical=x), fmt, name)
     s1, s2 = scale_factors(E)
     seedmix = int(fmix32(np.array([int(seed) & 0xFFFFFFFF], np.uint32))[0])
-    Cp = C + C % 2
-    buf = np.empty((N, H, W, Cp), np.int16)
+    buf = np.empty((N, H, W, Cp), np.int16) if out is None else out
     fn = _kernel(f"pack_{layout}", fmt, target)
     xp, op = mem.ctypes.data, buf.ctypes.data
     if layout == "nhwc":
@@ -221,10 +233,11 @@ def _logical(buf: np.ndarray, C: int) -> np.ndarray:
     return buf[..., :C].transpose(0, 3, 1, 2)
 
 
-def _pad_nhwc(m: np.ndarray) -> np.ndarray:
+def _pad_nhwc(m: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     N, C, H, W = m.shape
-    buf = np.zeros((N, H, W, C + C % 2), np.int16)
+    buf = np.zeros((N, H, W, C + C % 2), np.int16) if out is None else out
     buf[..., :C] = m.transpose(0, 2, 3, 1)
+    buf[..., C:] = 0
     return buf
 
 
@@ -235,7 +248,13 @@ def nhwc_buffer(q: DfpTensor) -> np.ndarray:
     Raises :class:`DfpError` for other ranks."""
     m = q.mantissa
     if m.ndim == 2:
-        return nhwc_buffer(DfpTensor(m[:, :, None, None], q.exponent, q.fmt))[:, 0, 0, :]
+        N, C = m.shape
+        b = m.base
+        if (isinstance(b, np.ndarray) and b.dtype == np.int16 and b.flags.c_contiguous
+                and b.size == N * (C + C % 2) and m.ctypes.data == b.ctypes.data
+                and (C == 1 or m.strides[1] == 2) and (N == 1 or m.strides[0] == 2 * (C + C % 2))):
+            return b.reshape(N, C + C % 2)
+        return _pad_nhwc(m[:, :, None, None])[:, 0, 0, :]
     if m.ndim != 4:
         raise DfpError(f"nhwc_buffer expects a rank-4 (N, C, H, W) or rank-2 tensor, got shape {m.shape}")
     N, C, H, W = m.shape

@@ -162,3 +162,22 @@ def test_nchw_tiles_within_an_image(monkeypatch, fmt, tile_blocks):
     monkeypatch.setattr(pack, "NCHW_TILE_BYTES", tile_blocks * lanes * 36 * 2)
     x = np.random.default_rng(10).standard_normal((2, 35, 5, 9)).astype(np.float32)
     _check(x, fmt, seed=12, threads=2)
+
+
+def test_out_buffer_reused():
+    x = np.random.default_rng(11).standard_normal((2, 5, 3, 4)).astype(np.float32)
+    out = np.full((2, 3, 4, 6), 7, np.int16)  # garbage in the pad channel must be overwritten
+    for view in (x, _nhwc(x), x.astype(np.float64)):
+        q = quantize_pack(view, out=out)
+        assert nhwc_buffer(q) is out and not out[..., 5].any()
+        assert np.array_equal(q.mantissa, quantize(x).mantissa)
+        out[...] = 7
+    x2 = x.reshape(2, -1)[:, :9]  # (N, C) Linear input, odd C
+    out2 = np.full((2, 10), 7, np.int16)
+    q2 = quantize_pack(x2, out=out2)
+    assert nhwc_buffer(q2) is not None and np.shares_memory(nhwc_buffer(q2), out2) and not out2[:, 9].any()
+    assert np.array_equal(q2.mantissa, quantize(x2).mantissa)
+    with pytest.raises(DfpError, match="out must be"):
+        quantize_pack(x, out=np.zeros((2, 3, 4, 5), np.int16))
+    with pytest.raises(DfpError, match="out must be"):
+        quantize_pack(x, out=np.zeros((2, 3, 4, 6), np.int32))
