@@ -25,6 +25,11 @@ import struct
 import threading
 
 import numpy as np
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # numpy < 2
+    from numpy import byte_bounds
+from numpy.lib.stride_tricks import as_strided
 
 from . import threads as _threads
 from .dfp import DFP16, DfpFormat, DfpTensor, exponent_for, fmix32, quantize, raise_nonfinite, scale_factors
@@ -212,7 +217,7 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
     E = exponent_for(max_abs(mem, name=name, threads=threads, target=target, logical=x), fmt, name)
     s1, s2 = scale_factors(E)
     seedmix = int(fmix32(np.array([int(seed) & 0xFFFFFFFF], np.uint32))[0])
-    buf = np.empty((N, H, W, Cp), np.int16) if out is None else out
+    buf = empty_aligned((N, H, W, Cp)) if out is None else out
     fn = _kernel(f"pack_{layout}", fmt, target)
     xp, op = mem.ctypes.data, buf.ctypes.data
     if layout == "nhwc":
@@ -241,27 +246,45 @@ def _pad_nhwc(m: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return buf
 
 
+def empty_aligned(shape: tuple[int, ...], dtype=np.int16, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary
+    (numpy's large allocations start 16 bytes past a page: every 64-byte vector store of
+    the NCHW kernel would then split two cache lines)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def _packed_view(m: np.ndarray) -> np.ndarray | None:
+    """(N, H, W, Cp) view of the padded NHWC buffer that the (N, C, H, W) int16 ``m`` is a
+    window of, or None when ``m``'s strides or its memory owner say it is not one."""
+    N, C, H, W = m.shape
+    Cp = C + C % 2
+    want = (H * W * Cp * 2, 2, W * Cp * 2, Cp * 2)
+    if m.dtype != np.int16 or m.size == 0 or any(n > 1 and st != w for st, w, n in zip(m.strides, want, m.shape)):
+        return None
+    owner = m
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    lo, hi = byte_bounds(owner)
+    start = m.ctypes.data
+    if not (lo <= start and start + N * H * W * Cp * 2 <= hi):
+        return None
+    return as_strided(m, (N, H, W, Cp), (want[0], want[2], want[3], 2), writeable=m.flags.writeable)
+
+
 def nhwc_buffer(q: DfpTensor) -> np.ndarray:
     """The NHWC int16 buffer (N, H, W, Cp) (or (N, Cp) for a 2-D tensor) behind ``q``, with
-    ``Cp = C + C % 2`` and a zero pad channel: no copy when ``q`` came from
-    :func:`quantize_pack`, a packed copy for any other DfpTensor of rank 2 or 4.
-    Raises :class:`DfpError` for other ranks."""
+    ``Cp = C + C % 2``: a view without copy when ``q.mantissa`` is a window of such a buffer
+    (as :func:`quantize_pack` returns; its pad channel is zero), else a packed copy with a
+    zero pad channel, for any DfpTensor of rank 2 or 4. Raises :class:`DfpError` for other ranks."""
     m = q.mantissa
     if m.ndim == 2:
-        N, C = m.shape
-        b = m.base
-        if (isinstance(b, np.ndarray) and b.dtype == np.int16 and b.flags.c_contiguous
-                and b.size == N * (C + C % 2) and m.ctypes.data == b.ctypes.data
-                and (C == 1 or m.strides[1] == 2) and (N == 1 or m.strides[0] == 2 * (C + C % 2))):
-            return b.reshape(N, C + C % 2)
-        return _pad_nhwc(m[:, :, None, None])[:, 0, 0, :]
+        v = _packed_view(m[:, :, None, None])
+        return v[:, 0, 0, :] if v is not None else _pad_nhwc(m[:, :, None, None])[:, 0, 0, :]
     if m.ndim != 4:
         raise DfpError(f"nhwc_buffer expects a rank-4 (N, C, H, W) or rank-2 tensor, got shape {m.shape}")
-    N, C, H, W = m.shape
-    b = m.base
-    if (isinstance(b, np.ndarray) and b.dtype == np.int16 and b.flags.c_contiguous
-            and b.shape == (N, H, W, C + C % 2) and m.ctypes.data == b.ctypes.data
-            and all(st == bs for st, bs, n in zip(m.strides, (b.strides[0], b.strides[3], b.strides[1],
-                                                             b.strides[2]), m.shape) if n > 1)):
-        return b
-    return _pad_nhwc(m)
+    v = _packed_view(m)
+    return v if v is not None else _pad_nhwc(m)
