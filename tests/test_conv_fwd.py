@@ -1,0 +1,165 @@
+"""Forward DFP16 convolution: bit-exact against dfpgen.reference (both overflow modes), the
+overflow machinery, the float API against torch float64, and input validation."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import dfpgen
+from dfpgen import conv, reference
+from dfpgen.dfp import quantize
+from conv_cases import SHAPES, conv_bound, ids, operands
+
+
+def _ref(xq, wq, shape, info, bias=None):
+    _, _, _, _, _, _, _, u, p, d = shape
+    return reference.conv2d_fwd(xq, wq, bias, u, p, d, c_block=info.c_block, flush_taps=info.flush_taps,
+                                saturate=info.overflow == "fast")
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("shape", SHAPES, ids=ids(SHAPES))
+def test_forward_bit_exact(shape, mode):
+    xq, wq, _ = operands(shape, seed=1)
+    u, p, d = shape[7:]
+    with warnings.catch_warnings():
+        # a 7x7 x 4-channel chain (196 products) can saturate on Gaussian data in fast mode
+        warnings.simplefilter("ignore", dfpgen.OverflowWarning)
+        y, info = conv.conv2d(xq, wq, stride=u, padding=p, dilation=d, overflow=mode, return_info=True)
+    ref = _ref(xq, wq, shape, info)
+    assert y.dtype == np.float32 and y.shape == ref.fp32.shape
+    assert np.array_equal(y, ref.fp32)
+    assert info.overflow == mode and info.pass_kind == "fwd" and info.saturated == ref.saturated
+    assert info.flush == info.c_block * info.flush_taps
+    if mode == "exact":
+        assert not ref.overflowed and info.saturated == 0
+
+
+def test_bias_added_after_last_partial():
+    shape = (2, 5, 9, 11, 7, 3, 3, 1, 1, 1)
+    xq, wq, _ = operands(shape, seed=2)
+    bias = np.random.default_rng(3).standard_normal(7).astype(np.float32)
+    for mode in ("exact", "fast"):
+        y, info = conv.conv2d(xq, wq, bias, padding=1, overflow=mode, return_info=True)
+        assert np.array_equal(y, _ref(xq, wq, shape, info, bias).fp32)
+        assert "_b_" in info.symbol
+
+
+def info_partials(info, channels, taps):
+    return -(-channels // info.c_block) * -(-taps // info.flush_taps)
+
+
+def test_exact_mode_adversarial_mantissas_never_overflow():
+    shape = (1, 20, 6, 7, 18, 3, 3, 1, 1, 1)
+    xq, wq, _ = operands(shape, adversarial=True)
+    assert xq.max_abs_mantissa == wq.max_abs_mantissa == 32767
+    y, info = conv.conv2d(xq, wq, padding=1, overflow="exact", return_info=True)
+    # all products are 32767**2: only one pair (2 products) fits an INT32 partial.
+    assert (info.c_block, info.flush_taps) == (2, 1)
+    ref = _ref(xq, wq, shape, info)
+    assert not ref.overflowed and np.array_equal(y, ref.fp32)
+    # 90 partials of 2 * 32767**2 each: the float32 sum is within 90 roundings of the exact value
+    exact = ref.exact.astype(np.float64) * 2.0 ** ref.scale_exp
+    assert np.all(np.abs(y - exact) <= 2 * info_partials(info, 20, 9) * 2.0 ** -24 * np.abs(exact))
+
+
+def test_exact_mode_picks_the_longest_proven_schedule():
+    # Small mantissas in X (per channel) allow long partials: the whole 16 x 9 chain.
+    shape = (1, 16, 5, 5, 16, 3, 3, 1, 1, 1)
+    xq, wq, _ = operands(shape, seed=4)
+    small = dfpgen.DfpTensor((xq.mantissa // 64).astype(np.int16), xq.exponent, xq.fmt)
+    _, info = conv.conv2d(small, wq, padding=1, overflow="exact", return_info=True)
+    assert (info.c_block, info.flush_taps) == (16, 9)
+    _, info_big = conv.conv2d(xq, wq, padding=1, overflow="exact", return_info=True)
+    assert info_big.flush < info.flush
+
+
+def test_fast_mode_counts_saturation_and_warns():
+    shape = (1, 20, 6, 7, 18, 3, 3, 1, 1, 1)
+    xq, wq, _ = operands(shape, adversarial=True)
+    with pytest.warns(dfpgen.OverflowWarning, match="saturated"):
+        y, info = conv.conv2d(xq, wq, padding=1, overflow="fast", return_info=True)
+    ref = _ref(xq, wq, shape, info)
+    assert info.saturated > 0 and info.saturated == ref.saturated
+    assert np.array_equal(y, ref.fp32)
+
+
+def test_fast_mode_small_data_no_warning():
+    shape = (1, 20, 6, 7, 18, 3, 3, 1, 1, 1)
+    xq, wq, _ = operands(shape, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dfpgen.OverflowWarning)
+        _, info = conv.conv2d(xq, wq, padding=1, overflow="fast", return_info=True)
+    assert info.saturated == 0 and info.flush == 16 * 9
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[6]], ids=ids([SHAPES[0], SHAPES[3], SHAPES[6]]))
+def test_float_api_against_torch_float64(shape):
+    n, c, h, w, k, r, s, u, p, d = shape
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((k, c, r, s)).astype(np.float32)
+    bias = rng.standard_normal(k).astype(np.float32)
+    y, info = conv.conv2d(x, wt, bias, u, p, d, overflow="exact", return_info=True)
+    xd = quantize(x).dequantize(np.float64)
+    wd = quantize(wt).dequantize(np.float64)
+    want = torch.nn.functional.conv2d(torch.from_numpy(xd), torch.from_numpy(wd), torch.from_numpy(bias.astype(np.float64)),
+                                      stride=u, padding=p, dilation=d).numpy()
+    partials = -(-c // info.c_block) * -(-(r * s) // info.flush_taps)
+    tol = conv_bound(xd, wd, partials + 1, u, p, d) + 2.0 ** -24 * np.abs(want)
+    err = np.abs(y - want)
+    assert (err <= tol).all(), float((err - tol).max())
+    assert err.max() > 0 or partials == 1  # the comparison is not vacuous
+
+
+def test_linear_matches_reference_gemm_and_torch():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((19, 37)).astype(np.float32)
+    w = rng.standard_normal((11, 37)).astype(np.float32)
+    b = rng.standard_normal(11).astype(np.float32)
+    y, info = conv.linear(x, w, b, overflow="exact", return_info=True)
+    assert y.shape == (19, 11)
+    xq, wq = quantize(x), quantize(w)
+    ref = reference.conv2d_fwd(quantize(x.T[None, :, None, :]), quantize(w[:, :, None, None]), b,
+                               c_block=info.c_block, flush_taps=info.flush_taps)
+    assert np.array_equal(y, ref.fp32[0, :, 0, :].T)
+    want = xq.dequantize(np.float64) @ wq.dequantize(np.float64).T + b
+    assert np.allclose(y, want, rtol=1e-5, atol=1e-4)
+
+
+def test_float_input_uses_packed_layout_and_channels_last_result():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 5, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 5, 3, 3)).astype(np.float32)
+    y = conv.conv2d(x, w, padding=1)
+    y2 = conv.conv2d(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2), w, padding=1)
+    assert np.array_equal(y, y2)
+    assert y.strides[1] == 4  # NCHW view of an NHWC buffer
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, w: conv.conv2d(x, w[:, :3]), "C=4 channels but weight expects 3"),
+    (lambda x, w: conv.conv2d(x[0], w), "4-D"),
+    (lambda x, w: conv.conv2d(x, w[0]), "4-D"),
+    (lambda x, w: conv.conv2d(x, w, overflow="maybe"), "overflow"),
+    (lambda x, w: conv.conv2d(x, w, np.zeros(3, np.float32)), "bias shape"),
+    (lambda x, w: conv.conv2d(np.where(x > 1, np.nan, x), w), "NaN"),
+    (lambda x, w: conv.conv2d(x, w, padding=-1), "padding"),
+    (lambda x, w: conv.conv2d(x, w, stride=0), "stride"),
+    (lambda x, w: conv.linear(x, w), "2-D"),
+])
+def test_bad_inputs_raise_named_errors(call, match):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 4, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+    with pytest.raises(dfpgen.DfpError, match=match):
+        call(x, w)
+
+
+def test_get_kernel_is_memoised_and_symbol_names_the_layer():
+    from dfpgen.kernels import get_kernel
+    spec = dfpgen.ConvSpec(1, 8, 6, 6, 16, 3, 3, padding=(1, 1))
+    k1 = get_kernel(spec, overflow="fast")
+    assert get_kernel(spec, overflow="fast") is k1
+    assert k1.symbols[0].startswith("dfp_conv_fwd_c8h6w6k16r3s3u1p1_kb1_wb6_cb8_fl72")
