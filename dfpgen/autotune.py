@@ -260,9 +260,9 @@ def time_runner(run: Callable[[], np.ndarray], repeats: int = 5, max_seconds: fl
 
 def _corrupt_hook(cfg: TuningConfig, out: np.ndarray) -> np.ndarray:
     if os.environ.get(ENV_CORRUPT) == cfg.short() and out.size:
-        out = np.array(out, copy=True)
-        flat = out.reshape(-1)
-        flat[0] = np.nextafter(flat[0], np.float32(np.inf), dtype=flat.dtype)
+        out = np.array(out, copy=True, order="C")
+        t = out.dtype.type
+        out.flat[0] = np.nextafter(t(out.flat[0]), t(np.inf))  # one ulp: the smallest difference
     return out
 
 

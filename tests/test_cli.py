@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = "n1c16h8w8k16r3s3p1"
+SMALL = "n1c16h8w8k16r3s3u1p1"
+TUNE = "n1c32h8w8k32r3s3u1p1"  # forward: a few register blockings to choose from
 
 
 def dfpgen(cache_dir: Path, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -25,15 +26,6 @@ def dfpgen(cache_dir: Path, *args: str, env: dict | None = None, timeout: float 
                           capture_output=True, text=True, timeout=timeout)
 
 
-def kernels_ready() -> bool:
-    try:
-        from dfpgen import conv, kernels  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(kernels, "kernel_sources")
-
-
-needs_kernels = pytest.mark.skipif(not kernels_ready(), reason="conv kernels (dfpgen.conv) not in this tree yet")
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -91,3 +83,78 @@ def test_verbose_prints_one_line_per_kernel(tmp_path):
     assert len(lines) == 2 and all(",built," in l for l in lines)
     again = dfpgen(tmp_path, "info", "--json", env={"DFPGEN_VERBOSE": "1"})
     assert sum(",disk," in l for l in again.stderr.splitlines()) == 2
+
+
+def _tune(cache_dir, *extra, env=None):
+    r = dfpgen(cache_dir, "tune", "--layer", TUNE, "--budget", "4", "--json", "--no-baseline", *extra,
+               env={"DFPGEN_VERBOSE": "1", **(env or {})})
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), r.stderr
+
+
+def test_budgeted_tune_stores_and_reuses_its_decision(tmp_path):
+    (row,), log = _tune(tmp_path)
+    assert row["decision"] == "tuned" and row["spec"] == f"fwd:{TUNE}" and row["gmacs"] > 0
+    assert row["speedup_default"] >= 1.0 and ",built," in log
+    tuning = [e for e in json.loads(dfpgen(tmp_path, "cache", "ls", "--json").stdout) if e["kind"] == "tuning"]
+    assert len(tuning) == 1 and tuning[0]["value"]["config"] == row["config_fields"]
+    (again,), log2 = _tune(tmp_path)
+    assert again["decision"] == "cached" and again["config"] == row["config"]
+    assert ",built," not in log2  # nothing compiled or timed: the decision came from the cache
+    (forced,), _ = _tune(tmp_path, "--force")
+    assert forced["decision"] == "tuned"
+    text = dfpgen(tmp_path, "tune", "--layer", TUNE, "--no-baseline")
+    assert text.returncode == 0 and "cached" in text.stdout and forced["config"] in text.stdout
+
+
+def test_rejected_candidate_is_reported_and_never_stored(tmp_path):
+    from dfpgen import autotune
+    from dfpgen.spec import parse_layer
+    from dfpgen.target import host_target
+    from dfpgen.tuning import default_config, search_space
+    spec, t = parse_layer(TUNE), host_target()
+    default = default_config(spec, t)
+    space = autotune._distinct(search_space(spec, t), default, "exact", spec)
+    first, _ = autotune.staged_candidates(spec, t, default, space)
+    victim = first[0].short()  # timed first after the default, whatever the budget
+    (row,), _ = _tune(tmp_path, env={"DFPGEN_TUNE_CORRUPT": victim})
+    assert row["rejected"] == [victim] and row["config"] != victim
+    (entry,) = [e for e in json.loads(dfpgen(tmp_path, "cache", "ls", "--json").stdout) if e["kind"] == "tuning"]
+    stored = entry["value"]
+    assert stored["config"] == row["config_fields"]
+    assert [c["status"] for c in stored["candidates"] if c["short"] == victim] == ["rejected"]
+    text = dfpgen(tmp_path, "tune", "--layer", TUNE, "--force", "--budget", "2",
+                  "--no-baseline", env={"DFPGEN_TUNE_CORRUPT": victim})
+    assert text.returncode == 0 and f"rejected {victim}" in text.stdout
+
+
+@pytest.mark.parametrize("pass_kind", ["fwd", "bwd_data", "bwd_weight"])
+def test_show_plan_ir_and_asm(tmp_path, pass_kind):
+    plan = dfpgen(tmp_path, "show", "--layer", SMALL, "--pass", pass_kind, "--plan")
+    assert plan.returncode == 0, plan.stderr
+    doc = json.loads(plan.stdout.split("\n}\n")[0] + "\n}")
+    assert doc["spec"] == f"{pass_kind}:{SMALL}" and doc["symbol"].startswith("dfp_conv_")
+    ir = dfpgen(tmp_path, "show", "--layer", SMALL, "--pass", pass_kind, "--ir")
+    assert ir.returncode == 0 and f"define void @{doc['symbol']}" in ir.stdout
+    asm = dfpgen(tmp_path, "show", "--layer", SMALL, "--pass", pass_kind, "--asm")
+    assert asm.returncode == 0 and "vpdpwssd" in asm.stdout
+    cfg = dfpgen(tmp_path, "show", "--layer", SMALL, "--pass", pass_kind, "--config", "k_vecs=1,pixels=4")
+    assert cfg.returncode == 0 and json.loads(cfg.stdout.split("\n}\n")[0] + "\n}")["config"]["pixels"] == 4
+
+
+def test_cache_verify_checks_tuned_conv_kernels_exactly(tmp_path):
+    _tune(tmp_path, "--pass", "all")
+    r = dfpgen(tmp_path, "cache", "verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(f"exact on {TUNE}") >= 3 and " 0 bad" in r.stdout
+    before = json.loads(dfpgen(tmp_path, "cache", "ls", "--json").stdout)
+    dfpgen(tmp_path, "cache", "verify")
+    assert len(json.loads(dfpgen(tmp_path, "cache", "ls", "--json").stdout)) == len(before)
+
+
+def test_bench_json(tmp_path):
+    r = dfpgen(tmp_path, "bench", "--layer", SMALL, "--repeats", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    assert row["pass"] == "fwd" and row["seconds"] > 0 and row["seconds_with_quantize"] > 0
+    assert row["torch_fp32_seconds"] is None or row["speedup_fp32"] > 0
