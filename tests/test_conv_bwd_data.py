@@ -1,0 +1,95 @@
+"""Backward-data DFP16 convolution: bit-exact against dfpgen.reference, the stride
+decomposition (one stride-1 sub-convolution per output phase, no wasted taps), overflow
+modes and the float API against torch.nn.grad.conv2d_input in float64."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import dfpgen
+from dfpgen import conv, reference
+from dfpgen.dfp import quantize
+from dfpgen.plan_bwd import plan_bwd_data
+from dfpgen.target import host_target
+from dfpgen.tuning import default_config
+from conv_cases import SHAPES, ids, operands
+
+
+def _run(shape, mode, seed=1, adversarial=False, **kw):
+    n, c, h, w, k, r, s, u, p, d = shape
+    _, wq, dyq = operands(shape, seed=seed, adversarial=adversarial)
+    dx, info = conv.conv2d_input((n, c, h, w), wq, dyq, u, p, d, overflow=mode, return_info=True, **kw)
+    ref = reference.conv2d_bwd_data(dyq, wq, (h, w), u, p, d, k_block=info.c_block,
+                                    flush_taps=info.flush_taps, saturate=mode == "fast")
+    return dx, info, ref, wq, dyq
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("shape", SHAPES, ids=ids(SHAPES))
+def test_backward_data_bit_exact(shape, mode):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dfpgen.OverflowWarning)
+        dx, info, ref, _, _ = _run(shape, mode)
+    assert dx.dtype == np.float32 and dx.shape == ref.fp32.shape
+    assert np.array_equal(dx, ref.fp32)
+    assert info.pass_kind == "bwd_data" and info.saturated == ref.saturated
+    if mode == "exact":
+        assert not ref.overflowed and info.saturated == 0
+
+
+@pytest.mark.parametrize("stride, taps", [((2, 2), [4, 2, 2, 1]), ((1, 2), [6, 3]), ((3, 3), [1] * 9)])
+def test_stride_decomposes_into_phases_without_wasted_taps(stride, taps):
+    spec = dfpgen.ConvSpec(1, 8, 9, 9, 8, 3, 3, stride=stride, padding=(1, 1), pass_kind="bwd_data")
+    bp = plan_bwd_data(spec, default_config(spec, host_target()), host_target(), mode="exact")
+    assert sorted((len(sub.taps) for sub, _ in bp.phases), reverse=True) == taps
+    # every (output pixel, tap) pair that the full correlation visits is computed exactly once
+    assert sum(sub.rows * sub.cols * len(sub.taps) for sub, _ in bp.phases) <= 9 * 9 * 9
+    assert len({p.symbol for _, p in bp.phases}) == len(bp.phases)
+
+
+def test_stride_larger_than_filter_leaves_untouched_rows_zero():
+    shape = (1, 3, 7, 7, 4, 1, 1, 2, 0, 1)
+    dx, info, ref, _, _ = _run(shape, "exact")
+    assert np.array_equal(dx, ref.fp32)
+    assert (dx[:, :, 1::2, :] == 0).all() and len(info.symbols) == 1
+
+
+def test_exact_mode_adversarial_mantissas():
+    shape = (1, 18, 6, 7, 20, 3, 3, 1, 1, 1)
+    dx, info, ref, _, _ = _run(shape, "exact", adversarial=True)
+    assert (info.c_block, info.flush_taps) == (2, 1)
+    assert not ref.overflowed and np.array_equal(dx, ref.fp32)
+
+
+def test_fast_mode_saturation_count_matches_reference_and_warns():
+    shape = (1, 18, 6, 7, 20, 3, 3, 2, 1, 1)
+    with pytest.warns(dfpgen.OverflowWarning):
+        dx, info, ref, _, _ = _run(shape, "fast", adversarial=True)
+    assert info.saturated > 0 and info.saturated == ref.saturated
+    assert np.array_equal(dx, ref.fp32)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[7]], ids=ids([SHAPES[1], SHAPES[3], SHAPES[7]]))
+def test_float_api_against_torch_conv2d_input(shape):
+    n, c, h, w, k, r, s, u, p, d = shape
+    rng = np.random.default_rng(11)
+    wt = rng.standard_normal((k, c, r, s)).astype(np.float32)
+    out = torch.nn.functional.conv2d(torch.zeros(n, c, h, w), torch.from_numpy(wt), stride=u, padding=p, dilation=d)
+    dy = rng.standard_normal(tuple(out.shape)).astype(np.float32)
+    dx, info = conv.conv2d_input((n, c, h, w), wt, dy, u, p, d, overflow="exact", return_info=True)
+    wd, dyd = quantize(wt).dequantize(np.float64), quantize(dy).dequantize(np.float64)
+    want = torch.nn.grad.conv2d_input((n, c, h, w), torch.from_numpy(wd), torch.from_numpy(dyd), u, p, d).numpy()
+    absum = torch.nn.grad.conv2d_input((n, c, h, w), torch.from_numpy(np.abs(wd)), torch.from_numpy(np.abs(dyd)),
+                                       u, p, d).numpy()
+    partials = -(-k // info.c_block) * -(-(r * s) // info.flush_taps)
+    tol = 2 * (partials + 1) * 2.0 ** -24 * absum  # one rounding per partial and per FP32 add
+    assert (np.abs(dx - want) <= tol).all()
+
+
+def test_grad_output_shape_mismatch_is_named():
+    w = np.ones((4, 3, 3, 3), np.float32)
+    with pytest.raises(dfpgen.DfpError, match="grad_output shape"):
+        conv.conv2d_input((1, 3, 8, 8), w, np.ones((1, 4, 5, 5), np.float32), padding=1)
+    with pytest.raises(dfpgen.DfpError, match="C=2"):
+        conv.conv2d_input((1, 2, 8, 8), w, np.ones((1, 4, 8, 8), np.float32), padding=1)
