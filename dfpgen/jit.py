@@ -46,8 +46,12 @@ def target_machine(cpu: str, features: str, opt: int = 3):
     """A fresh TargetMachine for the host triple. Callers must not share one between engines."""
     _ensure_init()
     target = llvm.Target.from_default_triple()
+    # reloc="static": with "pic" the large code model reaches constant pools and globals
+    # through GOT-relative (GOTOFF64) relocations, which RuntimeDyld resolves against the first
+    # object's GOT, so every object loaded after it read wrong constants (seen: a kernel's tap
+    # table shifted once another kernel was loaded first). Static + large = absolute addresses.
     return target.create_target_machine(cpu=cpu, features=features, opt=opt,
-                                        reloc="pic", codemodel="jitdefault")
+                                        reloc="static", codemodel="jitdefault")
 
 
 def _parse(ir: str, name: str):
