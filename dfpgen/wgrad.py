@@ -65,15 +65,6 @@ def _mantissa(t, name: str, ndim: int) -> np.ndarray:
     return m
 
 
-def _abs_max(a: np.ndarray, axis, name: str) -> np.ndarray:
-    """max |a| along ``axis`` as int64 without an int32 temporary of ``a``; rejects -32768 (a
-    pair of it overflows one INT32 lane; DFP16 mantissas are clamped to +/-32767)."""
-    lo = a.min(axis=axis).astype(np.int64)
-    if lo.size and lo.min() == -32768:
-        raise DfpError(f"{name} holds the mantissa -32768; DFP16 mantissas are limited to +/-32767")
-    return np.maximum(a.max(axis=axis).astype(np.int64), -lo)
-
-
 def exact_flush(a_pix: np.ndarray, b_pix: np.ndarray) -> int:
     """Largest power-of-two flush interval (pixels, even) whose INT32 partials provably fit.
 
@@ -98,30 +89,56 @@ def exact_flush(a_pix: np.ndarray, b_pix: np.ndarray) -> int:
     return best
 
 
-def _pack_x(x: np.ndarray, p: pw.WgradPlan) -> tuple[np.ndarray, np.ndarray]:
-    """X (N, C, H, W) int16 -> (Xw[N][Hp][Wp][C][2], Xpad NHWC), Xw[n,h,w,c] = (Xpad[h, w],
-    Xpad[h, w+uw]); Xpad is X zero-padded to the rows/columns the taps read."""
-    s = p.spec
-    (uh, uw), (ph, pw_) = s.stride, s.padding
-    N, C, H, W = x.shape
-    xpad = np.zeros((N, p.Hp, p.Wp + uw, C), np.int16)
-    h1, w1 = min(H, p.Hp - ph), min(W, p.Wp + uw - pw_)
-    if h1 > 0 and w1 > 0:
-        xpad[:, ph:ph + h1, pw_:pw_ + w1, :] = x[:, :, :h1, :w1].transpose(0, 2, 3, 1)
-    xw = np.empty((N, p.Hp, p.Wp, C, 2), np.int16)
-    xw[..., 0] = xpad[:, :, :p.Wp]
-    xw[..., 1] = xpad[:, :, uw:uw + p.Wp]
-    return xw, xpad
+PACK_TEMPLATE = "conv_bwd_weight_pack.ll.j2"
+PACK_PARAMS = ("Hout", "Wout", "H", "W", "C", "Cout", "sN", "sH", "sW", "ph", "pw", "istep", "delta")
+_PACK_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                              ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+PACK_CHUNK = 16      # channels per vector step of the pack kernel (256-bit loads, 512-bit stores)
+MIN_PACK_ROWS_PER_THREAD = 8
 
 
-def _pack_dy(dy: np.ndarray, p: pw.WgradPlan) -> np.ndarray:
-    """dY (N, K, P, Q) int16 -> dYp[N][P][Q2][Kp][2] (zero K and odd-Q padding), 64-B aligned."""
-    N, K, P, Q = dy.shape
-    out = aligned_zeros((N, P, p.Q2, p.Kp, 2), np.int16)
-    for e in (0, 1):  # pixel 2j+e of each pair
-        src = dy[:, :, :, e::2].transpose(0, 2, 3, 1)
-        out[:, :, :src.shape[2], :K, e] = src
-    return out
+def _pack_kernel(target: CpuTarget):
+    fields = {"symbol": f"dfp_bwdw_pack_pairs_{target.tier}", "tier": target.tier, "chunk": PACK_CHUNK,
+              "params": PACK_PARAMS,
+              "interleave": [k for c in range(PACK_CHUNK) for k in (c, c + PACK_CHUNK)]}
+
+    class _P:  # attribute access for the template
+        pass
+    p = _P()
+    p.__dict__.update(fields)
+    k = load_kernel(fields["symbol"], {"pass": "bwd_weight_pack", "chunk": PACK_CHUNK, "abi": 1},
+                    lambda: render(PACK_TEMPLATE, p=p), target)
+    return _PACK_TYPE(k.address)
+
+
+def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout=None,
+               threads=None, target=None, align=1) -> tuple[np.ndarray, np.ndarray]:
+    """Generated one-pass packer (``templates/conv_bwd_weight_pack.ll.j2``).
+
+    ``src`` int16 (N, C, H, W) with any strides (channel stride 1 is read in place; anything
+    else is first copied to NHWC). Output row r = n*Hout + h' (h = h' - pad[0]), position i:
+    ``dst[n, h', i, c] = (src[n, c, h, i*istep - pad[1]], src[n, c, h, i*istep - pad[1] + delta])``
+    (0 outside the image and for c >= C up to ``cout``), ``dst_shape = (N, Hout, Wout)``.
+    Returns ``(dst int16 (N, Hout, Wout, cout, 2), amax int32 (N, Hout, Wout, 2))``, ``amax``
+    the max |value| over c of each of the two pair elements (32768 flags a -32768 mantissa).
+    """
+    N, C, H, W = src.shape
+    Hout, Wout = dst_shape[1], dst_shape[2]
+    cout = C if cout is None else cout
+    if src.strides[1] != 2:
+        src = np.ascontiguousarray(src.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    sN, _, sH, sW = (st // 2 for st in src.strides)
+    dst = (aligned_zeros if align > 1 else np.empty)((N, Hout, Wout, cout, 2), np.int16)
+    amax = np.empty((N, Hout, Wout, 2), np.int32)
+    zeros = np.zeros(C + PACK_CHUNK, np.int16)
+    prm = np.array([Hout, Wout, H, W, C, cout, sN, sH, sW, pad[0], pad[1], istep, delta], np.int64)
+    fn = _pack_kernel(target or host_target())
+    rows = N * Hout
+    nt = max(1, min(threads or num_threads(), rows // MIN_PACK_ROWS_PER_THREAD))
+    # base pointer of src as a view may start anywhere: ctypes.data is its first element
+    args = (src.ctypes.data, zeros.ctypes.data, dst.ctypes.data, amax.ctypes.data, prm.ctypes.data)
+    parallel_for(rows, lambda b, e: fn(*args, b, e), nt)
+    return dst, amax
 
 
 def _scales(e: int) -> tuple[float, float]:
@@ -171,13 +188,22 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     # Layouts depend on the spec only, so packing can use any plan of it.
     p = pw.plan(spec, config or pw.default_config(spec, target), target, overflow, scaled)
 
-    xw, xpad = _pack_x(x, p)
-    dyp = _pack_dy(dy, p)
-    b_pix = _abs_max(dy, 1, "grad_output")  # (N, P, Q): max over K
+    nthreads = threads or (config.threads if config is not None else 0) or num_threads()
+    xw, xam = pack_pairs(x, (N, p.Hp, p.Wp), pad=spec.padding, istep=1, delta=spec.stride[1],
+                         threads=nthreads, target=target)
+    dyp, dam = pack_pairs(dy, (N, spec.P, p.Q2), istep=2, delta=1, cout=p.Kp, threads=nthreads,
+                          target=target, align=64)
+    if xam.max(initial=0) > 32767 or dam.max(initial=0) > 32767:
+        raise DfpError("x or grad_output holds the mantissa -32768; DFP16 mantissas are limited to +/-32767")
+    b_pix = dam.reshape(N, spec.P, 2 * p.Q2)[:, :, :spec.Q]  # (N, P, Q): max over K
     if overflow == "exact":
-        a_all = _abs_max(xpad, 3, "x")  # (N, Hp, Wp+uw) per-pixel max over C
         (uh, uw), (dh, dw) = spec.stride, spec.dilation
-        a_pix = np.zeros_like(b_pix)
+        # per padded pixel max over C, (N, Hp, Wp + uw): columns >= Wp only appear as the
+        # second element of a pair, Xw[.., w, 1] = Xpad[.., w + uw]
+        a_all = np.zeros((N, p.Hp, p.Wp + uw), np.int32)
+        a_all[..., :p.Wp] = xam[..., 0]
+        np.maximum(a_all[..., uw:], xam[..., 1], out=a_all[..., uw:])
+        a_pix = np.zeros(b_pix.shape, np.int32)
         for r in range(R):
             for s in range(S):
                 v = a_all[:, r * dh: r * dh + (spec.P - 1) * uh + 1: uh,
@@ -187,7 +213,6 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
         if config is not None and config.flush:
             flush = max(2, min(flush, config.flush - config.flush % 2))
     else:
-        _abs_max(x, None, "x")
         flush = (config.flush if config is not None else 0) or FAST_FLUSH
         if flush % 2:
             raise DfpError(f"backward-weight flush interval must be even (INT16 pairs), got {flush}")
@@ -203,7 +228,6 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     acc = aligned_zeros((p.RS, C, p.Kp), np.int32)
     sat = np.zeros(p.items, np.int64)
     s1, s2 = _scales(scale_exp) if scaled else (1.0, 1.0)
-    nthreads = threads or config.threads or num_threads()
     args = (xw.ctypes.data, dyp.ctypes.data, out.ctypes.data, acc.ctypes.data, seg.ctypes.data,
             blocks.ctypes.data, len(blocks) - 1, s1, s2, sat.ctypes.data)
     t1 = time.perf_counter()

@@ -30,6 +30,7 @@ SHAPES = [
     (3, 33, 5, 5, 33, 1, 1, 1, 0, 1),     # 1x1, C and K = 32 + 1
     (2, 30, 6, 6, 70, 1, 1, 2, 0, 1),     # 1x1 stride 2, C > one register block, K = 4x16 + 6
     (1, 7, 5, 9, 3, 3, 1, (2, 1), (0, 1), (1, 2)),  # per-axis stride/padding/dilation, R != S
+    (3, 2, 3, 4, 2, 1, 1, 2, 0, 1),       # Q = 2 (one pair per row), stride 2
 ]
 
 
