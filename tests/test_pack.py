@@ -182,3 +182,45 @@ def test_out_buffer_reused():
         quantize_pack(x, out=np.zeros((2, 3, 4, 5), np.int16))
     with pytest.raises(DfpError, match="out must be"):
         quantize_pack(x, out=np.zeros((2, 3, 4, 6), np.int32))
+
+
+def test_stochastic_indices_beyond_2_to_32():
+    """The kernels' 32-bit lane indices carry into the high half exactly as dfp's uint64
+    definition says. Pointers are shifted so that image n (or pixel m) of a huge virtual
+    tensor lands on a small real array; only that window is read and written."""
+    import dfpgen.pack as pack
+    from dfpgen.dfp import _quantize_with_exponent, fmix32
+    target = host_target()
+    E, seed = -14, 99
+    mix = int(fmix32(np.array([seed], np.uint32))[0])
+    s1, s2 = 2.0 ** 14, 1.0
+    rng = np.random.default_rng(12)
+    # NCHW: C=1, HW=25, image n = 171798691 covers indices 2**32-21 .. 2**32+3; the second pixel
+    # block (16..24) crosses 2**32 inside one vector.
+    n, C, HW = 171798691, 1, 25
+    x = rng.standard_normal(C * HW).astype(np.float32)
+    out = np.zeros((HW, 2), np.int16)
+    fn = pack._kernel("pack_nchw", SR, target)
+    lanes = target.vector_bits // 32
+    ntiles = 1
+    fn(x.ctypes.data - n * C * HW * 4, out.ctypes.data - n * HW * 2 * 2, n * ntiles, (n + 1) * ntiles,
+       C, HW, s1, s2, mix, -(-HW // lanes))
+    want = _quantize_with_exponent(x, E, SR, seed, index_offset=n * C * HW)
+    assert n * C * HW < 2 ** 32 < (n + 1) * C * HW
+    assert np.array_equal(out[:, 0], want) and not out[:, 1].any()
+    # The data is sensitive to the high half: dropping the carry (indices mod 2**32) differs.
+    cut = 2 ** 32 - n * C * HW
+    nocarry = np.concatenate([want[:cut], _quantize_with_exponent(x[cut:], E, SR, seed, index_offset=0)])
+    assert not np.array_equal(nocarry, want)
+    # NHWC: HW=1, C=13, pixel m = 330382099 has indices 2**32-9 .. 2**32+3 across its channels.
+    m, C = 330382099, 13
+    x = rng.standard_normal(C).astype(np.float32)
+    out = np.zeros(14, np.int16)
+    fn = pack._kernel("pack_nhwc", SR, target)
+    fn(x.ctypes.data - m * C * 4, out.ctypes.data - m * 14 * 2, m, m + 1, C, 1, s1, s2, mix)
+    assert m * C < 2 ** 32 < (m + 1) * C
+    want = _quantize_with_exponent(x, E, SR, seed, index_offset=m * C)
+    assert np.array_equal(out[:C], want) and out[C] == 0
+    cut = 2 ** 32 - m * C
+    nocarry = np.concatenate([want[:cut], _quantize_with_exponent(x[cut:], E, SR, seed, index_offset=0)])
+    assert not np.array_equal(nocarry, want)
