@@ -53,7 +53,7 @@ _NHWC_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int6
                            ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_uint32)
 _NCHW_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                            ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_uint32,
-                           ctypes.c_int64)
+                           ctypes.c_int64, ctypes.c_int64)
 _PROTOS = {"maxabs": _MAXABS_T, "pack_nhwc": _NHWC_T, "pack_nchw": _NCHW_T}
 _funcs: dict[tuple, object] = {}
 _lock = threading.Lock()
@@ -226,12 +226,24 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
         _threads.parallel_for(items, lambda b, e: fn(xp, op, b, e, C, H * W, s1, s2, seedmix), nt)
     else:
         lanes = target.vector_bits // 32
-        nblk = -(-H * W // lanes)  # blocks of `lanes` pixels per image
+        pad = _nchw_pad(mem, lanes)
+        nblk = -(-(H * W + pad) // lanes)  # blocks of `lanes` pixels per image
         tile = max(1, min(nblk, NCHW_TILE_BYTES // (lanes * Cp * 2)))
         items = N * (-(-nblk // tile))
         nt = _split_threads(threads, items, C * lanes * tile)
-        _threads.parallel_for(items, lambda b, e: fn(xp, op, b, e, C, H * W, s1, s2, seedmix, tile), nt)
+        _threads.parallel_for(items, lambda b, e: fn(xp, op, b, e, C, H * W, s1, s2, seedmix, tile, pad), nt)
     return DfpTensor(_logical(buf, C), E, fmt)
+
+
+def _nchw_pad(x: np.ndarray, lanes: int) -> int:
+    """Pixels the NCHW kernel's block grid is shifted by so that full blocks load from 64-byte
+    aligned addresses: possible when every channel plane has the same alignment (H*W*4 a
+    multiple of 64), as for 56x56 or 28x28; 0 otherwise."""
+    N, C, H, W = x.shape
+    vec_bytes = 4 * lanes
+    if (H * W * 4) % vec_bytes or x.ctypes.data % 4:
+        return 0
+    return (x.ctypes.data % vec_bytes) // 4
 
 
 def _logical(buf: np.ndarray, C: int) -> np.ndarray:

@@ -204,7 +204,7 @@ def test_stochastic_indices_beyond_2_to_32():
     lanes = target.vector_bits // 32
     ntiles = 1
     fn(x.ctypes.data - n * C * HW * 4, out.ctypes.data - n * HW * 2 * 2, n * ntiles, (n + 1) * ntiles,
-       C, HW, s1, s2, mix, -(-HW // lanes))
+       C, HW, s1, s2, mix, -(-HW // lanes), 0)
     want = _quantize_with_exponent(x, E, SR, seed, index_offset=n * C * HW)
     assert n * C * HW < 2 ** 32 < (n + 1) * C * HW
     assert np.array_equal(out[:, 0], want) and not out[:, 1].any()
@@ -224,3 +224,20 @@ def test_stochastic_indices_beyond_2_to_32():
     cut = 2 ** 32 - m * C
     nocarry = np.concatenate([want[:cut], _quantize_with_exponent(x[cut:], E, SR, seed, index_offset=0)])
     assert not np.array_equal(nocarry, want)
+
+
+@pytest.mark.parametrize("fmt", [DFP16, SR], ids=["nearest", "stochastic"])
+def test_nchw_block_grid_shifted_for_alignment(fmt):
+    """Inputs at every 4-byte offset from a 64-byte line: the NCHW kernel shifts its pixel
+    blocks by that many pixels (H*W*4 is a multiple of 64 here), with partial blocks at both
+    ends of each image."""
+    import dfpgen.pack as pack
+    lanes = host_target().vector_bits // 32
+    shape = (2, 35, 4, 2 * lanes)
+    size = int(np.prod(shape))
+    raw = pack.empty_aligned((size + lanes,), np.float32)
+    raw[:] = np.random.default_rng(13).standard_normal(raw.size).astype(np.float32)
+    for off in range(lanes):
+        x = raw[off:off + size].reshape(shape)
+        assert pack._nchw_pad(x, lanes) == off
+        _check(x, fmt, seed=off, threads=2)
