@@ -28,6 +28,15 @@ from torch import Tensor
 
 from dfpgen.dfp import DfpFormat, DfpTensor
 
+# Observers (dfpgen.runtime.numerics.NumericsMonitor): callables that get one dict per pass
+# that ran (pass_kind, info = RunInfo, seed, operands, output); nothing is built without one.
+observers: list = []
+
+
+def _observe(**event) -> None:
+    for fn in tuple(observers):
+        fn(event)
+
 # --- layout helpers (shared by the real and the fake implementations) -----------------
 
 
@@ -96,14 +105,18 @@ def saved_input(buf: Tensor, x_exp: Tensor, channels: int, bits: int) -> DfpTens
 
 
 def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, overflow,
-                    threads):
+                    threads, seed=None):
     from dfpgen import conv, pack
     fmt = _fmt(bits, rounding)
     qx = pack.quantize_pack(_np_activation(x), fmt, name="conv2d input X",
                             threads=_threads(threads))
     b = None if bias is None else bias.detach().float().contiguous().numpy()
-    y = conv.conv2d(qx, _np_weight(weight), b, tuple(stride), tuple(padding), tuple(dilation),
-                    overflow=overflow, fmt=fmt, threads=_threads(threads))
+    y, info = conv.conv2d(qx, _np_weight(weight), b, tuple(stride), tuple(padding),
+                          tuple(dilation), overflow=overflow, fmt=fmt, threads=_threads(threads),
+                          return_info=True)
+    if observers:
+        _observe(pass_kind="fwd", info=info, seed=seed, x=x, weight=weight, x_q=qx, output=y,
+                 stride=stride, padding=padding, dilation=dilation, fmt=fmt)
     buf = torch.from_numpy(np.ascontiguousarray(pack.nhwc_buffer(qx)))
     return (_to_torch(y, output_channels_last(x, weight)), buf,
             torch.tensor(qx.exponent, dtype=torch.int32))
@@ -120,7 +133,7 @@ def conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[in
     ``grad_rounding`` and ``seed`` (int64 scalar tensor, so a new seed per step does not
     re-trace under torch.compile) are kept for the backward pass's dY."""
     return _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding,
-                           overflow, threads)
+                           overflow, threads, seed)
 
 
 @conv2d_op.register_fake
@@ -147,12 +160,20 @@ def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilatio
     kw = dict(overflow=overflow, fmt=_fmt(bits, "nearest"), threads=_threads(threads))
     args = (tuple(stride), tuple(padding), tuple(dilation))
     gx = gw = grad_y.new_empty((0,))
+    ev = dict(seed=seed, grad_y=grad_y, dy_q=qdy, weight=weight, stride=stride,
+              padding=padding, dilation=dilation, fmt=gfmt)
     if need_input:
-        gx = _to_torch(conv.conv2d_input((n, c, h, w), _np_weight(weight), qdy, *args, **kw),
-                       channels_last)
+        res = conv.conv2d_input((n, c, h, w), _np_weight(weight), qdy, *args, return_info=True,
+                                **kw)
+        gx = _to_torch(res.output, channels_last)
+        if observers:
+            _observe(pass_kind="bwd_data", info=res.info, output=res.output, **ev)
     if need_weight:
         qx = saved_input(x_buf, x_exp, c, bits)
-        gw = _to_torch(conv.conv2d_weight(qx, (k, c, r, s), qdy, *args, **kw), False)
+        res = conv.conv2d_weight(qx, (k, c, r, s), qdy, *args, return_info=True, **kw)
+        gw = _to_torch(res.output, False)
+        if observers:
+            _observe(pass_kind="bwd_weight", info=res.info, output=res.output, x_q=qx, **ev)
     return gx, gw
 
 
@@ -217,6 +238,16 @@ def _conv2d_backward(ctx, grad_y, _gbuf, _gexp):
 conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
 
 
+def _defaults(fmt, overflow, grad_rounding):
+    from . import config
+    if fmt is not None and not isinstance(fmt, DfpFormat):
+        from dfpgen.errors import DfpError
+        raise DfpError(f"fmt must be a dfpgen.DfpFormat, got {type(fmt).__name__}")
+    return (fmt or config.default_format(),
+            config.check_overflow(overflow or config.default_overflow()),
+            config.check_rounding(grad_rounding or config.default_grad_rounding()))
+
+
 def _seed_tensor(seed) -> Tensor:
     if isinstance(seed, Tensor):
         return seed
@@ -234,16 +265,19 @@ def _pair(v, name: str) -> List[int]:
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
-           dilation=1, *, fmt: DfpFormat, overflow: str = "exact",
-           grad_rounding: str = "nearest", seed: int = 0, threads: int = 0) -> Tensor:
+           dilation=1, *, fmt: Optional[DfpFormat] = None, overflow: Optional[str] = None,
+           grad_rounding: Optional[str] = None, seed: int = 0, threads: int = 0) -> Tensor:
     """DFP16 ``torch.nn.functional.conv2d`` (groups=1, zero padding) with autograd.
 
     x float32 (N, C, H, W) (NCHW or channels_last), weight float32 (K, C, R, S), bias
     float32 (K,) or None; returns float32 (N, K, P, Q), channels_last if x or weight is.
     ``fmt`` quantizes X and W; ``grad_rounding`` (``"nearest"``/``"stochastic"``) with
-    ``seed`` quantizes dY in the backward pass; ``threads=0`` uses dfpgen's thread count.
+    ``seed`` quantizes dY in the backward pass; ``overflow`` is ``"exact"`` or ``"fast"``;
+    None takes the process default (:mod:`dfpgen.runtime.config`); ``threads=0`` uses
+    dfpgen's thread count.
     Raises :class:`dfpgen.DfpError` on NaN/Inf operands (naming the tensor) or bad shapes.
     """
+    fmt, overflow, grad_rounding = _defaults(fmt, overflow, grad_rounding)
     y, _, _ = conv2d_op(x, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
                         _pair(dilation, "dilation"), fmt.bits, fmt.rounding, overflow,
                         grad_rounding, _seed_tensor(seed), threads)
@@ -269,7 +303,7 @@ def linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, roun
     xc = x.detach().float().contiguous()
     w4 = weight.detach().float().contiguous().view(weight.shape[0], weight.shape[1], 1, 1)
     y, buf, exp = _conv2d_forward(_as_pixels(xc), w4, bias, [1, 1], [0, 0], [1, 1], bits,
-                                  rounding, overflow, threads)
+                                  rounding, overflow, threads, seed)
     # y is (1, O, 1, M) channels_last, whose buffer is (M, O) row-major.
     return y.permute(0, 2, 3, 1).reshape(x.shape[0], weight.shape[0]).clone(), buf, exp
 
@@ -337,12 +371,13 @@ def _linear_backward(ctx, grad_y, _gbuf, _gexp):
 linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, fmt: DfpFormat,
-           overflow: str = "exact", grad_rounding: str = "nearest", seed: int = 0,
-           threads: int = 0) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+           fmt: Optional[DfpFormat] = None, overflow: Optional[str] = None,
+           grad_rounding: Optional[str] = None, seed: int = 0, threads: int = 0) -> Tensor:
     """DFP16 ``torch.nn.functional.linear`` with autograd: x float32 (..., F), weight float32
     (O, F), bias (O,) or None -> float32 (..., O). Leading dims are flattened into rows,
     which the kernels treat as pixels of a 1x1 convolution. Arguments as :func:`conv2d`."""
+    fmt, overflow, grad_rounding = _defaults(fmt, overflow, grad_rounding)
     lead = x.shape[:-1]
     y, _, _ = linear_op(x.reshape(-1, x.shape[-1]), weight, bias, fmt.bits, fmt.rounding,
                         overflow, grad_rounding, _seed_tensor(seed), threads)
