@@ -136,6 +136,8 @@ def search_space(spec, target) -> list[TuningConfig]:
             if cap < 1:
                 continue
             for pix in sorted({_pixel_block(q, cap), min(q, cap), min(q, max(1, cap // 2))}):
+                if pix < min(q, 3):  # too few pixels to hide the dot-product latency
+                    continue
                 for cb in (8, 16, 32):
                     if cb > max(2, red + red % 2) and cb != 8:
                         continue

@@ -1,0 +1,100 @@
+"""The forward / backward-data schedule space: every config of ``search_space`` on a small
+shape renders, parses, verifies, compiles and is exact; exact mode gives the same bits for
+every config; default configs of the ResNet-50 layers are legal on every tier."""
+import warnings
+
+import numpy as np
+import pytest
+
+import dfpgen
+from dfpgen import conv, jit, reference
+from dfpgen.kernels import kernel_sources
+from dfpgen.plan import plan_fwd
+from dfpgen.plan_bwd import plan_bwd_data
+from dfpgen.spec import ConvSpec, parse_full
+from dfpgen.target import host_target
+from dfpgen.tuning import TuningConfig, accumulator_budget, default_config, search_space
+from conv_cases import operands
+
+FWD = ConvSpec(1, 20, 5, 9, 40, 3, 3, padding=(1, 1))
+BWD = ConvSpec(1, 20, 5, 9, 40, 3, 3, stride=(2, 2), padding=(1, 1), pass_kind="bwd_data")
+
+
+def _run(spec, cfg, mode, xq, wq, dyq):
+    kw = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation, overflow=mode,
+              config=cfg, return_info=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dfpgen.OverflowWarning)
+        if spec.pass_kind == "fwd":
+            out, info = conv.conv2d(xq, wq, **kw)
+            ref = reference.conv2d_fwd(xq, wq, None, spec.stride, spec.padding, spec.dilation,
+                                       c_block=info.c_block, flush_taps=info.flush_taps,
+                                       saturate=mode == "fast")
+        else:
+            out, info = conv.conv2d_input(spec.input_shape, wq, dyq, **kw)
+            ref = reference.conv2d_bwd_data(dyq, wq, (spec.H, spec.W), spec.stride, spec.padding,
+                                            spec.dilation, k_block=info.c_block,
+                                            flush_taps=info.flush_taps, saturate=mode == "fast")
+    return out, info, ref
+
+
+@pytest.mark.parametrize("spec", [FWD, BWD], ids=["fwd", "bwd_data"])
+def test_every_config_is_exact(spec):
+    target = host_target()
+    space = search_space(spec, target)
+    assert space[0] == default_config(spec, target) and len(space) == len(set(space)) > 4
+    assert {c.unroll for c in space} == {"none", "4vnni"}
+    shape = (spec.N, spec.C, spec.H, spec.W, spec.K, spec.R, spec.S, spec.stride, spec.padding, spec.dilation)
+    xq, wq, dyq = operands(shape, seed=5)
+    exact_bits = None
+    for cfg in space:
+        for src in kernel_sources(spec, cfg, target=target, overflow="fast"):
+            assert src[2].startswith(f"; {src[0]}") and "What it computes" in src[2]
+        out, info, ref = _run(spec, cfg, "fast", xq, wq, dyq)
+        assert info.c_block == cfg.c_block and np.array_equal(out, ref.fp32), cfg.short()
+        out, info, ref = _run(spec, cfg, "exact", xq, wq, dyq)
+        assert np.array_equal(out, ref.fp32) and not ref.overflowed, cfg.short()
+        if exact_bits is None:
+            exact_bits = out
+        assert np.array_equal(out, exact_bits), f"{cfg.short()}: exact mode depends on the schedule"
+
+
+def _resnet_specs():
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "shared/cases/resnet50_layers.txt")
+    specs = []
+    if text.exists():
+        for line in text.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                specs.append(parse_full("n2" + line.split()[2]))
+    return specs or [parse_full("n2c256h14w14k256r3s3u1p1"), parse_full("n2c3h224w224k64r7s7u2p3")]
+
+
+@pytest.mark.parametrize("tier", ["avx512_vnni", "avx2"])
+def test_resnet50_default_configs_are_legal_and_parse(tier):
+    target = host_target(tier)
+    for spec in _resnet_specs():
+        for sp in (spec, spec.with_pass("bwd_data")):
+            cfg = default_config(sp, target)
+            assert accumulator_budget(cfg.k_vecs, cfg.pixels, cfg.unroll, target.registers) <= target.registers
+            for c in search_space(sp, target):
+                if sp.pass_kind == "fwd":
+                    plan_fwd(sp, c, target, mode="fast")
+                else:
+                    plan_bwd_data(sp, c, target, mode="fast")
+            if spec.C >= 256 and spec.R == 3:  # parse + verify one big kernel per layer kind
+                for _, _, ir in kernel_sources(sp, cfg, target=target, overflow="fast"):
+                    jit._parse(ir, "check")
+
+
+def test_register_budget_is_enforced():
+    spec = ConvSpec(1, 16, 4, 30, 64, 3, 3)
+    with pytest.raises(dfpgen.DfpError, match="vector registers"):
+        plan_fwd(spec, TuningConfig(k_vecs=4, pixels=8), host_target("avx512_vnni"), mode="fast")
+    with pytest.raises(dfpgen.DfpError, match="multiple of c_block"):
+        plan_fwd(spec, TuningConfig(c_block=16, flush=24), host_target(), mode="fast")
+
+
+def test_default_blocking_of_the_paper_layer():
+    cfg = default_config(parse_full("n32c256h14w14k256r3s3p1"), host_target("avx512_vnni"))
+    assert (cfg.k_vecs, cfg.pixels, cfg.c_block) == (2, 14, 16)
