@@ -83,6 +83,7 @@ def kernel_plan(kind: str, fmt: DfpFormat, target: CpuTarget) -> dict:
         "lane_ids_i64": ", ".join(f"i64 {i}" for i in range(lanes)),
         "lane_ids_i32": ", ".join(f"i32 {i}" for i in range(lanes)),
         "two_lanes": 2 * lanes, "neg_two_lanes": -2 * lanes, "lanes_m1": lanes - 1, "lanes_x2_m1": 2 * lanes - 1,
+        "vec_bytes": 4 * lanes,
         **_transpose_plan(lanes),
     }
 
@@ -107,7 +108,7 @@ def _transpose_plan(lanes: int) -> dict:
             shuffles.append({"dst": new[i + s], "a": names[i], "b": names[i + s], "mask": hi})
         names, s = new, s // 2
     return {"stages": stage, "shuffles": shuffles,
-            "tpairs": [{"q": q, "ca": 2 * q} for q in range(lanes)],
+            "tpairs": [{"q": q} for q in range(lanes)],
             "trows": [{"j": j, "src": names[j]} for j in range(lanes)]}
 
 
