@@ -14,12 +14,14 @@ from dfpgen.errors import DfpError
 ENV_DISABLE = "DFPGEN_DISABLE"
 OVERFLOW_MODES = ("exact", "fast")
 ROUNDINGS = ("nearest", "stochastic")
+NONFINITE_POLICIES = ("raise", "skip")  # see dfpgen.runtime.nonfinite
 
 _lock = threading.Lock()
 _enabled: bool | None = None  # None: follow $DFPGEN_DISABLE
 _format: DfpFormat = DFP16
 _overflow = "exact"
 _grad_rounding = "nearest"
+_nonfinite = "raise"
 
 
 def is_enabled() -> bool:
@@ -93,3 +95,19 @@ def default_overflow() -> str:
 
 def default_grad_rounding() -> str:
     return _grad_rounding
+
+
+def set_nonfinite_policy(policy: str) -> None:
+    """What a DFP layer does with NaN/Inf operands (:mod:`dfpgen.runtime.nonfinite`):
+    ``"raise"`` (default) a :class:`dfpgen.DfpError` naming the layer and pass; ``"skip"``
+    records it, zeros that layer's gradients and lets :func:`step_if_finite` skip the
+    optimizer step (AMP GradScaler style). Raises :class:`dfpgen.DfpError` otherwise."""
+    global _nonfinite
+    if policy not in NONFINITE_POLICIES:
+        raise DfpError(f"non-finite policy must be one of {NONFINITE_POLICIES}, got {policy!r}")
+    with _lock:
+        _nonfinite = policy
+
+
+def nonfinite_policy() -> str:
+    return _nonfinite

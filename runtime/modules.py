@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from dfpgen.dfp import DfpFormat
 
-from . import config, ops
+from . import config, nonfinite, ops
 
 _DFP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _layer_ids = itertools.count()
@@ -147,8 +147,11 @@ class DFPConv2d(_DfpLayer, nn.Conv2d):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        y = ops.conv2d(x.float(), self.weight, self.bias, list(self.stride),
-                       self._explicit_padding(), list(self.dilation), **self._settings())
+        y = nonfinite.guarded_forward(
+            self, x, lambda: ops.conv2d(x.float(), self.weight, self.bias, list(self.stride),
+                                        self._explicit_padding(), list(self.dilation),
+                                        **self._settings()),
+            lambda: self._conv_forward(x, self.weight, self.bias))
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
@@ -176,7 +179,9 @@ class DFPLinear(_DfpLayer, nn.Linear):
         if reason is not None:
             self._fallback(reason)
             return F.linear(x, self.weight, self.bias)
-        return ops.linear(x.float(), self.weight, self.bias, **self._settings())
+        return nonfinite.guarded_forward(
+            self, x, lambda: ops.linear(x.float(), self.weight, self.bias, **self._settings()),
+            lambda: F.linear(x, self.weight, self.bias))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._dfp_repr()
