@@ -271,6 +271,25 @@ def _run_chunks(a: np.ndarray, b: np.ndarray, chunks, scale_exp: int, saturate: 
     return acc, overflowed, saturated
 
 
+def fp32_error_bound(abs_sum, scale_exp: int, partials: int, fp32=None) -> np.ndarray:
+    """Bound on ``|fp32 - exact * 2**scale_exp|`` (float64, per output) for a run without
+    INT32 overflow: ``abs_sum`` is the int64 sum of |products| per output (e.g.
+    ``conv2d_fwd_int(abs(X), abs(W))``), ``partials`` the chunks flushed per output.
+
+    Each partial is rounded once to FP32 (relative error <= u = 2**-24) and added once in FP32;
+    recursive summation of ``partials`` rounded terms is off by at most
+    ``gamma(partials + 1) * sum|partial| <= gamma(partials + 1) * abs_sum * 2**scale_exp`` with
+    ``gamma(n) = n*u / (1 - n*u)`` (Higham, *Accuracy and Stability of Numerical Algorithms*,
+    §4.2). Passing ``fp32`` (bias already added) adds the bias addition's ``u * |fp32|``.
+    """
+    u = 2.0 ** -24
+    n = partials + 1
+    bound = np.asarray(abs_sum, np.float64) * 2.0 ** scale_exp * (n * u / (1 - n * u))
+    if fp32 is not None:
+        bound = bound + u * np.abs(np.asarray(fp32, np.float64)) * (1 + u)
+    return bound
+
+
 def _operands(q, what: str):
     if not isinstance(q, DfpTensor):
         raise DfpError(f"{what} must be a DfpTensor (see dfpgen.quantize), got {type(q).__name__}")

@@ -289,3 +289,20 @@ def test_saturation_count():
     # Same data without long chains: exact, nothing saturates.
     ok = ref.conv2d_fwd(full((1, 8, 1, 1)), DfpTensor(wm, 0), c_block=2, saturate=True)
     assert ok.saturated == 0 and ok.fp32[0, 0, 0, 0] == 0
+
+
+def test_fp32_error_bound_holds_and_is_tight():
+    rng = np.random.default_rng(14)
+    x = DfpTensor(rng.integers(-MAXM, MAXM + 1, (2, 9, 6, 6)).astype(np.int16), -15)
+    w = DfpTensor(rng.integers(-2000, 2001, (4, 9, 3, 3)).astype(np.int16), -11)
+    bias = rng.standard_normal(4).astype(np.float32)
+    abs_sum = ref.conv2d_fwd_int(np.abs(x.mantissa.astype(np.int64)), np.abs(w.mantissa.astype(np.int64)), 1, 1)
+    for c_block, ft in ((2, 1), (4, 3), (16, None)):
+        r = ref.conv2d_fwd(x, w, bias, 1, 1, c_block=c_block, flush_taps=ft)
+        assert not r.overflowed
+        err = np.abs(r.fp32.astype(np.float64) - (r.exact * 2.0 ** r.scale_exp + bias[None, :, None, None]))
+        bound = ref.fp32_error_bound(abs_sum, r.scale_exp, r.partials, r.fp32)
+        assert np.all(err <= bound)
+        assert err.max() > 0  # the flushed FP32 result is really rounded
+        # Not vacuous: the bound is within a few hundred ulps of the largest output.
+        assert bound.max() < 2.0 ** -24 * 400 * np.abs(r.fp32).max()
