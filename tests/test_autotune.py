@@ -48,7 +48,7 @@ class Fake:
         run.cfg = cfg
         return run
 
-    def time_runner(self, run, repeats=5, max_seconds=2.0):
+    def time_runner(self, run, repeats=5, max_seconds=2.0, **kw):
         return cost(run.cfg), run()
 
 
@@ -121,7 +121,7 @@ def test_budget_bounds_the_search(fresh, monkeypatch):
     clock = [0.0]
     real_time = fake.time_runner
 
-    def slow(run, repeats=5, max_seconds=2.0):
+    def slow(run, repeats=5, max_seconds=2.0, **kw):
         clock[0] += 1.0  # each candidate "takes" one second
         return real_time(run)
     monkeypatch.setattr(autotune, "time_runner", slow)
