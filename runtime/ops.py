@@ -115,8 +115,8 @@ def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, 
                           tuple(dilation), overflow=overflow, fmt=fmt, threads=_threads(threads),
                           return_info=True)
     if observers:
-        _observe(pass_kind="fwd", info=info, seed=seed, x=x, weight=weight, x_q=qx, output=y,
-                 stride=stride, padding=padding, dilation=dilation, fmt=fmt)
+        _observe(pass_kind="fwd", info=info, seed=seed, x=x, weight=weight, bias=bias, x_q=qx,
+                 output=y, stride=stride, padding=padding, dilation=dilation, fmt=fmt)
     buf = torch.from_numpy(np.ascontiguousarray(pack.nhwc_buffer(qx)))
     return (_to_torch(y, output_channels_last(x, weight)), buf,
             torch.tensor(qx.exponent, dtype=torch.int32))
