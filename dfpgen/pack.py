@@ -194,7 +194,9 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
         raise DfpError(f"fmt must be a DfpFormat, got {type(fmt).__name__}")
     x = np.asarray(x)
     if x.ndim == 2:
-        out4 = None if out is None else out.reshape(out.shape[0], 1, 1, -1) if out.ndim == 2 else out
+        out4 = out
+        if isinstance(out, np.ndarray) and out.ndim == 2 and out.flags.c_contiguous:
+            out4 = out.reshape(out.shape[0], 1, 1, out.shape[1])  # a view: the kernel writes into out
         q = quantize_pack(x.reshape(*x.shape, 1, 1), fmt, seed=seed, name=name, threads=threads, target=target,
                           out=out4)
         return DfpTensor(q.mantissa[:, :, 0, 0], q.exponent, q.fmt)

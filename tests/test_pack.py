@@ -182,6 +182,8 @@ def test_out_buffer_reused():
         quantize_pack(x, out=np.zeros((2, 3, 4, 5), np.int16))
     with pytest.raises(DfpError, match="out must be"):
         quantize_pack(x, out=np.zeros((2, 3, 4, 6), np.int32))
+    with pytest.raises(DfpError, match="out must be"):  # a strided (N, Cp) view would need a copy
+        quantize_pack(x2, out=np.zeros((2, 20), np.int16)[:, ::2])
 
 
 def test_stochastic_indices_beyond_2_to_32():
