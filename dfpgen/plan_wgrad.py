@@ -48,7 +48,9 @@ C_GROUP_MAX = 256    # channels per work item: keeps its INT32 + FP32 tiles (<= 
 MASK_NONE = -1       # segment control: run of whole pairs
 MASK_LO = 0x0000FFFF  # keep element 0 (pixel 2j) of each pair: little-endian low half
 MASK_HI = -65536      # 0xFFFF0000 as int32: keep element 1 (pixel 2j+1)
-SEG_FIELDS = 4       # xoff, dyoff, npairs, ctl (= mask | flush << 32), int64 each
+SEG_FIELDS = 4       # xoff, dyoff, npairs, ctl (= mask | flush << 32 | cnt0 << 33), int64 each
+CNT_SHIFT = 33       # ctl bits 33..62: pairs until the run's first in-loop flush
+NEVER = 1 << 29      # cnt0 of a run without in-loop flush (more pairs than any row holds)
 
 
 def round_up(a: int, b: int) -> int:
@@ -134,11 +136,12 @@ class WgradPlan:
 
     seg_fields = SEG_FIELDS
     flush_bit = 1 << 32
+    cnt_shift = CNT_SHIFT
 
     def key(self) -> dict:
         """What changes the generated code (for the kernel cache key)."""
         return {"pass": "bwd_weight", "spec": self.spec.geometry(), "config": self.config.to_dict(),
-                "mode": self.mode, "tier": self.tier, "scaled": self.scaled, "abi": 1}
+                "mode": self.mode, "tier": self.tier, "scaled": self.scaled, "abi": 2}
 
 
 def registers_needed(kv: int, cb: int) -> int:
@@ -249,7 +252,9 @@ def schedule(p: WgradPlan, flush: int) -> tuple[np.ndarray, np.ndarray]:
 
     Returns ``(segments int64 [S, 4], blocks int64 [B + 1])``; a segment is a run of pixel
     pairs inside one output row (``xoff`` in Xw i32 units for tap (0, 0), ``dyoff`` in packed-dY
-    i32 units, ``npairs``, ``ctl = mask | flush_after << 32``); blocks are segment index bounds.
+    i32 units, ``npairs``, ``ctl = mask | flush_after << 32 | cnt0 << 33``: a run flushes
+    in its loop after ``cnt0`` pairs and then every ``flush/2``; a masked single pair, or a
+    run's short last chunk, flushes after the segment); blocks are segment index bounds.
     Flush boundaries sit at m = i*flush (reference order). Raises :class:`DfpError` for an odd
     or non-positive ``flush``.
     """
@@ -258,6 +263,42 @@ def schedule(p: WgradPlan, flush: int) -> tuple[np.ndarray, np.ndarray]:
     s = p.spec
     return _schedule_cached(s.N, s.P, s.Q, s.stride[0], s.stride[1], p.C, p.Hp, p.Wp, p.Kp,
                             int(flush), p.block_pairs)
+
+
+def _merge_runs(pieces, period, xoff, dyoff):
+    """Segments of one row. Unmasked pieces become one run whose in-loop countdown flushes
+    every ``period`` pairs (first after ``cnt0``); the pixel order of flushes is unchanged.
+    A piece joins the run only where the countdown reproduces its flush exactly; a short
+    final chunk (end of the reduction) keeps an explicit flush-after flag."""
+    out = []
+    cur = None  # [j0, npairs, cnt0, flag, fires_at_end]
+    for j0, npairs, mask, fl in pieces:
+        if mask != (MASK_NONE & 0xFFFFFFFF):
+            if cur:
+                out.append(cur)
+                cur = None
+            out.append([j0, npairs, NEVER, fl, False, mask])
+            continue
+        fires = fl and npairs == period
+        if cur and cur[4] and cur[0] + cur[1] == j0 and (fires or npairs < period):
+            cur[1] += npairs
+            cur[3] = fl and not fires
+            cur[4] = fires
+            continue
+        if cur:
+            out.append(cur)
+        if fl and npairs <= period:
+            cur = [j0, npairs, npairs, False, True]
+        else:
+            cur = [j0, npairs, NEVER, fl, False]
+    if cur:
+        out.append(cur)
+    segs = []
+    for e in out:
+        j0, npairs, cnt0, fl = e[:4]
+        mask = e[5] if len(e) > 5 else (MASK_NONE & 0xFFFFFFFF)
+        segs.append((xoff(j0), dyoff(j0), npairs, mask | (int(fl) << 32) | (cnt0 << CNT_SHIFT)))
+    return segs
 
 
 def _build_schedule(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush, block_pairs):
@@ -272,29 +313,30 @@ def _build_schedule(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush, block_pairs):
     def dyoff(row, j):
         return (row * Q2 + j) * Kp
 
+    period = flush // 2
     for row in range(N * P):
         n, p = divmod(row, P)
         m0 = row * Q
+        pieces = []   # (j0, npairs, mask, flush_after): split at every chunk boundary
         q = 0
         while q < Q:
-            # next chunk boundary after pixel m0+q
-            nb = (m0 + q) // flush * flush + flush
-            q_end = min(Q, nb - m0)           # pixels [q, q_end) in this chunk
+            nb = (m0 + q) // flush * flush + flush   # next chunk boundary after pixel m0+q
+            q_end = min(Q, nb - m0)                 # pixels [q, q_end) in this chunk
             ends_chunk = (m0 + q_end == nb) or (m0 + q_end == M)
             j0, j_last = q // 2, (q_end - 1) // 2
             if q % 2:   # chunk starts on element 1 of a pair
-                segs.append((xoff(n, p, 2 * j0), dyoff(row, j0), 1, MASK_HI & 0xFFFFFFFF))
+                pieces.append([j0, 1, MASK_HI & 0xFFFFFFFF, False])
                 j0 += 1
             odd_end = q_end % 2 and q_end < Q   # chunk ends on element 0 of a split pair
             j1 = j_last if odd_end else j_last + 1
             if j1 > j0:
-                segs.append((xoff(n, p, 2 * j0), dyoff(row, j0), j1 - j0, MASK_NONE & 0xFFFFFFFF))
+                pieces.append([j0, j1 - j0, MASK_NONE & 0xFFFFFFFF, False])
             if odd_end:
-                segs.append((xoff(n, p, 2 * j_last), dyoff(row, j_last), 1, MASK_LO))
+                pieces.append([j_last, 1, MASK_LO, False])
             if ends_chunk:
-                x, d, np_, ctl = segs[-1]
-                segs[-1] = (x, d, np_, ctl | flush_after)
+                pieces[-1][3] = True
             q = q_end
+        segs.extend(_merge_runs(pieces, period, lambda j: xoff(n, p, 2 * j), lambda j: dyoff(row, j)))
     seg = np.array(segs, dtype=np.int64).reshape(-1, SEG_FIELDS)
     # Cache blocks: cut after a segment once the block holds >= block_pairs pairs.
     bounds, acc = [0], 0

@@ -32,7 +32,7 @@ FAST_FLUSH = 1024   # fast mode default: long INT32 chains, as the paper's kerne
 TEMPLATE = "conv_bwd_weight.ll.j2"
 
 _KERNEL_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
                                 ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 
 @dataclass(frozen=True)
@@ -229,7 +229,7 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     sat = np.zeros(p.items, np.int64)
     s1, s2 = _scales(scale_exp) if scaled else (1.0, 1.0)
     args = (xw.ctypes.data, dyp.ctypes.data, out.ctypes.data, acc.ctypes.data, seg.ctypes.data,
-            blocks.ctypes.data, len(blocks) - 1, s1, s2, sat.ctypes.data)
+            blocks.ctypes.data, len(blocks) - 1, flush // 2, s1, s2, sat.ctypes.data)
     t1 = time.perf_counter()
     parallel_for(p.items, lambda b, e: fn(*args, b, e), nthreads)
     t_kernel = time.perf_counter() - t1

@@ -225,16 +225,17 @@ def test_plan_register_budget_and_layouts():
 
 def test_schedule_covers_every_pixel_once():
     """Segments list each (row, pixel) exactly once (split pairs as two masked halves) and
-    flushes sit after pixel m = i*flush - 1 and at the end."""
+    flushes (in-loop countdowns and flush-after flags) sit after pixel m = i*flush - 1 and at
+    the end, once each; rows are not split at pair-aligned flushes."""
     sp = ConvSpec(2, 3, 5, 7, 4, 3, 3, 1, 1, 1, pass_kind="bwd_weight")  # Q = 7 (odd)
     p = pw.plan(sp, pw.default_config(sp, HOST), HOST)
-    for flush in (2, 4, 6, 10, 128):
+    for flush in (2, 4, 6, 10, 14, 128):
         seg, blocks = pw.schedule(p, flush)
         assert blocks[0] == 0 and blocks[-1] == len(seg)
         seen, flush_at, m = [], [], -1
         for xoff, dyoff, npairs, ctl in seg.tolist():
             row, j0 = divmod(dyoff // p.Kp, p.Q2)
-            mask = ctl & 0xFFFFFFFF
+            mask, cnt = ctl & 0xFFFFFFFF, ctl >> pw.CNT_SHIFT
             for j in range(j0, j0 + npairs):
                 for e in (0, 1):
                     q = 2 * j + e
@@ -243,13 +244,25 @@ def test_schedule_covers_every_pixel_once():
                     if keep and q < sp.Q:
                         m = row * sp.Q + q
                         seen.append(m)
-            if ctl >> 32:
+                if mask == 0xFFFFFFFF:  # the run loop's countdown
+                    cnt -= 1
+                    if cnt == 0:
+                        flush_at.append(m)
+                        cnt = flush // 2
+            if (ctl >> 32) & 1:
                 flush_at.append(m)
         M = sp.N * sp.P * sp.Q
         assert seen == list(range(M))
         assert flush_at == sorted(set(list(range(flush - 1, M, flush)) + [M - 1]))
+        if flush >= 2 * sp.Q:  # a chunk boundary per row at most: <= 3 segments per row
+            assert len(seg) <= 3 * sp.N * sp.P
     with pytest.raises(DfpError, match="even"):
         pw.schedule(p, 5)
+    # Even Q: every chunk boundary is pair-aligned, so each row is one segment.
+    sp8 = ConvSpec(2, 3, 5, 8, 4, 3, 3, 1, 1, 1, pass_kind="bwd_weight")
+    p8 = pw.plan(sp8, pw.default_config(sp8, HOST), HOST)
+    seg, _ = pw.schedule(p8, 4)
+    assert len(seg) == sp8.N * sp8.P and not np.any((seg[:, 3] >> 32) & 1)
 
 
 def test_bad_inputs():
