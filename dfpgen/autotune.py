@@ -69,6 +69,7 @@ def lookup(spec: ConvSpec, target: CpuTarget | None = None, overflow: str = "exa
     with _memo_lock:
         if mkey in _memo:
             return _memo[mkey]
+    t0 = time.perf_counter()
     value = cache.load_tuning(tuning_fields(spec, target, overflow))
     cfg = None
     if value is not None:
@@ -78,6 +79,11 @@ def lookup(spec: ConvSpec, target: CpuTarget | None = None, overflow: str = "exa
             cfg = None
     with _memo_lock:
         _memo[mkey] = cfg
+    from .kernels import verbose
+    if verbose():  # ONEDNN_VERBOSE style, next to the kernel lines of kernels.load_kernel
+        import sys
+        print(f"dfpgen_verbose,tuning,{'hit' if cfg else 'none'},{spec},{cfg.short() if cfg else 'default'},"
+              f"{(time.perf_counter() - t0) * 1e3:.2f}ms", file=sys.stderr)
     return cfg
 
 

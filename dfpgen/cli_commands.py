@@ -107,7 +107,7 @@ def run_tune(args, specs: list[ConvSpec] | None, console) -> int:
         sys.stdout.write(json.dumps(rows, indent=1, default=str) + "\n")
         return 0
     from rich.table import Table
-    tab = Table(title="dfpgen tune", title_justify="left")
+    tab = Table(title="dfpgen tune (ms: the generated kernel alone, median)", title_justify="left")
     for col in ("pass", "layer", "decision", "config", "ms", "GMAC/s", "% peak", "x default",
                 "x PyTorch FP32", "candidates"):
         tab.add_column(col, justify="right" if col not in ("pass", "layer", "decision", "config") else "left")
@@ -150,13 +150,18 @@ def run_bench(args, specs: list[ConvSpec], console) -> int:
     for spec in specs:
         cfg = autotune.lookup(spec, target, args.overflow)
         ops = autotune.random_operands(spec)
-        kern = median_seconds(autotune.make_runner(spec, cfg, target, ops, args.overflow), args.repeats)
+        run = autotune.make_runner(spec, cfg, target, ops, args.overflow)
+        api = median_seconds(run, args.repeats)
+        eff = cfg or autotune._pass_api(spec)[0](spec, target)
+        kern, _ = autotune.time_runner(run, args.repeats,
+                                       kernel=lambda: autotune.kernel_timer(spec, eff, target, ops, args.overflow))
         full = median_seconds(autotune.make_runner(spec, cfg, target, ops, args.overflow, quantize=True),
                               args.repeats)
         fp32, bf16 = torch_seconds(spec, "float32", args.repeats), torch_seconds(spec, "bfloat16", args.repeats)
         g = spec.macs / kern / 1e9
-        rows.append({"pass": spec.pass_kind, "layer": spec.geometry(), "config": "tuned" if cfg else "default",
-                     "seconds": kern, "gmacs": g, "pct_peak": None if peak is None else 100 * g / peak,
+        rows.append({"pass": spec.pass_kind, "layer": spec.geometry(), "config": (cfg or eff).short(),
+                     "tuned": cfg is not None, "seconds": kern, "gmacs": g,
+                     "pct_peak": None if peak is None else 100 * g / peak, "seconds_api": api,
                      "seconds_with_quantize": full, "torch_fp32_seconds": fp32, "torch_bf16_seconds": bf16,
                      "speedup_fp32": _ratio(fp32, kern), "speedup_bf16": _ratio(bf16, kern),
                      "speedup_fp32_with_quantize": _ratio(fp32, full)})
@@ -164,15 +169,17 @@ def run_bench(args, specs: list[ConvSpec], console) -> int:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
         return 0
     from rich.table import Table
-    tab = Table(title="dfpgen bench (ms, median)", title_justify="left")
-    cols = ("pass", "layer", "config", "dfpgen", "GMAC/s", "% peak", "+quantize", "FP32", "bf16",
+    tab = Table(title="dfpgen bench (ms, median; kernel = generated code alone, call = numpy API on "
+                "DFP16 operands, +quantize = from FP32)", title_justify="left")
+    cols = ("pass", "layer", "config", "kernel", "GMAC/s", "% peak", "call", "+quantize", "FP32", "bf16",
             "x FP32", "x bf16", "x FP32 (+q)")
     for c in cols:
         tab.add_column(c, justify="left" if c in ("pass", "layer", "config") else "right")
     for r in rows:
         ms = lambda v: _fmt(None if v is None else v * 1e3, ".3f")  # noqa: E731
-        tab.add_row(r["pass"], r["layer"], r["config"], ms(r["seconds"]), _fmt(r["gmacs"]), _fmt(r["pct_peak"]),
-                    ms(r["seconds_with_quantize"]), ms(r["torch_fp32_seconds"]), ms(r["torch_bf16_seconds"]),
+        tab.add_row(r["pass"], r["layer"], r["config"] + (" (tuned)" if r["tuned"] else ""), ms(r["seconds"]),
+                    _fmt(r["gmacs"]), _fmt(r["pct_peak"]), ms(r["seconds_api"]), ms(r["seconds_with_quantize"]),
+                    ms(r["torch_fp32_seconds"]), ms(r["torch_bf16_seconds"]),
                     _fmt(r["speedup_fp32"], ".2f"), _fmt(r["speedup_bf16"], ".2f"),
                     _fmt(r["speedup_fp32_with_quantize"], ".2f"))
     console.print(tab)
