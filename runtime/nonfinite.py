@@ -99,6 +99,10 @@ def guarded_forward(layer, x: Tensor, run_dfp: Callable[[], Tensor],
     policy ``"skip"`` and a non-finite X, W or bias, ``run_fp32()`` runs instead. The
     output gets a gradient hook that checks dY before the backward passes quantize it.
     """
+    if torch.compiler.is_compiling():
+        # Under torch.compile the ops still raise DfpError on NaN/Inf; the layer-named
+        # message and the dY hook are eager-only (Dynamo cannot trace the name's f-string).
+        return run_dfp()
     name = layer_name(layer)
     try:
         y = run_dfp()
