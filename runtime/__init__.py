@@ -11,13 +11,18 @@ functional: :func:`conv2d`, :func:`linear` (custom ops ``torch.ops.dfpgen.conv2d
 :func:`is_enabled` (env ``DFPGEN_DISABLE=1``), :func:`set_default_format`.
 """
 from .config import (default_format, default_grad_rounding, default_overflow, enabled,
-                     is_enabled, set_default_format, set_enabled)
+                     is_enabled, nonfinite_policy, set_default_format, set_enabled,
+                     set_nonfinite_policy)
 from .convert import convert, dfp_layers, revert
 from .modules import DfpFallbackWarning, DFPConv2d, DFPLinear
+from .nonfinite import NonfiniteStepWarning, nonfinite_events, step_if_finite
+from .numerics import NumericsMonitor
 from .ops import conv2d, linear
 
 __all__ = [
     "DFPConv2d", "DFPLinear", "DfpFallbackWarning", "conv2d", "linear", "convert", "revert",
     "dfp_layers", "enabled", "set_enabled", "is_enabled", "set_default_format",
     "default_format", "default_overflow", "default_grad_rounding",
+    "NumericsMonitor", "set_nonfinite_policy", "nonfinite_policy", "step_if_finite",
+    "nonfinite_events", "NonfiniteStepWarning",
 ]
