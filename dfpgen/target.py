@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -152,4 +153,18 @@ def host_target(tier: str | None = None) -> CpuTarget:
 
     Raises :class:`DfpError` for an unknown tier name.
     """
-    return _host(tier or os.environ.get(ENV_ISA) or None)
+    env = os.environ.get(ENV_ISA) or None
+    target = _host(tier or env)
+    if tier is None:
+        _announce(target.tier, bool(env))
+    return target
+
+
+@lru_cache(maxsize=None)
+def _announce(tier: str, forced: bool) -> None:
+    # One stderr line per process when the kernels do not use VNNI, or a tier was forced:
+    # a silent fallback would look like a slow machine.
+    if forced:
+        print(f"dfpgen: ISA tier {tier} (forced by {ENV_ISA})", file=sys.stderr)
+    elif tier not in ("avx512_vnni", "vnni256"):
+        print(f"dfpgen: ISA tier {tier} (this CPU has no AVX512_VNNI / AVX-VNNI)", file=sys.stderr)
