@@ -301,7 +301,37 @@ def _merge_runs(pieces, period, xoff, dyoff):
     return segs
 
 
+def _even_q_segments(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush) -> np.ndarray:
+    """Even Q: every chunk boundary (m = i*flush - 1, m0 = row*Q even) ends a pair, so each
+    row is one run; its countdown starts at the pairs left in the current chunk."""
+    rows = np.arange(N * P, dtype=np.int64)
+    n, p = rows // P, rows % P
+    m0 = rows * Q
+    cnt0 = (flush - m0 % flush) // 2
+    cnt0[cnt0 > Q // 2] = NEVER  # no boundary in this row
+    last_flag = 0
+    if (N * P * Q) % flush:  # the short last chunk ends the last row
+        if cnt0[-1] == NEVER:
+            cnt0[-1] = Q // 2        # ... and the countdown can end it
+        else:
+            last_flag = 1 << 32      # the countdown restarted inside the row: explicit flag
+    seg = np.empty((rows.size, SEG_FIELDS), np.int64)
+    seg[:, 0] = (n * Hp + p * uh) * Wp * C
+    seg[:, 1] = rows * (Q // 2) * Kp
+    seg[:, 2] = Q // 2
+    seg[:, 3] = (MASK_NONE & 0xFFFFFFFF) | (cnt0 << CNT_SHIFT)
+    seg[-1, 3] |= last_flag
+    return seg
+
+
 def _build_schedule(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush, block_pairs):
+    make = _even_q_segments if Q % 2 == 0 else _row_segments
+    return _blocks(make(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush), block_pairs)
+
+
+def _row_segments(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush) -> np.ndarray:
+    """Any Q: rows split at every chunk boundary (masked halves for split pairs), then the
+    pair-aligned pieces of a row merged back into runs with in-loop flushes."""
     Q2 = -(-Q // 2)
     M = N * P * Q
     segs: list[tuple[int, int, int, int]] = []
@@ -337,8 +367,11 @@ def _build_schedule(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush, block_pairs):
                 pieces[-1][3] = True
             q = q_end
         segs.extend(_merge_runs(pieces, period, lambda j: xoff(n, p, 2 * j), lambda j: dyoff(row, j)))
-    seg = np.array(segs, dtype=np.int64).reshape(-1, SEG_FIELDS)
-    # Cache blocks: cut after a segment once the block holds >= block_pairs pairs.
+    return np.array(segs, dtype=np.int64).reshape(-1, SEG_FIELDS)
+
+
+def _blocks(seg: np.ndarray, block_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cache blocks: cut after a segment once the block holds >= block_pairs pairs."""
     bounds, acc = [0], 0
     for i, n in enumerate(seg[:, 2].tolist()):
         acc += n

@@ -263,6 +263,10 @@ def test_schedule_covers_every_pixel_once():
     p8 = pw.plan(sp8, pw.default_config(sp8, HOST), HOST)
     seg, _ = pw.schedule(p8, 4)
     assert len(seg) == sp8.N * sp8.P and not np.any((seg[:, 3] >> 32) & 1)
+    # ... and the vectorised even-Q builder agrees with the general row splitter
+    for args in [(2, 5, 8, 1, 1, 3, 7, 10, 16), (3, 4, 6, 2, 1, 5, 9, 12, 32), (1, 3, 2, 1, 2, 2, 5, 9, 16)]:
+        for flush in (2, 4, 6, 8, 10, 24, 1024):
+            assert np.array_equal(pw._even_q_segments(*args, flush), pw._row_segments(*args, flush)), (args, flush)
 
 
 def test_bad_inputs():
