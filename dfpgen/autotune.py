@@ -61,9 +61,18 @@ def tuning_fields(spec: ConvSpec, target: CpuTarget, overflow: str = "exact") ->
             "overflow": overflow, "threads": num_threads()}
 
 
+def any_batch_fields(spec: ConvSpec, target: CpuTarget, overflow: str = "exact") -> dict:
+    """The decision's second key, without the batch: kernels serve any N, so a layer tuned at
+    batch 32 also schedules batch 64 until that batch is tuned itself."""
+    geo = spec.geometry()
+    return {**tuning_fields(spec, target, overflow), "spec": f"{spec.pass_kind}:{geo[geo.index('c'):]}",
+            "batch": "any"}
+
+
 def lookup(spec: ConvSpec, target: CpuTarget | None = None, overflow: str = "exact") -> TuningConfig | None:
-    """The tuned config of ``spec`` on ``target`` or ``None``: a memory dict in front of the
-    disk cache, so ``get_kernel`` may call it on every call."""
+    """The tuned config of ``spec`` on ``target`` or ``None``: the decision for this exact
+    spec, else one tuned for the same layer at another batch size. A memory dict sits in
+    front of the disk cache, so ``get_kernel`` may call it on every call."""
     target = target or host_target()
     mkey = (spec, target, overflow, num_threads())
     with _memo_lock:
@@ -71,6 +80,8 @@ def lookup(spec: ConvSpec, target: CpuTarget | None = None, overflow: str = "exa
             return _memo[mkey]
     t0 = time.perf_counter()
     value = cache.load_tuning(tuning_fields(spec, target, overflow))
+    if value is None:
+        value = cache.load_tuning(any_batch_fields(spec, target, overflow))
     cfg = None
     if value is not None:
         try:
@@ -89,10 +100,10 @@ def lookup(spec: ConvSpec, target: CpuTarget | None = None, overflow: str = "exa
 
 def annotate(spec: ConvSpec, target: CpuTarget, overflow: str = "exact", **extra) -> None:
     """Add fields (e.g. ``torch_fp32_seconds``, measured by the CLI) to a stored decision."""
-    fields = tuning_fields(spec, target, overflow)
-    v = cache.load_tuning(fields)
-    if v is not None:
-        cache.store_tuning(fields, {**v, **extra})
+    for fields in (tuning_fields(spec, target, overflow), any_batch_fields(spec, target, overflow)):
+        v = cache.load_tuning(fields)
+        if v is not None:
+            cache.store_tuning(fields, {**v, **extra})
 
 
 def forget_lookups() -> None:
@@ -437,6 +448,7 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
                         elapsed=time.perf_counter() - t0, candidates=cands)
     assert best.status == "ok"
     cache.store_tuning(fields, result.to_value())
+    cache.store_tuning(any_batch_fields(spec, target, overflow), {**result.to_value(), "any_batch": True})
     with _memo_lock:
         _memo[(spec, target, overflow, num_threads())] = best.config
     return result

@@ -228,6 +228,8 @@ def entries_table(rows: list[dict]):
         else:
             v = e.get("value", {}) if isinstance(e.get("value"), dict) else {}
             what, cfg = v.get("spec", f.get("spec", "")), v.get("config")
+            if v.get("any_batch"):
+                what = f"{f.get('spec', what)} (any batch)"
             timing = f"{_fmt(v.get('gmacs'))} GMAC/s, {_fmt(v.get('seconds', 0) * 1e3, '.3f')} ms" if v else ""
             size = ""
         if isinstance(cfg, dict):

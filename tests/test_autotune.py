@@ -90,6 +90,9 @@ def test_picks_the_fastest_exact_config_and_never_stores_a_rejected_one(fresh, m
     cache.forget_memory()
     autotune.forget_lookups()
     assert autotune.lookup(SPEC, t, "fast") == r.config and autotune.lookup(SPEC, t) is None
+    # Kernels serve any batch: another N falls back to this decision until it is tuned itself.
+    assert autotune.lookup(SPEC.__class__(**{**SPEC.__dict__, "N": 7}), t, "fast") == r.config
+    assert autotune.lookup(parse_layer("n1c32h8w8k48r3s3p0"), t, "fast") is None
 
 
 def test_exact_mode_times_each_register_blocking_once(fresh, monkeypatch):
