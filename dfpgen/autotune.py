@@ -30,7 +30,6 @@ candidate's timing) goes to :func:`dfpgen.cache.store_tuning`; :func:`lookup` is
 from __future__ import annotations
 
 import os
-import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import numpy as np
 
 from . import cache
 from .errors import DfpError
+from .measure import kernel_sources, kernel_timer, make_runner, random_operands, time_runner  # noqa: F401
 from .spec import PASSES, ConvSpec
 from .target import CpuTarget, host_target
 from .threads import num_threads
@@ -214,119 +214,6 @@ def staged_candidates(spec: ConvSpec, target: CpuTarget, default: TuningConfig,
         return _cost_order(spec, target, [c for c in space if (c.k_vecs, c.pixels) == (best.k_vecs, best.pixels)
                                           and c != best and c not in same_rest])
     return _cost_order(spec, target, same_rest), around
-
-
-# ----------------------------------------------------------------------------- running
-def random_operands(spec: ConvSpec, seed: int = 0) -> dict:
-    """Random DFP16 operands of ``spec``'s pass (normal floats, quantized): ``x``, ``w``, ``dy``."""
-    from .dfp import quantize
-    rng = np.random.default_rng(seed)
-    ops = {}
-    for name, shape in (("x", spec.input_shape), ("w", spec.weight_shape), ("dy", spec.output_shape)):
-        ops[name] = quantize(rng.standard_normal(shape, dtype=np.float32), name=name)
-    return ops
-
-
-def make_runner(spec: ConvSpec, config: TuningConfig | None, target: CpuTarget, ops: dict,
-                overflow: str = "exact", *, quantize: bool = False,
-                return_info: bool = False) -> Callable[[], np.ndarray]:
-    """A zero-argument callable running ``spec``'s pass with ``config`` (``None``: tuned or
-    default) on ``ops`` and returning its FP32 output (``(output, RunInfo)`` with
-    ``return_info``), through the public conv API. The operands are pre-quantized DFP16
-    unless ``quantize``, which passes FP32 operands so the call includes quantize-and-pack."""
-    from . import conv
-    if quantize:
-        ops = {k: v.dequantize() for k, v in ops.items()}
-    kw = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation, overflow=overflow,
-              config=config, return_info=return_info)
-    if spec.pass_kind == "fwd":
-        return lambda: conv.conv2d(ops["x"], ops["w"], **kw)
-    if spec.pass_kind == "bwd_data":
-        return lambda: conv.conv2d_input(spec.input_shape, ops["w"], ops["dy"], **kw)
-    return lambda: conv.conv2d_weight(ops["x"], spec.weight_shape, ops["dy"], **kw)
-
-
-def kernel_sources(spec: ConvSpec, config: TuningConfig, target: CpuTarget,
-                   overflow: str = "exact") -> list[tuple[str, dict, str]]:
-    """``[(symbol, plan as a dict, LLVM IR)]`` of the kernel(s) of ``spec`` with ``config``
-    (``dfpgen show``); backward-data with stride > 1 has one kernel per output phase."""
-    if spec.pass_kind == "bwd_weight":
-        from dataclasses import asdict, is_dataclass
-
-        from . import plan_wgrad, wgrad
-        from .render import render
-        p = plan_wgrad.plan(spec, config, target, overflow)
-        d = asdict(p) if is_dataclass(p) else dict(p.key())
-        d = {k: v for k, v in d.items() if not isinstance(v, (list, tuple)) or len(v) <= 64}
-        return [(p.symbol, d, render(wgrad.TEMPLATE, p=p))]
-    from . import kernels
-    return kernels.kernel_sources(spec, config, target=target, overflow=overflow)
-
-
-def kernel_timer(spec: ConvSpec, config: TuningConfig, target: CpuTarget, ops: dict,
-                 overflow: str = "exact") -> Callable[[], float] | None:
-    """A callable that runs only the generated kernel(s) of ``spec`` with ``config`` on
-    buffers prepared once, and returns the seconds it took; ``None`` where this pass offers
-    no such entry point (then the whole public call is timed). Forward / backward-data:
-    the activation buffer and packed weights of ``dfpgen.fwd`` are built once, so padding,
-    weight packing and the exact-mode schedule analysis stay out of the measurement;
-    backward-weight: ``dfpgen.wgrad.last_times.kernel`` of a public call."""
-    try:
-        if spec.pass_kind == "bwd_weight":
-            from . import wgrad
-            run = make_runner(spec, config, target, ops, overflow)
-
-            def timed_wgrad() -> float:
-                run()
-                return wgrad.last_times.kernel
-            return timed_wgrad if hasattr(wgrad, "last_times") else None
-        from . import conv, fwd, kernels
-        fwd_pass = spec.pass_kind == "fwd"
-        act = ops["x"] if fwd_pass else ops["dy"]
-        wt = ops["w"].mantissa if fwd_pass else ops["w"].mantissa.transpose(1, 0, 2, 3)
-        cfg = conv._schedule(spec, overflow, config, act, wt, target)
-        kern = kernels.get_kernel(spec, cfg, overflow=overflow, target=target)
-        if not kern.parts:
-            return None
-        first = kern.parts[0].plan
-        xbuf = fwd._activation_buffer(act, kern.pad, 2 * first.red_pairs)
-        packed = [(part, part.pack_weights(wt)) for part in kern.parts]
-        oh, ow = (spec.P, spec.Q) if fwd_pass else (spec.H, spec.W)
-        ybuf = np.zeros((spec.N, oh, ow, first.out_pad), np.float32)
-        scale = fwd.check_scale(act.exponent + ops["w"].exponent, spec.pass_kind)
-        threads = num_threads()
-    except (ImportError, AttributeError, TypeError):
-        return None  # the kernel modules changed shape: time the public call instead
-
-    def timed() -> float:
-        t0 = time.perf_counter()
-        for part, wp in packed:
-            part.run(xbuf, wp, ybuf, None, scale, spec.N, threads)
-        return time.perf_counter() - t0
-    return timed
-
-
-def time_runner(run: Callable[[], np.ndarray], repeats: int = 5, max_seconds: float = 2.0, *,
-                kernel: Callable[[], Callable[[], float] | None] | None = None) -> tuple[float, np.ndarray]:
-    """One warm-up call of ``run`` (its output is returned for the exactness check), then the
-    median of up to ``repeats`` timed calls (fewer when they would exceed ``max_seconds``).
-    ``kernel``, when given, makes the callable whose own result is the kernel-only time
-    (:func:`kernel_timer`); otherwise each whole ``run()`` is timed."""
-    out = np.asarray(run())
-    timed = kernel() if kernel is not None else None
-    if timed is None:
-        def timed() -> float:
-            t0 = time.perf_counter()
-            run()
-            return time.perf_counter() - t0
-    else:
-        timed()  # warm-up of the prepared buffers
-    times, t_start = [], time.perf_counter()
-    for _ in range(max(1, repeats)):
-        times.append(timed())
-        if time.perf_counter() - t_start > max_seconds:
-            break
-    return statistics.median(times), out
 
 
 def _corrupt_hook(cfg: TuningConfig, out: np.ndarray) -> np.ndarray:
