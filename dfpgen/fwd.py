@@ -192,6 +192,7 @@ def execute(kernel: ConvKernel, act, wt: np.ndarray, bias: np.ndarray | None, sc
         bpad = np.zeros(first.out_pad, np.float32)
         bpad[:out] = bias
     saturated = 0
+    wt = np.ascontiguousarray(wt)  # backward-data passes W transposed: copy once, not per phase
     for part in kernel.parts:
         saturated += part.run(xbuf, part.pack_weights(wt), ybuf, bpad, scale, n, threads)
     return ybuf[..., :out], run_info(kernel, saturated, threads, scale_exp)

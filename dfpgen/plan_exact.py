@@ -12,16 +12,16 @@ tighter than the naive ``L * max|X| * max|W|`` (that bound gives one pair per pa
 DFP16, whose maxima sit in [2**14, 2**15)).
 
 The schedule depends on the data only, never on the register blocking, so every tuning
-config gives the same bits in exact mode. Candidates, longest first: ``c_block`` 16 with
-``flush_taps`` from R*S down to 1, then ``c_block`` 8, 4, 2 with one tap; (2, 1) (one pair
-per partial) always holds for mantissas within +/-32767 since 2 * 32767**2 < 2**31.
+config gives the same bits in exact mode. Candidates: ``c_block`` in 128 ... 2 (powers of
+two) x ``flush_taps`` in R*S ... 1, longest partial first (ties: the larger block); (2, 1)
+(one pair per partial) always holds for mantissas within +/-32767 since 2 * 32767**2 < 2**31.
 """
 from __future__ import annotations
 
 import numpy as np
 
 INT32_MAX = 2**31 - 1
-_BLOCKS = (16, 8, 4, 2)
+_BLOCKS = (128, 64, 32, 16, 8, 4, 2)
 
 
 def _block_sums(a: np.ndarray, block: int) -> np.ndarray:
@@ -52,10 +52,15 @@ def exact_schedule(w_abs: np.ndarray, act_max: np.ndarray) -> tuple[int, int]:
     """
     a = w_abs.astype(np.int64) * act_max.astype(np.int64)[None, :, None]
     taps = a.shape[2]
-    for block in _BLOCKS:
-        bs = _block_sums(a, block)
-        fts = range(taps, 0, -1) if block == _BLOCKS[0] else (1,)
-        for ft in fts:
-            if _max_group_sum(bs, ft) <= INT32_MAX:
-                return block, ft
+    redp = a.shape[1] + a.shape[1] % 2
+    # a block already covering every channel makes larger ones the same schedule
+    blocks = [b for b in _BLOCKS if b == 2 or b // 2 < redp]
+    cands = sorted(((b, ft) for b in blocks for ft in range(taps, 0, -1)),
+                   key=lambda c: (-c[0] * c[1], -c[0]))
+    sums = {}
+    for block, ft in cands:
+        if block not in sums:
+            sums[block] = _block_sums(a, block)
+        if _max_group_sum(sums[block], ft) <= INT32_MAX:
+            return block, ft
     return 2, 1

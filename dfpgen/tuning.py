@@ -100,8 +100,9 @@ def default_config(spec, target) -> TuningConfig:
     """The heuristic schedule of a forward / backward-data ``spec`` on ``target`` (used when
     nothing is tuned): the largest output-channel blocking (up to 2 vectors, paper-style
     2 x 14 block on AVX-512) that wastes no more padded lanes than 1 vector, as many pixels
-    as the register budget allows split evenly along Q, ``c_block`` 16 (the paper's chain of
-    16 input channels x R x S), flush chosen by the overflow mode."""
+    as the register budget allows split evenly along Q, ``c_block`` 16 for 3x3 (the paper's
+    chain of 16 input channels x R x S = 144 products; other filter sizes keep about 144),
+    flush chosen by the overflow mode."""
     if spec.pass_kind not in ("fwd", "bwd_data"):
         raise DfpError(f"default_config here covers fwd/bwd_data, not {spec.pass_kind!r}")
     red, outc, q = _reduction_and_output(spec)
@@ -115,8 +116,10 @@ def default_config(spec, target) -> TuningConfig:
             break
     cap = max_pixels(k_vecs, "none", target.registers)
     pixels = _pixel_block(q, cap)
-    c_block = 16 if red > 8 else (red + red % 2)
-    return TuningConfig(k_vecs=k_vecs, pixels=pixels, c_block=max(2, c_block), flush=0,
+    # The paper's chain is 16 channels x 3x3 = 144 products: keep about that length for
+    # other filter sizes (1x1: 144 channels, 7x7: 2), never longer than the channels.
+    c_block = min(max(2, 2 * (72 // (spec.R * spec.S))), red + red % 2)
+    return TuningConfig(k_vecs=k_vecs, pixels=pixels, c_block=c_block, flush=0,
                         unroll="none", threads=0)
 
 
