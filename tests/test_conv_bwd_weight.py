@@ -10,7 +10,7 @@ from dfpgen import plan_wgrad as pw
 from dfpgen import reference, wgrad
 from dfpgen.dfp import DfpTensor, quantize
 from dfpgen.errors import DfpError
-from dfpgen.jit import compile_ir
+from dfpgen.jit import compile_ir, emit_assembly
 from dfpgen.render import render
 from dfpgen.spec import ConvSpec
 from dfpgen.target import TIERS, host_target
@@ -31,6 +31,7 @@ SHAPES = [
     (2, 30, 6, 6, 70, 1, 1, 2, 0, 1),     # 1x1 stride 2, C > one register block, K = 4x16 + 6
     (1, 7, 5, 9, 3, 3, 1, (2, 1), (0, 1), (1, 2)),  # per-axis stride/padding/dilation, R != S
     (3, 2, 3, 4, 2, 1, 1, 2, 0, 1),       # Q = 2 (one pair per row), stride 2
+    (1, 300, 3, 4, 20, 1, 1, 1, 0, 1),    # C beyond one C-group (work items split C)
 ]
 
 
@@ -287,3 +288,16 @@ def test_bad_inputs():
         run(shape, DfpTensor(bad, xq.exponent), dyq)
     with pytest.raises(DfpError, match="even"):
         run(shape, xq, dyq, overflow="fast", config=pw.default_config(sp, HOST).replace(flush=7))
+
+
+@pytest.mark.parametrize("flush", [None, 8])
+def test_default_kernels_do_not_spill_vector_registers(flush):
+    """The register budget the planner asserts holds after LLVM's register allocation: no
+    vector register is stored to or loaded from the stack."""
+    sp = ConvSpec(8, 128, 28, 28, 128, 3, 3, 1, 1, pass_kind="bwd_weight")
+    for mode in ("exact", "fast"):
+        p = pw.plan(sp, pw.default_config(sp, HOST, flush), HOST, mode)
+        asm = emit_assembly(render(wgrad.TEMPLATE, p=p), cpu=HOST.compile_cpu, features=HOST.compile_features)
+        assert "vpdpwssd" in asm or HOST.tier not in ("avx512_vnni", "vnni256")
+        spills = [ln for ln in asm.splitlines() if "(%rsp)" in ln and ("mm" in ln)]
+        assert not spills, spills[:5]
