@@ -223,6 +223,12 @@ def entries_table(rows: list[dict]):
         if e["kind"] == "kernel":
             what = e.get("symbol") or f.get("spec", "")
             cfg = f.get("config")
+            if cfg is None and "error" not in e:
+                try:
+                    conv = entry_conv(e)
+                except Exception:  # noqa: BLE001 - a listing never fails on one odd entry
+                    conv = None
+                cfg = conv[1].short() if conv else None
             timing = f"compile {_fmt(e.get('compile_seconds', 0) * 1e3, '.1f')} ms" if "compile_seconds" in e else ""
             size = f"{e.get('size', 0) / 1024:.1f} KiB"
         else:
