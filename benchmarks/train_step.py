@@ -14,6 +14,7 @@ storages, parameters excluded). Figures, not a test: performance is never assert
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,9 +110,17 @@ def main(argv=None) -> int:
             print(f"{name} {prec}: median {1e3 * r['median_s']:.0f} ms, {r['img_s']:.1f} img/s",
                   file=sys.stderr, flush=True)
             rows.append(r)
-    print(f"\n{torch.get_num_threads()} threads, {args.repeats} timed steps after "
-          f"{args.warmup} warm-up, torch {torch.__version__}\n")
-    print(table(rows))
+    head = (f"{torch.get_num_threads()} threads, {args.repeats} timed steps after "
+            f"{args.warmup} warm-up, torch {torch.__version__}, overflow mode "
+            f"{dfp.default_overflow()!r}; command: `python benchmarks/train_step.py "
+            f"{' '.join(argv if argv is not None else sys.argv[1:])}`")
+    body = table(rows)
+    print(f"\n{head}\n\n{body}")
+    if not args.no_write:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from results_md import write_section
+        write_section("train_step", f"## Training step: DFP16 vs FP32 vs bf16 "
+                      f"(benchmarks/train_step.py)\n\n{head}\n\n{body}\n")
     return 0
 
 

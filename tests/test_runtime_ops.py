@@ -50,7 +50,7 @@ def test_conv2d_values_and_gradients_match_torch_on_dequantized(case):
     x.requires_grad_()
     wt = torch.randn(k, c, r, s, generator=g, requires_grad=True)
     b = torch.randn(k, generator=g, requires_grad=True) if has_bias else None
-    y = dfp.conv2d(x, wt, b, st, pad, dil, fmt=DFP16)
+    y = dfp.conv2d(x, wt, b, st, pad, dil, fmt=DFP16, overflow="exact")
     assert y.dtype == torch.float32
     assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     gy = torch.randn(y.shape, generator=g)
@@ -81,7 +81,7 @@ def test_linear_values_and_gradients_match_torch_on_dequantized():
     x = torch.randn(2, 5, 19, generator=g, requires_grad=True)  # leading dims flattened
     wt = torch.randn(7, 19, generator=g, requires_grad=True)
     b = torch.randn(7, generator=g, requires_grad=True)
-    y = dfp.linear(x, wt, b, fmt=DFP16)
+    y = dfp.linear(x, wt, b, fmt=DFP16, overflow="exact")
     assert y.shape == (2, 5, 7)
     gy = torch.randn(y.shape, generator=g)
     y.backward(gy)
@@ -104,7 +104,8 @@ def test_stochastic_gradient_rounding_is_seeded_and_reproducible():
 
     def grads(seed):
         x, wt = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        dfp.conv2d(x, wt, None, 1, 1, fmt=DFP16, grad_rounding="stochastic", seed=seed).backward(gy)
+        dfp.conv2d(x, wt, None, 1, 1, fmt=DFP16, overflow="exact", grad_rounding="stochastic",
+                   seed=seed).backward(gy)
         return x.grad, wt.grad
 
     a, b, c = grads(11), grads(11), grads(12)
@@ -124,7 +125,7 @@ def test_forward_saves_int16_activation_not_fp32():
     wt = torch.randn(8, 8, 3, 3, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = dfp.conv2d(x, wt, None, 1, 1, fmt=DFP16)
+        y = dfp.conv2d(x, wt, None, 1, 1, fmt=DFP16, overflow="exact")
     act = [t for t in saved if t.data_ptr() != wt.data_ptr() and t.numel() > 1]
     assert [t.dtype for t in act] == [torch.int16]
     assert act[0].numel() >= x.numel() and act[0].nbytes < x.nbytes  # 2 bytes/element (+pad)
@@ -135,11 +136,11 @@ def test_forward_saves_int16_activation_not_fp32():
 def test_first_layer_without_input_grad_and_nan_error():
     x = torch.randn(2, 1, 6, 6)  # input needs no gradient: backward-data is not run
     wt = torch.randn(4, 1, 3, 3, requires_grad=True)
-    dfp.conv2d(x, wt, None, 1, 1, fmt=DFP16).sum().backward()
+    dfp.conv2d(x, wt, None, 1, 1, fmt=DFP16, overflow="exact").sum().backward()
     assert wt.grad.shape == wt.shape and x.grad is None
     x[0, 0, 1, 2] = float("nan")
     with pytest.raises(dfpgen.DfpError, match="NaN"):
-        dfp.conv2d(x, wt, None, 1, 1, fmt=DFP16)
+        dfp.conv2d(x, wt, None, 1, 1, fmt=DFP16, overflow="exact")
 
 
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
