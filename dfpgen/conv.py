@@ -31,7 +31,7 @@ import numpy as np
 
 from .dfp import DFP16, DfpFormat, DfpTensor, quantize
 from .errors import DfpError, OverflowWarning
-from .fwd import execute
+from .fwd import FMA_MIN_SCALE_EXP, execute
 from .kernels import get_kernel
 from .plan_exact import exact_schedule
 from .runinfo import RunInfo
@@ -130,7 +130,8 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
     spec = ConvSpec(n, c, h, wd, k, r, s, _pair(stride, "stride"), _pair(padding, "padding"),
                     _pair(dilation, "dilation"), "fwd")
     cfg = _schedule(spec, overflow, config, xq, wq.mantissa, target)
-    kern = get_kernel(spec, cfg, overflow=overflow, target=target, bias=b is not None)
+    kern = get_kernel(spec, cfg, overflow=overflow, target=target, bias=b is not None,
+                      fma=xq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP)
     y, info = execute(kern, xq, wq.mantissa, b, xq.exponent + wq.exponent, threads)
     return _finish(y, info, return_info)
 
@@ -158,7 +159,8 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
                        f"forward output of input {tuple(input_shape)} and weight {wq.shape}")
     wt = wq.mantissa.transpose(1, 0, 2, 3)
     cfg = _schedule(spec, overflow, config, dyq, wt, target)
-    kern = get_kernel(spec, cfg, overflow=overflow, target=target)
+    kern = get_kernel(spec, cfg, overflow=overflow, target=target,
+                      fma=dyq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP)
     dx, info = execute(kern, dyq, wt, None, dyq.exponent + wq.exponent, threads)
     return _finish(dx, info, return_info)
 

@@ -32,6 +32,7 @@ _PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_
                           ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                           ctypes.c_void_p)
 SCALE_EXP_RANGE = (-149, 127)  # 2**e exactly representable in float32 (subnormals included)
+FMA_MIN_SCALE_EXP = -126       # normal scale: (float)partial * 2**e is exact, FMA == mul + add
 
 
 class SubKernel:
@@ -89,16 +90,17 @@ class SubKernel:
 class ConvKernel:
     """The kernels of one forward or backward-data pass (one, or one per output phase)."""
 
-    def __init__(self, spec, config: TuningConfig, target, mode: str, has_bias: bool = False):
+    def __init__(self, spec, config: TuningConfig, target, mode: str, has_bias: bool = False,
+                 fma: bool = True):
         self.spec, self.config, self.target, self.mode = spec, config, target, mode
         if spec.pass_kind == "fwd":
-            sub, plan = plan_fwd(spec, config, target, mode=mode, has_bias=has_bias)
+            sub, plan = plan_fwd(spec, config, target, mode=mode, has_bias=has_bias, fma=fma)
             self.pad = (spec.padding[0],) * 2 + (spec.padding[1],) * 2
             self.parts = [SubKernel(sub, plan, target)]
             self.zero_fill = False
             self.flush_taps = plan.flush_taps
         elif spec.pass_kind == "bwd_data":
-            bp = plan_bwd_data(spec, config, target, mode=mode)
+            bp = plan_bwd_data(spec, config, target, mode=mode, fma=fma)
             self.pad = bp.pad
             self.parts = [SubKernel(sub, plan, target) for sub, plan in bp.phases]
             self.zero_fill = bp.zero_fill

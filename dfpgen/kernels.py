@@ -121,21 +121,24 @@ def resolve_config(spec, config=None, *, overflow: str = "fast", target: CpuTarg
 
 
 def get_kernel(spec, config=None, *, overflow: str = "fast", target: CpuTarget | None = None,
-               bias: bool = False):
+               bias: bool = False, fma: bool = True):
     """The kernel object of a conv pass ``spec`` (memory -> disk via :func:`load_kernel` ->
     render + compile), scheduled by :func:`resolve_config`. Forward / backward-data return a
     :class:`dfpgen.fwd.ConvKernel` (``.parts``: one loaded kernel, or one per output phase).
-    Raises :class:`dfpgen.DfpError` for an unknown overflow mode or an illegal config."""
+    ``fma=False`` flushes with a separate multiply and add (needed only when the product scale
+    2**(Ea+Eb) is a float32 subnormal). Raises :class:`dfpgen.DfpError` for an unknown
+    overflow mode or an illegal config."""
     from .errors import DfpError
     if overflow not in OVERFLOW_MODES:
         raise DfpError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
     config, target = resolve_config(spec, config, overflow=overflow, target=target)
-    key = (spec, config, overflow, bool(bias), tuple(sorted(target.key().items(), key=str)).__repr__())
+    key = (spec, config, overflow, bool(bias), bool(fma), repr(sorted(target.key().items(), key=str)))
     with _lock:
         hit = _conv_kernels.get(key)
     if hit is not None:
         return hit
-    k = _builder(spec.pass_kind)(spec, config, target, overflow, bool(bias))
+    extra = {} if fma else {"fma": False}
+    k = _builder(spec.pass_kind)(spec, config, target, overflow, bool(bias), **extra)
     with _lock:
         return _conv_kernels.setdefault(key, k)
 

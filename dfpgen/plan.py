@@ -138,6 +138,7 @@ class KernelPlan:
     registers_used: int
     registers: int
     unroll: str
+    fma: bool = True
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -164,7 +165,7 @@ def _descriptor_hash(fields: dict) -> str:
 
 
 def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_taps: int,
-                has_bias: bool, pass_kind: str, label: str) -> KernelPlan:
+                has_bias: bool, pass_kind: str, label: str, fma: bool = True) -> KernelPlan:
     """Schedule ``sub`` with ``config``. ``flush_taps``: taps per INT32 partial within a
     reduction block (the taps' ``group`` fields must already encode it). Raises
     :class:`DfpError` for an illegal schedule (register budget, mode)."""
@@ -198,7 +199,7 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
         taps.append(Tap(t, tp.r, tp.s, (tp.dh * sub.in_w + tp.dw) * x_pix, t * red_pairs * w_pair,
                         last_of_group))
     fields = {"sub": asdict(sub), "config": config.to_dict(), "mode": mode, "ft": flush_taps,
-              "bias": has_bias, "tier": target.tier}
+              "bias": has_bias, "tier": target.tier, "fma": fma}
     symbol = (f"dfp_conv_{pass_kind}_{label}_kb{kv}_wb{wb}_cb{config.c_block}"
               f"_fl{config.c_block * flush_taps}{'_u4' if step == 4 else ''}"
               f"_{target.tier}_{mode}{'_b' if has_bias else ''}_{_descriptor_hash(fields)}")
@@ -220,7 +221,7 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
         w_ukv=tuple(tuple(u * w_pair + v * 2 * lanes for v in range(kv)) for u in range(step)),
         y_off=tuple(tuple(j * y_col + v * lanes for v in range(kv)) for j in range(wb)),
         b_kv=tuple(v * lanes for v in range(kv)),
-        registers_used=used, registers=regs, unroll=config.unroll,
+        registers_used=used, registers=regs, unroll=config.unroll, fma=fma,
     )
 
 
@@ -260,13 +261,14 @@ def resolve_flush_taps(config: TuningConfig, taps: int, mode: str) -> int:
     return max(1, min(taps, config.flush // config.c_block))
 
 
-def plan_fwd(spec, config: TuningConfig, target, *, mode: str = "fast", has_bias: bool = False
-             ) -> tuple[SubConv, KernelPlan]:
+def plan_fwd(spec, config: TuningConfig, target, *, mode: str = "fast", has_bias: bool = False,
+             fma: bool = True) -> tuple[SubConv, KernelPlan]:
     """Plan the forward pass of ``spec``. Returns the sub-convolution (buffer geometry for the
-    caller) and the kernel plan."""
+    caller) and the kernel plan. ``fma``: flush with one FMA (exact while the scale
+    2**(Ex+Ew) is a normal float32, i.e. Ex+Ew >= -126); else multiply, then add."""
     if spec.pass_kind != "fwd":
         raise DfpError(f"plan_fwd needs a forward spec, got {spec.pass_kind!r}")
     ft = resolve_flush_taps(config, spec.R * spec.S, mode)
     sub = fwd_subconv(spec, ft)
     return sub, plan_kernel(sub, config, target, mode=mode, flush_taps=ft, has_bias=has_bias,
-                            pass_kind="fwd", label=spec_label(spec))
+                            pass_kind="fwd", label=spec_label(spec), fma=fma)

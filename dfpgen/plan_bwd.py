@@ -50,7 +50,7 @@ def _axis_phases(n_in: int, n_out: int, u: int, pad: int, d: int, taps: int):
     return phases, before, after
 
 
-def plan_bwd_data(spec, config: TuningConfig, target, *, mode: str = "fast") -> BwdDataPlan:
+def plan_bwd_data(spec, config: TuningConfig, target, *, mode: str = "fast", fma: bool = True) -> BwdDataPlan:
     """Plan the backward-data pass of ``spec`` (``pass_kind == "bwd_data"``): reduction over K
     (``config.c_block`` is the reference's ``k_block``), output vectors over C."""
     if spec.pass_kind != "bwd_data":
@@ -77,5 +77,6 @@ def plan_bwd_data(spec, config: TuningConfig, target, *, mode: str = "fast") -> 
                           out_h=spec.H, out_w=spec.W, oh0=a, ow0=b, ohs=uh, ows=uw)
             sfx = f"_ph{a}x{b}" if (uh, uw) != (1, 1) else ""
             phases.append((sub, plan_kernel(sub, config, target, mode=mode, flush_taps=ft,
-                                            has_bias=False, pass_kind="bwd_data", label=label + sfx)))
+                                            has_bias=False, pass_kind="bwd_data", label=label + sfx,
+                                            fma=fma)))
     return BwdDataPlan((top, bottom, left, right), tuple(phases), zero_fill, ft)

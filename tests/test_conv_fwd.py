@@ -163,3 +163,17 @@ def test_get_kernel_is_memoised_and_symbol_names_the_layer():
     k1 = get_kernel(spec, overflow="fast")
     assert get_kernel(spec, overflow="fast") is k1
     assert k1.symbols[0].startswith("dfp_conv_fwd_c8h6w6k16r3s3u1p1_kb1_wb6_cb8_fl72")
+
+
+def test_subnormal_scale_flushes_with_mul_then_add():
+    # Ex + Ew = -140: the scale 2**-140 is a float32 subnormal, small partials land in the
+    # subnormal range, where an FMA would round differently from the reference's mul-then-add.
+    shape = (1, 6, 5, 5, 8, 3, 3, 1, 1, 1)
+    xq, wq, _ = operands(shape, seed=12)
+    xs = dfpgen.DfpTensor(xq.mantissa // 512, -70, xq.fmt)
+    ws = dfpgen.DfpTensor(wq.mantissa // 512, -70, wq.fmt)
+    y, info = conv.conv2d(xs, ws, padding=1, overflow="exact", return_info=True)
+    ref = _ref(xs, ws, shape, info)
+    assert np.array_equal(y, ref.fp32) and (np.abs(y[y != 0]) < 2.0 ** -126).any()
+    with pytest.raises(dfpgen.DfpError, match="outside float32"):
+        conv.conv2d(dfpgen.DfpTensor(xq.mantissa, -100, xq.fmt), ws, padding=1)
