@@ -17,7 +17,8 @@ Layouts the kernel reads (int16 pairs, one 32-bit lane each):
   ``Xw[n,h,w,c] = (Xpad[n,h,w,c], Xpad[n,h,w+uw,c])`` (Xpad = X zero-padded, NHWC). The pair
   (q, q+1) of tap (r, s) starts at ``w = 2j*uw + s*dw``, so one 32-bit broadcast gives one c x
   one pixel pair for *every* tap, and a tap is a constant offset (``tap_offsets``). This costs
-  2x the input (instead of R*S x for a per-tap copy).
+  2x the input (instead of R*S x for a per-tap copy). With S == 1 only the columns w = 2j*uw
+  are read, so Xw keeps those alone (``Wp = Q2``): the size of X for a stride-1 1x1 layer.
 
 Register blocking: ``k_vecs`` K-vectors x ``pixels`` input channels of INT32 accumulators
 (``config.pixels`` is the C extent of the register block in this pass), plus ``k_vecs`` dY
@@ -93,9 +94,11 @@ class WgradPlan:
     Kp: int
     RS: int
     Hp: int
-    Wp: int
+    Wp: int               # Xw columns
     Q2: int
-    x_pair_stride: int    # i32 elements between pair j and j+1 in Xw (= 2*uw*C)
+    x_pair_stride: int    # i32 elements between pair j and j+1 in Xw (= col_per_pair*C)
+    col_per_pair: int     # Xw columns between pairs: 2*uw, or 1 when S == 1
+    pack_istep: int       # source columns between Xw columns: 1, or 2*uw when S == 1
     tap_offsets: tuple    # i32 elements, tap (r, s) -> r*dh*Wp*C + s*dw*C
     items: int            # work items = RS * n_kb * n_cg
     block_pairs: int      # pixel pairs per cache block (config.c_block)
@@ -188,10 +191,16 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     P, Q = spec.P, spec.Q
     Q2 = -(-Q // 2)
     Hp = (P - 1) * uh + (spec.R - 1) * dh + 1
-    # The last pair of a row reads column (2*Q2 - 1)*uw + (S-1)*dw; its partner one uw further.
-    Wp = (2 * Q2 - 2) * uw + (spec.S - 1) * dw + 1
     C = spec.C
-    taps = tuple(r * dh * Wp * C + s * dw * C for r in range(spec.R) for s in range(spec.S))
+    if spec.S == 1:
+        # One filter column: only pairs starting at w = 2j*uw are read, so Xw keeps just those
+        # (Q2 columns, the size of X for stride 1) instead of every column.
+        Wp, cpp, istep = Q2, 1, 2 * uw
+        taps = tuple(r * dh * Wp * C for r in range(spec.R))
+    else:
+        # The last pair of a row starts at column (2*Q2 - 2)*uw + (S-1)*dw.
+        Wp, cpp, istep = (2 * Q2 - 2) * uw + (spec.S - 1) * dw + 1, 2 * uw, 1
+        taps = tuple(r * dh * Wp * C + s * dw * C for r in range(spec.R) for s in range(spec.S))
     RS = spec.R * spec.S
     fp32_regs = 2 * kv * cb + kv + 1 <= target.registers
     sym = (f"dfp_conv_bwdw_{spec.geometry()}_kb{kv}_cb{cb}_pp{config.c_block}_{target.tier}_{mode}"
@@ -200,7 +209,8 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
         spec=spec, config=config, tier=target.tier, mode=mode, lanes=lanes, i16_lanes=2 * lanes,
         vec_bytes=4 * lanes, kv=kv, kv_tail=kv_tail, n_kb=n_kb, cb=cb, cb_tail=cb, c_group=c_group,
         n_cg=n_cg, n_cb_group=n_cb_group, n_cb_last=n_cb_last, cb_tail_last=cb_tail_last,
-        C=C, K=spec.K, Kp=Kp, RS=RS, Hp=Hp, Wp=Wp, Q2=Q2, x_pair_stride=2 * uw * C,
+        C=C, K=spec.K, Kp=Kp, RS=RS, Hp=Hp, Wp=Wp, Q2=Q2, x_pair_stride=cpp * C, col_per_pair=cpp,
+        pack_istep=istep,
         tap_offsets=taps, items=RS * n_kb * n_cg, block_pairs=config.c_block,
         saturating=(mode == "fast"), fp32_regs=fp32_regs, scaled=scaled, symbol=sym)
 
@@ -243,8 +253,8 @@ def search_space(spec: ConvSpec, target: CpuTarget) -> list[TuningConfig]:
 # ---------------------------------------------------------------- flush schedule
 
 @lru_cache(maxsize=64)
-def _schedule_cached(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush, block_pairs):
-    return _build_schedule(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush, block_pairs)
+def _schedule_cached(N, P, Q, uh, cpp, C, Hp, Wp, Kp, flush, block_pairs):
+    return _build_schedule(N, P, Q, uh, cpp, C, Hp, Wp, Kp, flush, block_pairs)
 
 
 def schedule(p: WgradPlan, flush: int) -> tuple[np.ndarray, np.ndarray]:
@@ -261,7 +271,7 @@ def schedule(p: WgradPlan, flush: int) -> tuple[np.ndarray, np.ndarray]:
     if flush < 2 or flush % 2:
         raise DfpError(f"backward-weight flush interval must be an even number of pixels >= 2, got {flush}")
     s = p.spec
-    return _schedule_cached(s.N, s.P, s.Q, s.stride[0], s.stride[1], p.C, p.Hp, p.Wp, p.Kp,
+    return _schedule_cached(s.N, s.P, s.Q, s.stride[0], p.col_per_pair, p.C, p.Hp, p.Wp, p.Kp,
                             int(flush), p.block_pairs)
 
 
@@ -301,7 +311,7 @@ def _merge_runs(pieces, period, xoff, dyoff):
     return segs
 
 
-def _even_q_segments(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush) -> np.ndarray:
+def _even_q_segments(N, P, Q, uh, cpp, C, Hp, Wp, Kp, flush) -> np.ndarray:
     """Even Q: every chunk boundary (m = i*flush - 1, m0 = row*Q even) ends a pair, so each
     row is one run; its countdown starts at the pairs left in the current chunk."""
     rows = np.arange(N * P, dtype=np.int64)
@@ -324,12 +334,12 @@ def _even_q_segments(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush) -> np.ndarray:
     return seg
 
 
-def _build_schedule(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush, block_pairs):
+def _build_schedule(N, P, Q, uh, cpp, C, Hp, Wp, Kp, flush, block_pairs):
     make = _even_q_segments if Q % 2 == 0 else _row_segments
-    return _blocks(make(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush), block_pairs)
+    return _blocks(make(N, P, Q, uh, cpp, C, Hp, Wp, Kp, flush), block_pairs)
 
 
-def _row_segments(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush) -> np.ndarray:
+def _row_segments(N, P, Q, uh, cpp, C, Hp, Wp, Kp, flush) -> np.ndarray:
     """Any Q: rows split at every chunk boundary (masked halves for split pairs), then the
     pair-aligned pieces of a row merged back into runs with in-loop flushes."""
     Q2 = -(-Q // 2)
@@ -337,8 +347,8 @@ def _row_segments(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush) -> np.ndarray:
     segs: list[tuple[int, int, int, int]] = []
     flush_after = 1 << 32
 
-    def xoff(n, p, q):
-        return ((n * Hp + p * uh) * Wp + q * uw) * C
+    def xoff(n, p, j):  # pair j of output row (n, p), tap (0, 0)
+        return ((n * Hp + p * uh) * Wp + j * cpp) * C
 
     def dyoff(row, j):
         return (row * Q2 + j) * Kp
@@ -366,7 +376,7 @@ def _row_segments(N, P, Q, uh, uw, C, Hp, Wp, Kp, flush) -> np.ndarray:
             if ends_chunk:
                 pieces[-1][3] = True
             q = q_end
-        segs.extend(_merge_runs(pieces, period, lambda j: xoff(n, p, 2 * j), lambda j: dyoff(row, j)))
+        segs.extend(_merge_runs(pieces, period, lambda j: xoff(n, p, j), lambda j: dyoff(row, j)))
     return np.array(segs, dtype=np.int64).reshape(-1, SEG_FIELDS)
 
 

@@ -14,6 +14,7 @@ import ctypes
 import math
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -97,6 +98,7 @@ PACK_CHUNK = 16      # channels per vector step of the pack kernel (256-bit load
 MIN_PACK_ROWS_PER_THREAD = 8
 
 
+@lru_cache(maxsize=None)
 def _pack_kernel(target: CpuTarget):
     fields = {"symbol": f"dfp_bwdw_pack_pairs_{target.tier}", "tier": target.tier, "chunk": PACK_CHUNK,
               "params": PACK_PARAMS,
@@ -149,6 +151,14 @@ def _scales(e: int) -> tuple[float, float]:
     return float(np.float32(2.0 ** e1)), float(np.float32(2.0 ** e2))
 
 
+@lru_cache(maxsize=256)
+def _conv_kernel(p: pw.WgradPlan, target: CpuTarget):
+    """The kernel of plan ``p`` as a ctypes callable; memoised because ``load_kernel`` hashes
+    the full key (JSON + sha256) on every call, ~0.1 ms that small layers notice."""
+    k = load_kernel(p.symbol, p.key(), lambda: render(TEMPLATE, p=p), target)
+    return _KERNEL_TYPE(k.address)
+
+
 def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, overflow: str = "exact",
                     threads: int | None = None, config: TuningConfig | None = None,
                     target: CpuTarget | None = None) -> tuple[np.ndarray, RunInfo]:
@@ -189,7 +199,7 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     p = pw.plan(spec, config or pw.default_config(spec, target), target, overflow, scaled)
 
     nthreads = threads or (config.threads if config is not None else 0) or num_threads()
-    xw, xam = pack_pairs(x, (N, p.Hp, p.Wp), pad=spec.padding, istep=1, delta=spec.stride[1],
+    xw, xam = pack_pairs(x, (N, p.Hp, p.Wp), pad=spec.padding, istep=p.pack_istep, delta=spec.stride[1],
                          threads=nthreads, target=target)
     dyp, dam = pack_pairs(dy, (N, spec.P, p.Q2), istep=2, delta=1, cout=p.Kp, threads=nthreads,
                           target=target, align=64)
@@ -198,17 +208,22 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     b_pix = dam.reshape(N, spec.P, 2 * p.Q2)[:, :, :spec.Q]  # (N, P, Q): max over K
     if overflow == "exact":
         (uh, uw), (dh, dw) = spec.stride, spec.dilation
-        # per padded pixel max over C, (N, Hp, Wp + uw): columns >= Wp only appear as the
-        # second element of a pair, Xw[.., w, 1] = Xpad[.., w + uw]
-        a_all = np.zeros((N, p.Hp, p.Wp + uw), np.int32)
-        a_all[..., :p.Wp] = xam[..., 0]
-        np.maximum(a_all[..., uw:], xam[..., 1], out=a_all[..., uw:])
         a_pix = np.zeros(b_pix.shape, np.int32)
-        for r in range(R):
-            for s in range(S):
-                v = a_all[:, r * dh: r * dh + (spec.P - 1) * uh + 1: uh,
-                          s * dw: s * dw + (spec.Q - 1) * uw + 1: uw]
-                np.maximum(a_pix, v, out=a_pix)
+        if S == 1:  # Xw column j holds output pixels (2j, 2j+1) already
+            for r in range(R):
+                v = xam[:, r * dh: r * dh + (spec.P - 1) * uh + 1: uh].reshape(N, spec.P, -1)
+                np.maximum(a_pix, v[..., :spec.Q], out=a_pix)
+        else:
+            # per padded pixel max over C, (N, Hp, Wp + uw): columns >= Wp only appear as
+            # the second element of a pair, Xw[.., w, 1] = Xpad[.., w + uw]
+            a_all = np.zeros((N, p.Hp, p.Wp + uw), np.int32)
+            a_all[..., :p.Wp] = xam[..., 0]
+            np.maximum(a_all[..., uw:], xam[..., 1], out=a_all[..., uw:])
+            for r in range(R):
+                for s in range(S):
+                    v = a_all[:, r * dh: r * dh + (spec.P - 1) * uh + 1: uh,
+                              s * dw: s * dw + (spec.Q - 1) * uw + 1: uw]
+                    np.maximum(a_pix, v, out=a_pix)
         flush = exact_flush(a_pix, b_pix)
         if config is not None and config.flush:
             flush = max(2, min(flush, config.flush - config.flush % 2))
@@ -222,8 +237,7 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     seg, blocks = pw.schedule(p, flush)
     t_pack = time.perf_counter() - t0
 
-    k = load_kernel(p.symbol, p.key(), lambda: render(TEMPLATE, p=p), target)
-    fn = _KERNEL_TYPE(k.address)
+    fn = _conv_kernel(p, target)
     out = aligned_zeros((p.RS, C, p.Kp), np.float32)
     acc = aligned_zeros((p.RS, C, p.Kp), np.int32)
     sat = np.zeros(p.items, np.int64)
@@ -238,7 +252,7 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
         dw *= np.float32(2.0 ** scale_exp)  # exact: see plan_wgrad.unscaled_ok
     last_times = WgradTimes(pack=t_pack, kernel=t_kernel, total=time.perf_counter() - t0)
     info = RunInfo(pass_kind="bwd_weight", overflow=overflow, flush=flush, saturated=int(sat.sum()),
-                   tier=target.tier, symbol=p.symbol, symbols=(p.symbol,), config=config.to_dict(),
+                   tier=target.tier, symbol=p.symbol, symbols=(p.symbol,), config=dict(config.__dict__),
                    c_block=config.c_block, threads=min(nthreads, p.items),
                    scale_exp=int(xq.exponent) + int(dyq.exponent))
     return dw, info
