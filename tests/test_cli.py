@@ -160,3 +160,17 @@ def test_bench_json(tmp_path):
     (row,) = json.loads(r.stdout)
     assert row["pass"] == "fwd" and row["seconds"] > 0 and row["seconds_with_quantize"] > 0
     assert row["torch_fp32_seconds"] is None or row["speedup_fp32"] > 0
+
+
+def test_peak_loops_are_register_only_vnni_and_fma():
+    from dfpgen import jit, peak
+    from dfpgen.target import host_target
+    t = host_target()
+    asm = jit.emit_assembly(peak._vnni_ir("dfp_test_peak", 512), cpu="znver4", features="+avx512f,+avx512bw,+avx512vnni")
+    body = [l for l in asm.splitlines() if "vpdpwssd" in l]
+    assert len(body) >= peak.ACCUMULATORS and not any("(" in l for l in body)  # no memory operands
+    fma = jit.emit_assembly(peak._fma_ir("dfp_test_fma", 512), cpu="znver4", features="+avx512f")
+    assert sum("vfmadd" in l for l in fma.splitlines()) >= peak.ACCUMULATORS
+    if t.tier in ("avx512_vnni", "vnni256"):
+        p = peak.vnni_peak(t)
+        assert p.gmacs > 0 and p.instruction == "vpdpwssd"
