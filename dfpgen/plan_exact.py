@@ -12,8 +12,9 @@ tighter than the naive ``L * max|X| * max|W|`` (that bound gives one pair per pa
 DFP16, whose maxima sit in [2**14, 2**15)).
 
 The schedule depends on the data only, never on the register blocking, so every tuning
-config gives the same bits in exact mode. Candidates: ``c_block`` in 128 ... 2 (powers of
-two) x ``flush_taps`` in R*S ... 1, longest partial first (ties: the larger block); (2, 1)
+config gives the same bits in exact mode. Candidates: ``c_block`` in 2 ... 128 (powers of
+two) x ``flush_taps`` in R*S ... 1; the longest proven partial wins (ties: the larger block,
+scanned first); blocks too small to beat the best so far are not evaluated. (2, 1)
 (one pair per partial) always holds for mantissas within +/-32767 since 2 * 32767**2 < 2**31.
 """
 from __future__ import annotations
@@ -24,23 +25,23 @@ INT32_MAX = 2**31 - 1
 _BLOCKS = (128, 64, 32, 16, 8, 4, 2)
 
 
-def _block_sums(a: np.ndarray, block: int) -> np.ndarray:
-    """a (OUT, RED, T) -> sums over reduction blocks of ``block`` channels (OUT, nb, T)."""
-    out, red, taps = a.shape
-    nb = -(-red // block)
-    pad = nb * block - red
-    if pad:
-        a = np.concatenate([a, np.zeros((out, pad, taps), a.dtype)], axis=1)
-    return a.reshape(out, nb, block, taps).sum(axis=2)
+def _block_tap_prefix(prefix: np.ndarray, block: int) -> np.ndarray:
+    """Sums over reduction blocks of ``block`` channels, as prefix sums along the taps:
+    (T+1, OUT, nb) from the inclusive channel prefix sums ``prefix`` (T, OUT, RED)."""
+    red = prefix.shape[2]
+    ends = prefix[:, :, block - 1::block]
+    if red % block:
+        ends = np.concatenate([ends, prefix[:, :, -1:]], axis=2)
+    bs = np.diff(ends, axis=2, prepend=0.0)
+    out = np.zeros((bs.shape[0] + 1,) + bs.shape[1:], bs.dtype)
+    np.cumsum(bs, axis=0, out=out[1:])
+    return out
 
 
-def _max_group_sum(bs: np.ndarray, ft: int) -> int:
-    out, nb, taps = bs.shape
-    ng = -(-taps // ft)
-    pad = ng * ft - taps
-    if pad:
-        bs = np.concatenate([bs, np.zeros((out, nb, pad), bs.dtype)], axis=2)
-    return int(bs.reshape(out, nb, ng, ft).sum(axis=3).max(initial=0))
+def _max_group_sum(tp: np.ndarray, ft: int) -> float:
+    taps = tp.shape[0] - 1
+    edges = np.append(np.arange(0, taps, ft), taps)
+    return float((tp[edges[1:]] - tp[edges[:-1]]).max(initial=0))
 
 
 def exact_schedule(w_abs: np.ndarray, act_max: np.ndarray) -> tuple[int, int]:
@@ -50,17 +51,22 @@ def exact_schedule(w_abs: np.ndarray, act_max: np.ndarray) -> tuple[int, int]:
     RED = reduction channels), taps in reference order; ``act_max``: (RED,) per-channel max
     |mantissa| of the activation operand (X forward, dY backward-data).
     """
-    a = w_abs.astype(np.int64) * act_max.astype(np.int64)[None, :, None]
-    taps = a.shape[2]
-    redp = a.shape[1] + a.shape[1] % 2
+    out, red, taps = w_abs.shape
+    # float64 is exact here: products < 2**30 and at most 128 x 49 of them per partial.
+    # Taps outermost and channels innermost, so every reduction runs along contiguous memory.
+    prefix = np.cumsum(w_abs.transpose(2, 0, 1) * act_max.astype(np.float64)[None, None, :], axis=2)
+    redp = red + red % 2
     # a block already covering every channel makes larger ones the same schedule
-    blocks = [b for b in _BLOCKS if b == 2 or b // 2 < redp]
-    cands = sorted(((b, ft) for b in blocks for ft in range(taps, 0, -1)),
-                   key=lambda c: (-c[0] * c[1], -c[0]))
-    sums = {}
-    for block, ft in cands:
-        if block not in sums:
-            sums[block] = _block_sums(a, block)
-        if _max_group_sum(sums[block], ft) <= INT32_MAX:
-            return block, ft
-    return 2, 1
+    blocks = [b for b in _BLOCKS if b == 2 or b // 2 < redp]  # descending
+    best = (2, 1)
+    for block in blocks:
+        if block * taps <= best[0] * best[1]:
+            break  # no smaller block can hold a longer partial
+        tp = _block_tap_prefix(prefix, block)
+        for ft in range(taps, 0, -1):
+            if block * ft <= best[0] * best[1]:
+                break
+            if _max_group_sum(tp, ft) <= INT32_MAX:
+                best = (block, ft)
+                break
+    return best
