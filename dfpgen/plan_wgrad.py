@@ -45,7 +45,8 @@ from .tuning import TuningConfig
 
 MODES = ("exact", "fast")
 K_PAD = 16           # dY / dW K-padding: one zmm of INT32 lanes, also a multiple of 8 (ymm)
-C_GROUP_MAX = 256    # channels per work item: keeps its INT32 + FP32 tiles (<= 2 x 64 KiB) in L2
+GROUP_TILE_BYTES = 128 * 1024  # INT32 + FP32 dW tiles of one work item: stay in L2
+MIN_ITEMS = 8        # work items wanted for the thread split (never split the reduction)
 MASK_NONE = -1       # segment control: run of whole pairs
 MASK_LO = 0x0000FFFF  # keep element 0 (pixel 2j) of each pair: little-endian low half
 MASK_HI = -65536      # 0xFFFF0000 as int32: keep element 1 (pixel 2j+1)
@@ -83,12 +84,11 @@ class WgradPlan:
     kv_tail: int          # K-vectors in the last K-block (== kv when none)
     n_kb: int
     cb: int               # channels per full C-block (register block)
-    cb_tail: int          # channels in the last C-block of a group (== cb when none)
-    c_group: int          # channels per work item (multiple of cb)
-    n_cg: int
-    n_cb_group: int       # C-blocks in a full group
-    n_cb_last: int        # C-blocks in the last group
-    cb_tail_last: int     # width of the last C-block of the last group
+    cb_tail: int          # channels in the last C-block of each tap (== cb when none)
+    n_cb: int             # C-blocks per tap
+    n_cols: int           # column blocks = taps x C-blocks (one register block of dW each)
+    group: int            # column blocks per work item (they share each dY block from L1)
+    n_groups: int
     C: int
     K: int
     Kp: int
@@ -100,7 +100,7 @@ class WgradPlan:
     col_per_pair: int     # Xw columns between pairs: 2*uw, or 1 when S == 1
     pack_istep: int       # source columns between Xw columns: 1, or 2*uw when S == 1
     tap_offsets: tuple    # i32 elements, tap (r, s) -> r*dh*Wp*C + s*dw*C
-    items: int            # work items = RS * n_kb * n_cg
+    items: int            # work items = n_kb * n_groups
     block_pairs: int      # pixel pairs per cache block (config.c_block)
     saturating: bool
     fp32_regs: bool       # FP32 dW accumulators live in registers (budget allows 2x the INT32 ones)
@@ -111,7 +111,7 @@ class WgradPlan:
     def variants(self) -> list[Variant]:
         vs = []
         for kv in sorted({self.kv, self.kv_tail}):
-            for cw in sorted({self.cb, self.cb_tail, self.cb_tail_last}):
+            for cw in sorted({self.cb, self.cb_tail}):
                 vs.append(Variant(kv, cw))
         return vs
 
@@ -137,6 +137,15 @@ class WgradPlan:
     def odd_idx(self) -> list[int]:
         return list(range(1, 2 * self.lanes, 2))
 
+    @property
+    def kb_channels(self) -> int:
+        """K channels per K-block (dY / tile offset of K-block kb is kb * this)."""
+        return self.kv * self.lanes
+
+    @property
+    def last_kb(self) -> int:
+        return self.n_kb - 1
+
     seg_fields = SEG_FIELDS
     flush_bit = 1 << 32
     cnt_shift = CNT_SHIFT
@@ -159,6 +168,20 @@ def _check_budget(kv: int, cb: int, target: CpuTarget) -> None:
                        f"vector registers; tier {target.tier} has {target.registers}")
 
 
+def column_table(p: WgradPlan) -> np.ndarray:
+    """int64 [n_cols, 3]: per column block (tap rs, C-block b), in tap-major order: the Xw
+    offset (i32 units) of its first channel at pair 0 of the output row, the offset of its
+    dW tile in ``out[rs][c][Kp]`` and its channel count."""
+    t = np.empty((p.n_cols, 3), np.int64)
+    i = 0
+    for rs in range(p.RS):
+        for b in range(p.n_cb):
+            c0 = b * p.cb
+            t[i] = (p.tap_offsets[rs] + c0, (rs * p.C + c0) * p.Kp, p.cb_tail if b == p.n_cb - 1 else p.cb)
+            i += 1
+    return t
+
+
 def unscaled_ok(scale_exp: int) -> bool:
     """Whether the kernel may flush unscaled (see the template): nonzero sums are integer-valued
     floats >= 1 and < 2**64, so 2**E keeps them normal for -126 <= E <= 63."""
@@ -179,14 +202,16 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     _check_budget(kv, cb, target)
     n_kb = -(-kvecs_total // kv)
     kv_tail = kvecs_total - (n_kb - 1) * kv
-    # C groups: whole C-blocks, at most C_GROUP_MAX channels unless one block is wider.
-    c_group = max(cb, (C_GROUP_MAX // cb) * cb)
-    c_group = min(c_group, round_up(spec.C, cb))
-    n_cg = -(-spec.C // c_group)
-    last_group = spec.C - (n_cg - 1) * c_group
-    n_cb_group = c_group // cb
-    n_cb_last = -(-last_group // cb)
-    cb_tail_last = last_group - (n_cb_last - 1) * cb
+    n_cb = -(-spec.C // cb)
+    cb_tail = spec.C - (n_cb - 1) * cb
+    RS = spec.R * spec.S
+    n_cols = RS * n_cb
+    # Column blocks per work item: as many as keep their INT32 + FP32 tiles within
+    # GROUP_TILE_BYTES (L2), and few enough that there are MIN_ITEMS items for the threads.
+    tile = 2 * cb * kv * lanes * 4
+    group = max(1, min(n_cols, GROUP_TILE_BYTES // tile))
+    group = max(1, min(group, -(-n_cols * n_kb // MIN_ITEMS)))
+    n_groups = -(-n_cols // group)
     (uh, uw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     P, Q = spec.P, spec.Q
     Q2 = -(-Q // 2)
@@ -201,17 +226,16 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
         # The last pair of a row starts at column (2*Q2 - 2)*uw + (S-1)*dw.
         Wp, cpp, istep = (2 * Q2 - 2) * uw + (spec.S - 1) * dw + 1, 2 * uw, 1
         taps = tuple(r * dh * Wp * C + s * dw * C for r in range(spec.R) for s in range(spec.S))
-    RS = spec.R * spec.S
     fp32_regs = 2 * kv * cb + kv + 1 <= target.registers
     sym = (f"dfp_conv_bwdw_{spec.geometry()}_kb{kv}_cb{cb}_pp{config.c_block}_{target.tier}_{mode}"
            + ("_sc" if scaled else ""))
     return WgradPlan(
         spec=spec, config=config, tier=target.tier, mode=mode, lanes=lanes, i16_lanes=2 * lanes,
-        vec_bytes=4 * lanes, kv=kv, kv_tail=kv_tail, n_kb=n_kb, cb=cb, cb_tail=cb, c_group=c_group,
-        n_cg=n_cg, n_cb_group=n_cb_group, n_cb_last=n_cb_last, cb_tail_last=cb_tail_last,
+        vec_bytes=4 * lanes, kv=kv, kv_tail=kv_tail, n_kb=n_kb, cb=cb, cb_tail=cb_tail, n_cb=n_cb,
+        n_cols=n_cols, group=group, n_groups=n_groups,
         C=C, K=spec.K, Kp=Kp, RS=RS, Hp=Hp, Wp=Wp, Q2=Q2, x_pair_stride=cpp * C, col_per_pair=cpp,
         pack_istep=istep,
-        tap_offsets=taps, items=RS * n_kb * n_cg, block_pairs=config.c_block,
+        tap_offsets=taps, items=n_kb * n_groups, block_pairs=config.c_block,
         saturating=(mode == "fast"), fp32_regs=fp32_regs, scaled=scaled, symbol=sym)
 
 

@@ -34,7 +34,7 @@ TEMPLATE = "conv_bwd_weight.ll.j2"
 
 _KERNEL_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
-                                ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+                                ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 
 @dataclass(frozen=True)
 class WgradTimes:
@@ -242,8 +242,9 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     acc = aligned_zeros((p.RS, C, p.Kp), np.int32)
     sat = np.zeros(p.items, np.int64)
     s1, s2 = _scales(scale_exp) if scaled else (1.0, 1.0)
+    cols = pw.column_table(p)
     args = (xw.ctypes.data, dyp.ctypes.data, out.ctypes.data, acc.ctypes.data, seg.ctypes.data,
-            blocks.ctypes.data, len(blocks) - 1, flush // 2, s1, s2, sat.ctypes.data)
+            blocks.ctypes.data, len(blocks) - 1, flush // 2, s1, s2, sat.ctypes.data, cols.ctypes.data)
     t1 = time.perf_counter()
     parallel_for(p.items, lambda b, e: fn(*args, b, e), nthreads)
     t_kernel = time.perf_counter() - t1

@@ -221,7 +221,10 @@ def test_plan_register_budget_and_layouts():
     assert p.symbol == "dfp_conv_bwdw_n3c33h5w5k33r1s1u1p0_kb2_cb13_pp128_avx512_vnni_exact" or \
         HOST.tier != "avx512_vnni"
     # K = 33 -> Kp = 48 = 3 vectors: one block of 2 and a tail of 1; C = 33 -> 13 + 13 + 7
-    assert (p.Kp, p.n_kb, p.kv_tail, p.n_cb_last, p.cb_tail_last) == (48, 2, 1, 3, 7) or HOST.lanes != 16
+    assert (p.Kp, p.n_kb, p.kv_tail, p.n_cb, p.cb_tail) == (48, 2, 1, 3, 7) or HOST.lanes != 16
+    cols = pw.column_table(p)
+    assert cols.shape == (3, 3) and cols[:, 2].tolist() == [13, 13, 7]
+    assert p.items == p.n_kb * p.n_groups and p.n_groups * p.group >= p.n_cols
 
 
 def test_schedule_covers_every_pixel_once():
