@@ -188,6 +188,8 @@ def scale_factors(exponent: int) -> tuple[float, float]:
 
 def _float_view(x: Any, name: str) -> np.ndarray:
     a = np.asarray(x)
+    if a.dtype.kind == "f" and not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype == np.float16:
         return a.astype(np.float32)
     if a.dtype in (np.float32, np.float64):

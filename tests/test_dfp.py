@@ -140,6 +140,8 @@ def test_dtypes_float16_float64_int():
     assert qi.exponent == -12 and np.array_equal(qi.mantissa, np.arange(-6, 7) * 4096)
     qi = quantize([[1, 2], [3, 4]])  # nested list
     assert qi.shape == (2, 2) and qi.exponent == -12
+    qb = quantize(x32.astype(">f4"))  # big-endian storage, same values
+    assert qb.exponent == quantize(x32).exponent and np.array_equal(qb.mantissa, quantize(x32).mantissa)
     with pytest.raises(DfpError, match="dtype"):
         quantize(np.array(["a"]))
 
