@@ -145,7 +145,7 @@ def test_show_plan_ir_and_asm(tmp_path, pass_kind):
 
 
 def test_cache_verify_checks_tuned_conv_kernels_exactly(tmp_path):
-    _tune(tmp_path, "--pass", "all")
+    _tune(tmp_path, "--pass", "all", "--budget", "1.5")
     r = dfpgen(tmp_path, "cache", "verify")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count(f"exact on {TUNE}") >= 3 and " 0 bad" in r.stdout
