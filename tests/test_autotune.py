@@ -183,3 +183,26 @@ def test_real_kernels_tune_exactly(fresh, pass_kind):
         _, info = autotune.make_runner(spec, None, host_target(), ops, "exact", return_info=True)()
         ran = {k: info.config[k] for k in ("k_vecs", "pixels", "unroll")}
         assert ran == {k: getattr(r.config, k) for k in ("k_vecs", "pixels", "unroll")}
+
+
+def test_tune_model_tunes_every_layer_within_the_total_budget(fresh, monkeypatch):
+    from dfpgen import models
+    fake = Fake()
+    install(monkeypatch, fake)
+    clock = [0.0]
+
+    def slow(run, repeats=5, max_seconds=2.0, **kw):
+        clock[0] += 0.25  # each candidate "takes" a quarter second
+        return fake.time_runner(run)
+    monkeypatch.setattr(autotune, "time_runner", slow)
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock[0])
+    table = (("a", 1, "c32h8w8k48r3s3u1p1"), ("b", 3, "c16h8w8k32r1s1u1p0"), ("c", 1, "c32h4w4k16r3s3u1p1"))
+    monkeypatch.setitem(models.MODELS, "tiny", table)
+    seen = []
+    res = autotune.tune_model("tiny", budget=6.0, batch=2, passes=("fwd", "bwd_data"),
+                              progress=lambda spec, c, f: seen.append(str(spec)))
+    assert [str(r.spec) for r in res] == [f"{p}:n2{geo}" for _, _, geo in table for p in ("fwd", "bwd_data")]
+    assert all(not r.cached for r in res) and clock[0] <= 6.0 + 0.5 * len(res)
+    assert set(seen) == {str(r.spec) for r in res}
+    again = autotune.tune_model("tiny", budget=6.0, batch=2, passes=("fwd", "bwd_data"))
+    assert all(r.cached for r in again)
