@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 from . import cache, jit
@@ -78,6 +79,11 @@ _conv_kernels: dict[tuple, object] = {}
 OVERFLOW_MODES = ("exact", "fast")
 
 
+@lru_cache(maxsize=None)
+def _target_key(target: CpuTarget) -> str:
+    return repr(sorted(target.key().items(), key=str))
+
+
 def register_builder(pass_kind: str, builder: str) -> None:
     """Register ``"module:callable"`` as the kernel builder of ``pass_kind``."""
     _BUILDERS[pass_kind] = builder
@@ -132,7 +138,7 @@ def get_kernel(spec, config=None, *, overflow: str = "fast", target: CpuTarget |
     if overflow not in OVERFLOW_MODES:
         raise DfpError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
     config, target = resolve_config(spec, config, overflow=overflow, target=target)
-    key = (spec, config, overflow, bool(bias), bool(fma), repr(sorted(target.key().items(), key=str)))
+    key = (spec, config, overflow, bool(bias), bool(fma), _target_key(target))
     with _lock:
         hit = _conv_kernels.get(key)
     if hit is not None:

@@ -25,23 +25,27 @@ INT32_MAX = 2**31 - 1
 _BLOCKS = (128, 64, 32, 16, 8, 4, 2)
 
 
-def _block_tap_prefix(prefix: np.ndarray, block: int) -> np.ndarray:
-    """Sums over reduction blocks of ``block`` channels, as prefix sums along the taps:
-    (T+1, OUT, nb) from the inclusive channel prefix sums ``prefix`` (T, OUT, RED)."""
-    red = prefix.shape[2]
-    ends = prefix[:, :, block - 1::block]
-    if red % block:
-        ends = np.concatenate([ends, prefix[:, :, -1:]], axis=2)
-    bs = np.diff(ends, axis=2, prepend=0.0)
-    out = np.zeros((bs.shape[0] + 1,) + bs.shape[1:], bs.dtype)
-    np.cumsum(bs, axis=0, out=out[1:])
+def _levels(a: np.ndarray, blocks) -> dict[int, np.ndarray]:
+    """Sums of ``a`` (OUT, RED, T) over reduction blocks of b channels for every b in
+    ``blocks`` (powers of two), (OUT, nb, T) each, by pairwise halving: strided adds, about
+    one pass over ``a`` in all."""
+    out = {}
+    level, size = a, 1
+    for b in sorted(blocks):
+        while size < b:
+            if level.shape[1] % 2:
+                level = np.concatenate([level, np.zeros_like(level[:, :1])], axis=1)
+            level = level[:, 0::2] + level[:, 1::2]
+            size *= 2
+        out[b] = level
     return out
 
 
-def _max_group_sum(tp: np.ndarray, ft: int) -> float:
-    taps = tp.shape[0] - 1
-    edges = np.append(np.arange(0, taps, ft), taps)
-    return float((tp[edges[1:]] - tp[edges[:-1]]).max(initial=0))
+def _max_group_sum(level: np.ndarray, ft: int) -> float:
+    taps = level.shape[2]
+    if ft >= taps:
+        return float(level.sum(axis=2).max(initial=0))
+    return float(np.add.reduceat(level, np.arange(0, taps, ft), axis=2).max(initial=0))
 
 
 def exact_schedule(w_abs: np.ndarray, act_max: np.ndarray) -> tuple[int, int]:
@@ -52,21 +56,22 @@ def exact_schedule(w_abs: np.ndarray, act_max: np.ndarray) -> tuple[int, int]:
     |mantissa| of the activation operand (X forward, dY backward-data).
     """
     out, red, taps = w_abs.shape
-    # float64 is exact here: products < 2**30 and at most 128 x 49 of them per partial.
-    # Taps outermost and channels innermost, so every reduction runs along contiguous memory.
-    prefix = np.cumsum(w_abs.transpose(2, 0, 1) * act_max.astype(np.float64)[None, None, :], axis=2)
+    # float64 is exact here: products < 2**30 and at most 128 x 49 of them per partial
+    a = w_abs * act_max.astype(np.float64)[None, :, None]
     redp = red + red % 2
     # a block already covering every channel makes larger ones the same schedule
     blocks = [b for b in _BLOCKS if b == 2 or b // 2 < redp]  # descending
+    levels = _levels(a, blocks)
     best = (2, 1)
     for block in blocks:
         if block * taps <= best[0] * best[1]:
             break  # no smaller block can hold a longer partial
-        tp = _block_tap_prefix(prefix, block)
+        if _max_group_sum(levels[block], 1) > INT32_MAX:
+            continue  # even single taps overflow with blocks this large
         for ft in range(taps, 0, -1):
             if block * ft <= best[0] * best[1]:
                 break
-            if _max_group_sum(tp, ft) <= INT32_MAX:
+            if ft == 1 or _max_group_sum(levels[block], ft) <= INT32_MAX:
                 best = (block, ft)
                 break
     return best
