@@ -64,13 +64,16 @@ def _positive_float(text: str) -> float:
 def _layer_args(p: argparse.ArgumentParser, passes_all: bool, required: bool = True) -> None:
     p.add_argument("--layer", required=required, help="3x3x256 | n32c256h14w14k256r3s3u1p1 | resnet50:res4_branch2b")
     choices = (*PASSES, "all") if passes_all else PASSES
-    p.add_argument("--pass", dest="pass_kind", choices=choices, default="fwd")
+    p.add_argument("--pass", dest="pass_kind", choices=choices, default="fwd",
+                   help="forward, backward-data or backward-weight (a pass: prefix in --layer wins)")
     p.add_argument("--batch", type=int, help="batch size N (default 32 for short and named layers)")
     p.add_argument("--hw", type=_hw, help="input size H or HxW")
     p.add_argument("--k", type=int, help="output channels K")
-    p.add_argument("--stride", type=int)
-    p.add_argument("--pad", type=int)
-    p.add_argument("--overflow", choices=("exact", "fast"), default="exact")
+    p.add_argument("--stride", type=int, help="stride u (both axes)")
+    p.add_argument("--pad", type=int, help="padding p (both axes)")
+    p.add_argument("--overflow", choices=("exact", "fast"), default="exact",
+                   help="exact: proven flush interval, bit-exact (the runtime's default); fast: "
+                        "saturating vpdpwssds with long chains")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="autotune a layer (or a whole model) and store the decision")
     _layer_args(p, passes_all=True, required=False)
     p.add_argument("--model", choices=("resnet50",), help="tune every layer of the model")
-    p.add_argument("--budget", type=_positive_float, help="seconds (per layer; total with --model)")
+    p.add_argument("--budget", type=_positive_float, help="seconds per layer and pass (default 30), or in total with --model (default 600)")
     p.add_argument("--force", action="store_true", help="tune again even if a decision is cached")
     p.add_argument("--no-baseline", action="store_true", help="skip the PyTorch FP32 timing")
     p.add_argument("--json", action="store_true")
