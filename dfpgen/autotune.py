@@ -351,6 +351,7 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
 
 def tune_model(model: str = "resnet50", budget: float = 600.0, *, batch: int = 32,
                passes: tuple[str, ...] = ("fwd",), force: bool = False, target: CpuTarget | None = None,
+               overflow: str = "exact",
                progress: Callable[[ConvSpec, Candidate | None, float], None] | None = None) -> list[TuneResult]:
     """Tune every layer of ``model`` for ``passes`` within ``budget`` seconds in total.
 
@@ -365,5 +366,5 @@ def tune_model(model: str = "resnet50", budget: float = 600.0, *, batch: int = 3
         left = budget - (time.perf_counter() - t0)
         share = max(left * weights[i] / sum(weights[i:]), 0.5)
         cb = (lambda c, f, spec=spec: progress(spec, c, f)) if progress else None
-        results.append(tune(spec, target=target, budget=share, force=force, progress=cb))
+        results.append(tune(spec, target=target, budget=share, force=force, overflow=overflow, progress=cb))
     return results

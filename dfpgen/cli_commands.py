@@ -87,7 +87,8 @@ def run_tune(args, specs: list[ConvSpec] | None, console) -> int:
         if specs is None:
             passes = autotune.PASSES if args.pass_kind == "all" else (args.pass_kind,)
             results = autotune.tune_model(args.model, budget, batch=args.batch or 32, passes=passes,
-                                          force=args.force, target=target, progress=progress)
+                                          force=args.force, target=target, overflow=args.overflow,
+                                          progress=progress)
         else:
             for spec in specs:
                 bar.reset(task, total=1.0)
