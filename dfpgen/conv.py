@@ -55,17 +55,29 @@ def _quantize_act(a, fmt: DfpFormat, seed: int, name: str, threads) -> DfpTensor
     arr = np.asarray(a)
     if arr.ndim != 4:
         raise DfpError(f"{name}: expected a 4-D NCHW array, got shape {arr.shape}")
-    if arr.dtype != np.float32:
-        arr = arr.astype(np.float32)
     try:
         from .pack import quantize_pack
     except ImportError:
+        quantize_pack = None
+    if quantize_pack is None or arr.dtype != np.float32:  # float64 keeps quantize's float64 math
         return quantize(arr, fmt, seed=seed, name=name)
     return quantize_pack(arr, fmt, seed=seed, name=name, threads=threads)
 
 
 def _quantize_weight(w, fmt: DfpFormat, name: str) -> DfpTensor:
-    q = w if isinstance(w, DfpTensor) else quantize(np.asarray(w), fmt, name=name)
+    if isinstance(w, DfpTensor):
+        q = w
+    else:
+        arr = np.asarray(w)
+        try:
+            from .pack import quantize_pack
+        except ImportError:
+            quantize_pack = None
+        if quantize_pack is not None and arr.ndim == 4 and arr.dtype == np.float32:
+            # KCRS as (N, C, H, W): the pack kernel leaves a KRSC buffer, the forward layout
+            q = quantize_pack(arr, fmt, name=name)
+        else:
+            q = quantize(arr, fmt, name=name)
     if q.mantissa.ndim != 4:
         raise DfpError(f"{name}: expected 4-D KCRS weights, got shape {q.shape}")
     return q
@@ -132,7 +144,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
     cfg = _schedule(spec, overflow, config, xq, wq.mantissa, target)
     kern = get_kernel(spec, cfg, overflow=overflow, target=target, bias=b is not None,
                       fma=xq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP)
-    y, info = execute(kern, xq, wq.mantissa, b, xq.exponent + wq.exponent, threads)
+    y, info = execute(kern, xq, wq, b, xq.exponent + wq.exponent, threads)
     return _finish(y, info, return_info)
 
 
@@ -161,7 +173,7 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
     cfg = _schedule(spec, overflow, config, dyq, wt, target)
     kern = get_kernel(spec, cfg, overflow=overflow, target=target,
                       fma=dyq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP)
-    dx, info = execute(kern, dyq, wt, None, dyq.exponent + wq.exponent, threads)
+    dx, info = execute(kern, dyq, wq, None, dyq.exponent + wq.exponent, threads)
     return _finish(dx, info, return_info)
 
 

@@ -38,30 +38,28 @@ FMA_MIN_SCALE_EXP = -126       # normal scale: (float)partial * 2**e is exact, F
 class SubKernel:
     """One loaded kernel: its sub-convolution, plan and ctypes entry point."""
 
-    def __init__(self, sub: SubConv, plan: KernelPlan, target):
-        self.sub, self.plan = sub, plan
+    def __init__(self, sub: SubConv, plan: KernelPlan, target, spec_s: int):
+        self.sub, self.plan, self.spec_s = sub, plan, spec_s
         key = {"abi": KERNEL_ABI, "template": TEMPLATE, "sub": asdict(sub),
                "plan": plan.describe()}
         self.loaded = load_kernel(plan.symbol, key, lambda: render(TEMPLATE, p=plan), target)
         self.fn = _PROTO(self.loaded.address)
 
-    def pack_weights(self, wt: np.ndarray) -> np.ndarray:
-        """``wt`` (OUT, RED, R, S) integer -> int16 ``(out blocks, taps, red pairs, kvl, 2)``."""
+    def pack_weights(self, w_otc: np.ndarray) -> np.ndarray:
+        """Weights ``w_otc`` int16 (OUT, R*S, RED_even) (reduction channels innermost, e.g. a
+        KRSC buffer for the forward pass) -> ``(out blocks, taps, red pairs, kvl, 2)``."""
         p, sub = self.plan, self.sub
-        out, red, r, s = wt.shape
+        out, alltaps, redp = w_otc.shape
         ntaps = len(sub.taps)
-        w3 = wt.reshape(out, red, r * s) if wt.flags.c_contiguous else np.ascontiguousarray(wt).reshape(out, red, r * s)
-        tap_idx = [t.r * s + t.s for t in sub.taps]
-        if tap_idx != list(range(r * s)):
-            w3 = w3[:, :, tap_idx]
-        # Channels innermost first (OUT, T, RED), so each INT16 pair is one int32; then one
-        # copy whose inner loop runs over kvl output channels (4x faster than pair-wise).
-        if (out, red) != (p.out_pad, 2 * p.red_pairs):
-            a = np.zeros((p.out_pad, ntaps, 2 * p.red_pairs), np.int16)
-            a[:out, :, :red] = w3.transpose(0, 2, 1)
-        else:
-            a = np.ascontiguousarray(w3.transpose(0, 2, 1))
-        w32 = a.view(np.int32)
+        tap_idx = [t.r * self.spec_s + t.s for t in sub.taps]
+        a = w_otc if tap_idx == list(range(alltaps)) else w_otc[:, tap_idx]
+        if (out, redp) != (p.out_pad, 2 * p.red_pairs):
+            full = np.zeros((p.out_pad, ntaps, 2 * p.red_pairs), np.int16)
+            full[:out, :, :redp] = a
+            a = full
+        # each INT16 pair is one int32, so the one transposing copy moves 4-byte elements and
+        # its inner loop runs over kvl output channels
+        w32 = np.ascontiguousarray(a).view(np.int32)
         packed = np.empty((p.out_blocks, ntaps, p.red_pairs, p.kvl), np.int32)
         packed[...] = w32.reshape(p.out_blocks, p.kvl, ntaps, p.red_pairs).transpose(0, 2, 3, 1)
         return packed.view(np.int16).reshape(p.out_blocks, ntaps, p.red_pairs, p.kvl, 2)
@@ -96,13 +94,13 @@ class ConvKernel:
         if spec.pass_kind == "fwd":
             sub, plan = plan_fwd(spec, config, target, mode=mode, has_bias=has_bias, fma=fma)
             self.pad = (spec.padding[0],) * 2 + (spec.padding[1],) * 2
-            self.parts = [SubKernel(sub, plan, target)]
+            self.parts = [SubKernel(sub, plan, target, spec.S)]
             self.zero_fill = False
             self.flush_taps = plan.flush_taps
         elif spec.pass_kind == "bwd_data":
             bp = plan_bwd_data(spec, config, target, mode=mode, fma=fma)
             self.pad = bp.pad
-            self.parts = [SubKernel(sub, plan, target) for sub, plan in bp.phases]
+            self.parts = [SubKernel(sub, plan, target, spec.S) for sub, plan in bp.phases]
             self.zero_fill = bp.zero_fill
             self.flush_taps = bp.flush_taps
         else:
@@ -171,11 +169,27 @@ def run_info(kernel: ConvKernel, saturated: int, threads: int, scale_exp: int) -
                    flush_taps=kernel.flush_taps, threads=threads, scale_exp=scale_exp)
 
 
-def execute(kernel: ConvKernel, act, wt: np.ndarray, bias: np.ndarray | None, scale_exp: int,
+def weights_otc(wq, pass_kind: str) -> np.ndarray:
+    """The weights of a pass as int16 (OUT, R*S, RED_even), reduction channels innermost:
+    forward (K, R*S, C) is the KRSC buffer behind a ``dfpgen.pack.quantize_pack`` result
+    (no copy); backward-data (C, R*S, K) is W transposed (one copy)."""
+    m = wq.mantissa
+    if pass_kind == "fwd":
+        try:
+            from .pack import nhwc_buffer
+            buf = nhwc_buffer(wq)
+        except ImportError:
+            buf = padded_nhwc(m, (0, 0, 0, 0), m.shape[1] + m.shape[1] % 2)
+        return buf.reshape(m.shape[0], m.shape[2] * m.shape[3], buf.shape[-1])
+    mt = m.transpose(1, 0, 2, 3)
+    buf = padded_nhwc(mt, (0, 0, 0, 0), mt.shape[1] + mt.shape[1] % 2)
+    return buf.reshape(mt.shape[0], mt.shape[2] * mt.shape[3], buf.shape[-1])
+
+
+def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int,
             threads: int | None) -> tuple[np.ndarray, RunInfo]:
     """Run ``kernel`` on activation DfpTensor ``act`` (X NCHW forward, dY NKPQ backward-data) and
-    integer weights ``wt`` (OUT, RED, R, S). Returns (FP32 NHWC output view (N, OH, OW, OUT),
-    RunInfo)."""
+    weight DfpTensor ``wq`` (KCRS). Returns (FP32 NHWC output view (N, OH, OW, OUT), RunInfo)."""
     spec = kernel.spec
     threads = threads or num_threads()
     scale = check_scale(scale_exp, spec.pass_kind)
@@ -194,7 +208,7 @@ def execute(kernel: ConvKernel, act, wt: np.ndarray, bias: np.ndarray | None, sc
         bpad = np.zeros(first.out_pad, np.float32)
         bpad[:out] = bias
     saturated = 0
-    wt = np.ascontiguousarray(wt)  # backward-data passes W transposed: copy once, not per phase
+    w_otc = weights_otc(wq, spec.pass_kind)
     for part in kernel.parts:
-        saturated += part.run(xbuf, part.pack_weights(wt), ybuf, bpad, scale, n, threads)
+        saturated += part.run(xbuf, part.pack_weights(w_otc), ybuf, bpad, scale, n, threads)
     return ybuf[..., :out], run_info(kernel, saturated, threads, scale_exp)
