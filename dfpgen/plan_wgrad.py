@@ -50,6 +50,7 @@ MIN_ITEMS = 8        # work items wanted for the thread split (never split the r
 MASK_NONE = -1       # segment control: run of whole pairs
 MASK_LO = 0x0000FFFF  # keep element 0 (pixel 2j) of each pair: little-endian low half
 MASK_HI = -65536      # 0xFFFF0000 as int32: keep element 1 (pixel 2j+1)
+COL_FIELDS = 4       # column table: xoff, tile offset, channels, KCRS offset (int64 each)
 SEG_FIELDS = 4       # xoff, dyoff, npairs, ctl (= mask | flush << 32 | cnt0 << 33), int64 each
 CNT_SHIFT = 33       # ctl bits 33..62: pairs until the run's first in-loop flush
 NEVER = 1 << 29      # cnt0 of a run without in-loop flush (more pairs than any row holds)
@@ -146,6 +147,19 @@ class WgradPlan:
     def last_kb(self) -> int:
         return self.n_kb - 1
 
+    @property
+    def kb_tail_channels(self) -> int:
+        return self.kv_tail * self.lanes
+
+    @property
+    def CRS(self) -> int:
+        """KCRS stride of k in the final dW."""
+        return self.C * self.RS
+
+    col_fields = COL_FIELDS
+    novec_md = 0         # metadata node numbers !0, !1 (loop.vectorize.enable false)
+    novec_md_flag = 1
+
     seg_fields = SEG_FIELDS
     flush_bit = 1 << 32
     cnt_shift = CNT_SHIFT
@@ -153,7 +167,7 @@ class WgradPlan:
     def key(self) -> dict:
         """What changes the generated code (for the kernel cache key)."""
         return {"pass": "bwd_weight", "spec": self.spec.geometry(), "config": self.config.to_dict(),
-                "mode": self.mode, "tier": self.tier, "scaled": self.scaled, "abi": 2}
+                "mode": self.mode, "tier": self.tier, "scaled": self.scaled, "abi": 3}
 
 
 def registers_needed(kv: int, cb: int) -> int:
@@ -169,15 +183,17 @@ def _check_budget(kv: int, cb: int, target: CpuTarget) -> None:
 
 
 def column_table(p: WgradPlan) -> np.ndarray:
-    """int64 [n_cols, 3]: per column block (tap rs, C-block b), in tap-major order: the Xw
+    """int64 [n_cols, 4]: per column block (tap rs, C-block b), in tap-major order: the Xw
     offset (i32 units) of its first channel at pair 0 of the output row, the offset of its
-    dW tile in ``out[rs][c][Kp]`` and its channel count."""
-    t = np.empty((p.n_cols, 3), np.int64)
+    FP32 tile in ``out[rs][c][Kp]``, its channel count and the offset of (k=0, c0, r, s) in
+    the final KCRS dW."""
+    t = np.empty((p.n_cols, COL_FIELDS), np.int64)
     i = 0
     for rs in range(p.RS):
         for b in range(p.n_cb):
             c0 = b * p.cb
-            t[i] = (p.tap_offsets[rs] + c0, (rs * p.C + c0) * p.Kp, p.cb_tail if b == p.n_cb - 1 else p.cb)
+            t[i] = (p.tap_offsets[rs] + c0, (rs * p.C + c0) * p.Kp, p.cb_tail if b == p.n_cb - 1 else p.cb,
+                    c0 * p.RS + rs)
             i += 1
     return t
 

@@ -34,7 +34,8 @@ TEMPLATE = "conv_bwd_weight.ll.j2"
 
 _KERNEL_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
-                                ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+                                ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_float, ctypes.c_int64, ctypes.c_int64)
 
 @dataclass(frozen=True)
 class WgradTimes:
@@ -243,14 +244,15 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     sat = np.zeros(p.items, np.int64)
     s1, s2 = _scales(scale_exp) if scaled else (1.0, 1.0)
     cols = pw.column_table(p)
+    dw = np.empty((K, C, R, S), np.float32)
+    # unscaled flushes: the kernel's last write multiplies by 2**E (exact: plan_wgrad.unscaled_ok)
+    fs = 1.0 if scaled else float(np.float32(2.0 ** scale_exp))
     args = (xw.ctypes.data, dyp.ctypes.data, out.ctypes.data, acc.ctypes.data, seg.ctypes.data,
-            blocks.ctypes.data, len(blocks) - 1, flush // 2, s1, s2, sat.ctypes.data, cols.ctypes.data)
+            blocks.ctypes.data, len(blocks) - 1, flush // 2, s1, s2, sat.ctypes.data, cols.ctypes.data,
+            dw.ctypes.data, fs)
     t1 = time.perf_counter()
     parallel_for(p.items, lambda b, e: fn(*args, b, e), nthreads)
     t_kernel = time.perf_counter() - t1
-    dw = np.ascontiguousarray(out.reshape(R, S, C, p.Kp)[..., :K].transpose(3, 2, 0, 1))
-    if not scaled:
-        dw *= np.float32(2.0 ** scale_exp)  # exact: see plan_wgrad.unscaled_ok
     last_times = WgradTimes(pack=t_pack, kernel=t_kernel, total=time.perf_counter() - t0)
     info = RunInfo(pass_kind="bwd_weight", overflow=overflow, flush=flush, saturated=int(sat.sum()),
                    tier=target.tier, symbol=p.symbol, symbols=(p.symbol,), config=dict(config.__dict__),

@@ -223,7 +223,7 @@ def test_plan_register_budget_and_layouts():
     # K = 33 -> Kp = 48 = 3 vectors: one block of 2 and a tail of 1; C = 33 -> 13 + 13 + 7
     assert (p.Kp, p.n_kb, p.kv_tail, p.n_cb, p.cb_tail) == (48, 2, 1, 3, 7) or HOST.lanes != 16
     cols = pw.column_table(p)
-    assert cols.shape == (3, 3) and cols[:, 2].tolist() == [13, 13, 7]
+    assert cols.shape == (3, 4) and cols[:, 2].tolist() == [13, 13, 7] and cols[:, 3].tolist() == [0, 13, 26]
     assert p.items == p.n_kb * p.n_groups and p.n_groups * p.group >= p.n_cols
 
 
