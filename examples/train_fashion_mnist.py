@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--compare", action="store_true",
                    help="train fp32, dfp16 and bf16 from the same seed and print a table")
     p.add_argument("--data", default=data.default_dir(), help="directory of the idx(.gz) files")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no cap)")
     p.add_argument("--train-subset", type=int, default=6000, help="first N training images (0: all 60000)")
