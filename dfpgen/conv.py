@@ -105,6 +105,13 @@ def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: D
     return config
 
 
+def _empty(shape, spec: ConvSpec, overflow: str, return_info: bool):
+    """An empty batch: no kernel runs; the output has the shape the batch implies."""
+    out = np.zeros(shape, np.float32)
+    info = RunInfo(pass_kind=spec.pass_kind, overflow=overflow, flush=0, saturated=0, tier="", symbol="")
+    return ConvResult(out, info) if return_info else out
+
+
 def _finish(y_nhwc: np.ndarray, info: RunInfo, return_info: bool):
     if info.saturated:
         warnings.warn(f"DFP16 {info.pass_kind}: {info.saturated} INT32 lanes saturated in fast mode "
@@ -124,7 +131,10 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
     after the last partial). Returns float32 (N, K, P, Q), or ``ConvResult(output, RunInfo)``
     with ``return_info=True``. Raises :class:`DfpError` for mismatched shapes, wrong ndim,
     NaN/Inf operands (named), groups (C of w != C of x), an unknown overflow mode; warns
-    :class:`OverflowWarning` with the count when fast mode saturated.
+    :class:`OverflowWarning` with the count when fast mode saturated. In exact mode the
+    reduction block and flush interval come from the operands (``dfpgen.plan_exact``), not
+    from ``config`` (whose register blocking still applies). An empty batch gives an empty
+    output.
     """
     xq = _quantize_act(x, fmt, seed, "conv2d input X", threads)
     wq = _quantize_weight(w, fmt, "conv2d weight W")
@@ -139,8 +149,10 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
             raise DfpError(f"conv2d: bias shape {b.shape} != (K,) = ({k},)")
         if not np.isfinite(b).all():
             raise DfpError("conv2d: bias contains NaN or Inf")
-    spec = ConvSpec(n, c, h, wd, k, r, s, _pair(stride, "stride"), _pair(padding, "padding"),
+    spec = ConvSpec(max(n, 1), c, h, wd, k, r, s, _pair(stride, "stride"), _pair(padding, "padding"),
                     _pair(dilation, "dilation"), "fwd")
+    if n == 0:
+        return _empty((0, k, spec.P, spec.Q), spec, overflow, return_info)
     cfg = _schedule(spec, overflow, config, xq, wq.mantissa, target)
     kern = get_kernel(spec, cfg, overflow=overflow, target=target, bias=b is not None,
                       fma=xq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP)
@@ -164,11 +176,13 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
     k, c2, r, s = wq.shape
     if c != c2:
         raise DfpError(f"conv2d_input: input_shape has C={c} but weight has C={c2}; groups > 1 are not supported")
-    spec = ConvSpec(n, c, h, wd, k, r, s, _pair(stride, "stride"), _pair(padding, "padding"),
+    spec = ConvSpec(max(n, 1), c, h, wd, k, r, s, _pair(stride, "stride"), _pair(padding, "padding"),
                     _pair(dilation, "dilation"), "bwd_data")
-    if dyq.shape != spec.output_shape:
+    if dyq.shape != (n,) + spec.output_shape[1:]:
         raise DfpError(f"conv2d_input: grad_output shape {dyq.shape} != {spec.output_shape}, the "
                        f"forward output of input {tuple(input_shape)} and weight {wq.shape}")
+    if n == 0:
+        return _empty((0, c, h, wd), spec, overflow, return_info)
     wt = wq.mantissa.transpose(1, 0, 2, 3)
     cfg = _schedule(spec, overflow, config, dyq, wt, target)
     kern = get_kernel(spec, cfg, overflow=overflow, target=target,

@@ -10,7 +10,10 @@ Field meanings per pass (the planner of each pass documents the details):
   for backward-weight), even, since VNNI consumes INT16 pairs.
 - ``flush``: flush interval, INT16 products accumulated per INT32 lane before the partial is
   converted to FP32 (``vcvtdq2ps``) and added to the output; 0 lets the planner choose it from
-  the overflow mode (exact: a proven bound; fast: the paper's ``c_block x R x S``).
+  the overflow mode (exact: a proven bound; fast: the paper's ``c_block x R x S``). Forward /
+  backward-data: a multiple of ``c_block`` (``c_block x flush_taps``); in exact mode
+  ``dfpgen.conv`` replaces ``c_block`` and ``flush`` by the longest schedule the operands
+  prove safe (``dfpgen.plan_exact``), so exact results do not depend on the config.
 - ``unroll``: ``"none"``, or ``"4vnni"``: Knights Mill's ``vp4dpwssd`` blocking (four
   consecutive channel pairs against four weight registers per step), built from ``vpdpwssd``.
 - ``threads``: 0 = the runtime's thread count.

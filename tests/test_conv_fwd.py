@@ -177,3 +177,16 @@ def test_subnormal_scale_flushes_with_mul_then_add():
     assert np.array_equal(y, ref.fp32) and (np.abs(y[y != 0]) < 2.0 ** -126).any()
     with pytest.raises(dfpgen.DfpError, match="outside float32"):
         conv.conv2d(dfpgen.DfpTensor(xq.mantissa, -100, xq.fmt), ws, padding=1)
+
+
+def test_empty_batch_and_wide_output_channel_tail():
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    assert conv.conv2d(np.zeros((0, 3, 5, 5), np.float32), w).shape == (0, 6, 3, 3)
+    assert conv.conv2d_input((0, 3, 5, 5), w, np.zeros((0, 6, 3, 3), np.float32)).shape == (0, 3, 5, 5)
+    # a classifier-sized K (1000 = 62 vectors of 16 + 8) over a batch of 5 "pixels"
+    xq = quantize(rng.standard_normal((1, 40, 1, 5)).astype(np.float32))
+    wq = quantize(rng.standard_normal((1000, 40, 1, 1)).astype(np.float32))
+    y, info = conv.conv2d(xq, wq, overflow="exact", return_info=True)
+    assert y.shape == (1, 1000, 1, 5)
+    assert np.array_equal(y, _ref(xq, wq, (1, 40, 1, 5, 1000, 1, 1, 1, 0, 1), info).fp32)
