@@ -183,14 +183,16 @@ def _check_budget(kv: int, cb: int, target: CpuTarget) -> None:
 
 
 def column_table(p: WgradPlan) -> np.ndarray:
-    """int64 [n_cols, 4]: per column block (tap rs, C-block b), in tap-major order: the Xw
+    """int64 [n_cols, 4]: per column block (C-block b, tap rs), C-block-major: the Xw
     offset (i32 units) of its first channel at pair 0 of the output row, the offset of its
     FP32 tile in ``out[rs][c][Kp]``, its channel count and the offset of (k=0, c0, r, s) in
     the final KCRS dW."""
     t = np.empty((p.n_cols, COL_FIELDS), np.int64)
     i = 0
-    for rs in range(p.RS):
-        for b in range(p.n_cb):
+    # C-block-major: a group holds every tap of its channels, so the final KCRS stores of one
+    # k cover a contiguous run, and taps (shifted windows of the same X rows) hit in cache.
+    for b in range(p.n_cb):
+        for rs in range(p.RS):
             c0 = b * p.cb
             t[i] = (p.tap_offsets[rs] + c0, (rs * p.C + c0) * p.Kp, p.cb_tail if b == p.n_cb - 1 else p.cb,
                     c0 * p.RS + rs)
