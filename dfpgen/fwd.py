@@ -144,14 +144,6 @@ def _activation_buffer(q, pad, cpad: int) -> np.ndarray:
     return padded_nhwc(q.mantissa, pad, cpad)
 
 
-def channel_max(buf: np.ndarray, channels: int) -> np.ndarray:
-    """Per-channel max |mantissa| of an NHWC int16 buffer (|-32768| never occurs)."""
-    if buf.size == 0:
-        return np.zeros(channels, np.int64)
-    flat = buf.reshape(-1, buf.shape[-1])[:, :channels]
-    return np.maximum(flat.max(axis=0).astype(np.int64), -flat.min(axis=0).astype(np.int64))
-
-
 def check_scale(scale_exp: int, what: str) -> float:
     lo, hi = SCALE_EXP_RANGE
     if not lo <= scale_exp <= hi:
