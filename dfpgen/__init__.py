@@ -30,6 +30,7 @@ _LAZY = {
     "conv2d_weight": "conv",
     "linear": "conv",
     "ConvResult": "conv",
+    "RunInfo": "runinfo",
 }
 
 __all__ = ["CacheWarning", "DfpError", "KernelBuildError", "OverflowWarning", "__version__", *_LAZY]
