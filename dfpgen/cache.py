@@ -211,6 +211,10 @@ def get_or_build(fields: dict, build: Callable[[], bytes]) -> tuple[bytes, str]:
             return _remember(key, obj, "disk")
         if bad:
             warnings.warn(f"dfpgen cache entry ignored and rebuilt: {bad}", CacheWarning, stacklevel=2)
+            try:  # readers must never pair the stale metadata with the new object
+                meta_path.unlink()
+            except OSError:
+                pass
         obj, seconds = _build(build)
         meta = {"kind": "kernel", "key": key, "symbol": fields.get("symbol"),
                 "fields": _full_fields(fields), "size": len(obj),
