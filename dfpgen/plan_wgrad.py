@@ -11,7 +11,8 @@ zero dY pixel, so whatever X is paired with it contributes 0).
 
 Layouts the kernel reads (int16 pairs, one 32-bit lane each):
 
-- dY packed ``[N][P][Q2][Kp][2]`` (Q2 = ceil(Q/2), Kp = K rounded up to 16): one vector load
+- dY packed ``[N][P][Q2][Ks][2]`` (Q2 = ceil(Q/2), Kp = K rounded up to 16, Ks = Kp or
+  Kp + 16, see ``conflict_free``; likewise Xw rows hold Cs >= C channels): one vector load
   gives ``lanes`` output channels x one pixel pair.
 - X packed once, shared by every tap: ``Xw[N][Hp][Wp][C][2]`` with
   ``Xw[n,h,w,c] = (Xpad[n,h,w,c], Xpad[n,h,w+uw,c])`` (Xpad = X zero-padded, NHWC). The pair
@@ -93,6 +94,8 @@ class WgradPlan:
     C: int
     K: int
     Kp: int
+    Ks: int               # packed-dY i32 elements per pixel pair (Kp, + 16 against set conflicts)
+    Cs: int               # Xw i32 elements per column (C, + 16 against set conflicts)
     RS: int
     Hp: int
     Wp: int               # Xw columns
@@ -200,6 +203,16 @@ def column_table(p: WgradPlan) -> np.ndarray:
     return t
 
 
+def conflict_free(n: int) -> int:
+    """Row stride (i32 elements) for rows of ``n``: when rows are an even number of 64-byte
+    lines, add one line. A power-of-two stride (C or K = 128, 256, 2048 ...) maps the rows a
+    block walks through onto a few L1/L2 sets, which then thrash; an odd line count spreads
+    them over all sets."""
+    if n % 16 == 0 and (n // 16) % 2 == 0:
+        return n + 16
+    return n
+
+
 def unscaled_ok(scale_exp: int) -> bool:
     """Whether the kernel may flush unscaled (see the template): nonzero sums are integer-valued
     floats >= 1 and < 2**64, so 2**E keeps them normal for -126 <= E <= 63."""
@@ -235,15 +248,16 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     Q2 = -(-Q // 2)
     Hp = (P - 1) * uh + (spec.R - 1) * dh + 1
     C = spec.C
+    Cs, Ks = conflict_free(C), conflict_free(Kp)
     if spec.S == 1:
         # One filter column: only pairs starting at w = 2j*uw are read, so Xw keeps just those
         # (Q2 columns, the size of X for stride 1) instead of every column.
         Wp, cpp, istep = Q2, 1, 2 * uw
-        taps = tuple(r * dh * Wp * C for r in range(spec.R))
+        taps = tuple(r * dh * Wp * Cs for r in range(spec.R))
     else:
         # The last pair of a row starts at column (2*Q2 - 2)*uw + (S-1)*dw.
         Wp, cpp, istep = (2 * Q2 - 2) * uw + (spec.S - 1) * dw + 1, 2 * uw, 1
-        taps = tuple(r * dh * Wp * C + s * dw * C for r in range(spec.R) for s in range(spec.S))
+        taps = tuple(r * dh * Wp * Cs + s * dw * Cs for r in range(spec.R) for s in range(spec.S))
     fp32_regs = 2 * kv * cb + kv + 1 <= target.registers
     sym = (f"dfp_conv_bwdw_{spec.geometry()}_kb{kv}_cb{cb}_pp{config.c_block}_{target.tier}_{mode}"
            + ("_sc" if scaled else ""))
@@ -251,7 +265,8 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
         spec=spec, config=config, tier=target.tier, mode=mode, lanes=lanes, i16_lanes=2 * lanes,
         vec_bytes=4 * lanes, kv=kv, kv_tail=kv_tail, n_kb=n_kb, cb=cb, cb_tail=cb_tail, n_cb=n_cb,
         n_cols=n_cols, group=group, n_groups=n_groups,
-        C=C, K=spec.K, Kp=Kp, RS=RS, Hp=Hp, Wp=Wp, Q2=Q2, x_pair_stride=cpp * C, col_per_pair=cpp,
+        C=C, K=spec.K, Kp=Kp, Ks=Ks, Cs=Cs, RS=RS, Hp=Hp, Wp=Wp, Q2=Q2, x_pair_stride=cpp * Cs,
+        col_per_pair=cpp,
         pack_istep=istep,
         tap_offsets=taps, items=n_kb * n_groups, block_pairs=config.c_block,
         saturating=(mode == "fast"), fp32_regs=fp32_regs, scaled=scaled, symbol=sym)
@@ -313,7 +328,7 @@ def schedule(p: WgradPlan, flush: int) -> tuple[np.ndarray, np.ndarray]:
     if flush < 2 or flush % 2:
         raise DfpError(f"backward-weight flush interval must be an even number of pixels >= 2, got {flush}")
     s = p.spec
-    return _schedule_cached(s.N, s.P, s.Q, s.stride[0], p.col_per_pair, p.C, p.Hp, p.Wp, p.Kp,
+    return _schedule_cached(s.N, s.P, s.Q, s.stride[0], p.col_per_pair, p.Cs, p.Hp, p.Wp, p.Ks,
                             int(flush), p.block_pairs)
 
 

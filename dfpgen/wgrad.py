@@ -201,8 +201,8 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
 
     nthreads = threads or (config.threads if config is not None else 0) or num_threads()
     xw, xam = pack_pairs(x, (N, p.Hp, p.Wp), pad=spec.padding, istep=p.pack_istep, delta=spec.stride[1],
-                         threads=nthreads, target=target)
-    dyp, dam = pack_pairs(dy, (N, spec.P, p.Q2), istep=2, delta=1, cout=p.Kp, threads=nthreads,
+                         cout=p.Cs, threads=nthreads, target=target)
+    dyp, dam = pack_pairs(dy, (N, spec.P, p.Q2), istep=2, delta=1, cout=p.Ks, threads=nthreads,
                           target=target, align=64)
     if xam.max(initial=0) > 32767 or dam.max(initial=0) > 32767:
         raise DfpError("x or grad_output holds the mantissa -32768; DFP16 mantissas are limited to +/-32767")

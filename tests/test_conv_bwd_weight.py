@@ -32,6 +32,7 @@ SHAPES = [
     (1, 7, 5, 9, 3, 3, 1, (2, 1), (0, 1), (1, 2)),  # per-axis stride/padding/dilation, R != S
     (3, 2, 3, 4, 2, 1, 1, 2, 0, 1),       # Q = 2 (one pair per row), stride 2
     (1, 300, 3, 4, 20, 1, 1, 1, 0, 1),    # C beyond one C-group (work items split C)
+    (1, 64, 4, 6, 16, 3, 3, 1, 1, 1),     # C = 64: Xw rows padded to 80 channels (set conflicts)
 ]
 
 
@@ -238,7 +239,7 @@ def test_schedule_covers_every_pixel_once():
         assert blocks[0] == 0 and blocks[-1] == len(seg)
         seen, flush_at, m = [], [], -1
         for xoff, dyoff, npairs, ctl in seg.tolist():
-            row, j0 = divmod(dyoff // p.Kp, p.Q2)
+            row, j0 = divmod(dyoff // p.Ks, p.Q2)
             mask, cnt = ctl & 0xFFFFFFFF, ctl >> pw.CNT_SHIFT
             for j in range(j0, j0 + npairs):
                 for e in (0, 1):
