@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -152,6 +153,19 @@ def _scales(e: int) -> tuple[float, float]:
     return float(np.float32(2.0 ** e1)), float(np.float32(2.0 ** e2))
 
 
+_tls = threading.local()
+
+
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """FP32 and INT32 tile scratch of ``n`` elements each, reused per thread: fresh zeroed
+    pages cost a page fault per 4 KiB inside the kernel (as much as dW itself)."""
+    have = getattr(_tls, "scratch", None)
+    if have is None or have[0].size < n:
+        have = (aligned_zeros((n,), np.float32), aligned_zeros((n,), np.int32))
+        _tls.scratch = have
+    return have[0][:n], have[1][:n]
+
+
 @lru_cache(maxsize=256)
 def _conv_kernel(p: pw.WgradPlan, target: CpuTarget):
     """The kernel of plan ``p`` as a ctypes callable; memoised because ``load_kernel`` hashes
@@ -239,8 +253,7 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     t_pack = time.perf_counter() - t0
 
     fn = _conv_kernel(p, target)
-    out = aligned_zeros((p.RS, C, p.Kp), np.float32)
-    acc = aligned_zeros((p.RS, C, p.Kp), np.int32)
+    out, acc = _scratch(p.RS * C * p.Kp)  # tiles: the kernel's first block initialises them
     sat = np.zeros(p.items, np.int64)
     s1, s2 = _scales(scale_exp) if scaled else (1.0, 1.0)
     cols = pw.column_table(p)
