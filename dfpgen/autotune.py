@@ -147,6 +147,7 @@ class TuneResult:
     elapsed: float = 0.0
     candidates: list[Candidate] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # annotations, e.g. torch_fp32_seconds
+    timing: str = "kernel"  # "kernel": generated code alone (kernel_timer); "call": public call
 
     @property
     def speedup(self) -> float:
@@ -161,7 +162,8 @@ class TuneResult:
         return {"config": self.config.to_dict(), "seconds": self.seconds, "gmacs": self.gmacs,
                 "default_config": self.default_config.to_dict(), "default_seconds": self.default_seconds,
                 "default_gmacs": self.default_gmacs, "spec": str(self.spec), "threads": num_threads(),
-                "elapsed": self.elapsed, "candidates": [c.to_dict() for c in self.candidates],
+                "elapsed": self.elapsed, "timing": self.timing,
+                "candidates": [c.to_dict() for c in self.candidates],
                 **self.extra}
 
     @classmethod
@@ -172,7 +174,7 @@ class TuneResult:
         return cls(spec, TuningConfig.from_dict(v["config"]), v["seconds"], v["gmacs"],
                    TuningConfig.from_dict(v["default_config"]), v["default_seconds"], v["default_gmacs"],
                    cached=True, elapsed=0.0, candidates=cands,
-                   extra={k: v[k] for k in v if k.startswith("torch_")})
+                   extra={k: v[k] for k in v if k.startswith("torch_")}, timing=v.get("timing", "kernel"))
 
 
 # ----------------------------------------------------------------------------- search space
@@ -311,6 +313,8 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
         return c
 
     base = measure(default, 0)
+    # Say which clock the figures come from: the kernel alone, or (fallback) the whole call.
+    timing = "kernel" if base.status == "ok" and kernel_timer(spec, default, target, ops, overflow) else "call"
     if base.status != "ok":
         raise DfpError(f"default kernel for {spec} failed: {base.note}")
     cands: list[Candidate] = [base]
@@ -340,7 +344,7 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
     timed = {c.config for c in cands}
     run_stage(_cost_order(spec, target, [c for c in space if c not in timed]), 3, budget)
     result = TuneResult(spec, best.config, best.seconds, best.gmacs, default, base.seconds, base.gmacs,
-                        elapsed=time.perf_counter() - t0, candidates=cands)
+                        elapsed=time.perf_counter() - t0, candidates=cands, timing=timing)
     assert best.status == "ok"
     cache.store_tuning(fields, result.to_value())
     cache.store_tuning(any_batch_fields(spec, target, overflow), {**result.to_value(), "any_batch": True})

@@ -108,7 +108,9 @@ def run_tune(args, specs: list[ConvSpec] | None, console) -> int:
         sys.stdout.write(json.dumps(rows, indent=1, default=str) + "\n")
         return 0
     from rich.table import Table
-    tab = Table(title="dfpgen tune (ms: the generated kernel alone, median)", title_justify="left")
+    clock = ("the generated kernel alone" if all(r.timing == "kernel" for r in results)
+             else "the numpy call (kernel-only timer unavailable)")
+    tab = Table(title=f"dfpgen tune (ms: {clock}, median)", title_justify="left")
     for col in ("pass", "layer", "decision", "config", "ms", "GMAC/s", "% peak", "x default",
                 "x PyTorch FP32", "candidates"):
         tab.add_column(col, justify="right" if col not in ("pass", "layer", "decision", "config") else "left")
@@ -135,6 +137,7 @@ def _tune_row(r, target, torch_s) -> dict:
             "default_config": r.default_config.short(), "default_seconds": r.default_seconds,
             "speedup_default": r.speedup, "torch_fp32_seconds": torch_s,
             "speedup_torch_fp32": _ratio(torch_s, r.seconds), "tune_seconds": r.elapsed,
+            "timing": r.timing,
             "candidates": f"{ok} ok, {len(r.rejected)} rejected, {len(r.candidates) - ok - len(r.rejected)} failed",
             "rejected": [c.config.short() for c in r.rejected]}
 

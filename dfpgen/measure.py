@@ -79,23 +79,26 @@ def kernel_timer(spec: ConvSpec, config: TuningConfig, target: CpuTarget, ops: d
                 run()
                 return wgrad.last_times.kernel
             return timed_wgrad if hasattr(wgrad, "last_times") else None
-        from . import conv, fwd, kernels
+        from . import fwd, kernels
         fwd_pass = spec.pass_kind == "fwd"
         act = ops["x"] if fwd_pass else ops["dy"]
-        wt = ops["w"].mantissa if fwd_pass else ops["w"].mantissa.transpose(1, 0, 2, 3)
-        cfg = conv._schedule(spec, overflow, config, act, wt, target)
-        kern = kernels.get_kernel(spec, cfg, overflow=overflow, target=target)
+        # The config the public call really ran (exact mode replaces c_block / flush by the
+        # schedule proven on these operands): the same kernel object, from get_kernel's cache.
+        _, info = make_runner(spec, config, target, ops, overflow, return_info=True)()
+        kern = kernels.get_kernel(spec, TuningConfig.from_dict(info.config), overflow=overflow,
+                                  target=target)
         if not kern.parts:
             return None
         first = kern.parts[0].plan
         xbuf = fwd._activation_buffer(act, kern.pad, 2 * first.red_pairs)
-        packed = [(part, part.pack_weights(wt)) for part in kern.parts]
+        w_otc = fwd.weights_otc(ops["w"], spec.pass_kind)
+        packed = [(part, part.pack_weights(w_otc)) for part in kern.parts]
         oh, ow = (spec.P, spec.Q) if fwd_pass else (spec.H, spec.W)
         ybuf = np.zeros((spec.N, oh, ow, first.out_pad), np.float32)
         scale = fwd.check_scale(act.exponent + ops["w"].exponent, spec.pass_kind)
         threads = num_threads()
-    except (ImportError, AttributeError, TypeError):
-        return None  # the kernel modules changed shape: time the public call instead
+    except Exception:  # noqa: BLE001 - the kernel modules changed shape: time the public call
+        return None
 
     def timed() -> float:
         t0 = time.perf_counter()
