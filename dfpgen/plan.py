@@ -172,10 +172,11 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
     if mode not in MODES:
         raise DfpError(f"overflow mode must be one of {MODES}, got {mode!r}")
     lanes, regs = target.lanes, target.registers
-    used = accumulator_budget(config.k_vecs, config.pixels, config.unroll, regs)
+    used = accumulator_budget(config.k_vecs, config.pixels, config.unroll, regs,
+                              0 if target.tier in ("avx512_vnni", "vnni256") else 1)
     if used > regs:
         raise DfpError(f"config {config.short()}: {config.k_vecs} x {config.pixels} accumulators + "
-                       f"weights + broadcast need {used} vector registers; the {target.tier} tier "
+                       f"weights (+ broadcast) need {used} vector registers; the {target.tier} tier "
                        f"has {regs}")
     kv, kvl = config.k_vecs, config.k_vecs * lanes
     out_blocks = -(-sub.out // kvl)

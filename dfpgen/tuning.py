@@ -81,16 +81,23 @@ def _reduction_and_output(spec) -> tuple[int, int, int]:
     return spec.C, spec.K, spec.Q
 
 
-def accumulator_budget(k_vecs: int, pixels: int, unroll: str, registers: int) -> int:
+def _broadcast_regs(target) -> int:
+    # AVX-512 tiers fold the X broadcast into vpdpwssd's memory operand ({1toN}); the AVX2
+    # and generic tiers hold it in a register.
+    return 0 if target.tier in ("avx512_vnni", "vnni256") else 1
+
+
+def accumulator_budget(k_vecs: int, pixels: int, unroll: str, registers: int, broadcast: int = 1) -> int:
     """Vector registers a block needs: ``k_vecs x pixels`` accumulators, the weight vectors
-    (``k_vecs``, or ``4 k_vecs`` with the 4VNNI unroll: four channel pairs in flight) and one
-    broadcast register. The planner rejects blocks over ``registers``."""
+    (``k_vecs``, or ``4 k_vecs`` with the 4VNNI unroll: four channel pairs in flight) and
+    ``broadcast`` registers for the X pair (0 where it folds into the instruction). The
+    planner rejects blocks over ``registers``."""
     weights = k_vecs * (4 if unroll == "4vnni" else 1)
-    return k_vecs * pixels + weights + 1
+    return k_vecs * pixels + weights + broadcast
 
 
-def max_pixels(k_vecs: int, unroll: str, registers: int) -> int:
-    return (registers - 1 - k_vecs * (4 if unroll == "4vnni" else 1)) // k_vecs
+def max_pixels(k_vecs: int, unroll: str, registers: int, broadcast: int = 1) -> int:
+    return (registers - broadcast - k_vecs * (4 if unroll == "4vnni" else 1)) // k_vecs
 
 
 def _pixel_block(q: int, cap: int) -> int:
@@ -101,9 +108,9 @@ def _pixel_block(q: int, cap: int) -> int:
 
 def default_config(spec, target) -> TuningConfig:
     """The heuristic schedule of a forward / backward-data ``spec`` on ``target`` (used when
-    nothing is tuned): the largest output-channel blocking (up to 2 vectors, paper-style
-    2 x 14 block on AVX-512) that wastes no more padded lanes than 1 vector, as many pixels
-    as the register budget allows split evenly along Q, ``c_block`` 16 for 3x3 (the paper's
+    nothing is tuned): the register block (``k_vecs`` output-channel vectors dividing the
+    channels x a pixel block that splits Q evenly) with the most accumulators the register
+    budget allows, ties to 2 vectors (the paper's 2 x 14 on AVX-512), ``c_block`` 16 for 3x3 (the paper's
     chain of 16 input channels x R x S = 144 products; other filter sizes keep about 144),
     flush chosen by the overflow mode."""
     if spec.pass_kind not in ("fwd", "bwd_data"):
@@ -111,13 +118,17 @@ def default_config(spec, target) -> TuningConfig:
     red, outc, q = _reduction_and_output(spec)
     lanes = target.lanes
     vecs = -(-outc // lanes)
-    # Blocks of 2 vectors where they divide the channels (no padded lanes), else 3, else 1.
-    k_vecs = 1
-    for kv in (2, 3):
-        if vecs % kv == 0 and max_pixels(kv, "none", target.registers) >= 4:
-            k_vecs = kv
-            break
-    cap = max_pixels(k_vecs, "none", target.registers)
+    # The most accumulators (k_vecs x pixel block) without padded lanes; ties go to the
+    # paper's 2 vectors (Q=14 -> 2 x 14, Q=56 -> 2 x 14, Q=7 -> 4 x 7).
+    bc = _broadcast_regs(target)
+    k_vecs, best = 1, 0
+    for kv in (2, 1, 3, 4):
+        cap_kv = max_pixels(kv, "none", target.registers, bc)
+        if vecs % kv == 0 and cap_kv >= 1:
+            accs = kv * _pixel_block(q, cap_kv)
+            if accs > best:
+                k_vecs, best = kv, accs
+    cap = max_pixels(k_vecs, "none", target.registers, bc)
     pixels = _pixel_block(q, cap)
     # The paper's chain is 16 channels x 3x3 = 144 products: keep about that length for
     # other filter sizes (1x1: 144 channels, 7x7: 2), never longer than the channels.
@@ -138,7 +149,7 @@ def search_space(spec, target) -> list[TuningConfig]:
         for kv in (1, 2, 4):
             if kv > max(1, vecs):
                 continue
-            cap = max_pixels(kv, unroll, target.registers)
+            cap = max_pixels(kv, unroll, target.registers, _broadcast_regs(target))
             if cap < 1:
                 continue
             for pix in sorted({_pixel_block(q, cap), min(q, cap), min(q, max(1, cap // 2))}):

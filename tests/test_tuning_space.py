@@ -13,7 +13,7 @@ from dfpgen.plan import plan_fwd
 from dfpgen.plan_bwd import plan_bwd_data
 from dfpgen.spec import ConvSpec, parse_full
 from dfpgen.target import host_target
-from dfpgen.tuning import TuningConfig, accumulator_budget, default_config, search_space
+from dfpgen.tuning import TuningConfig, default_config, search_space
 from conv_cases import operands
 
 FWD = ConvSpec(1, 20, 5, 9, 40, 3, 3, padding=(1, 1))
@@ -76,12 +76,15 @@ def test_resnet50_default_configs_are_legal_and_parse(tier):
     for spec in _resnet_specs():
         for sp in (spec, spec.with_pass("bwd_data")):
             cfg = default_config(sp, target)
-            assert accumulator_budget(cfg.k_vecs, cfg.pixels, cfg.unroll, target.registers) <= target.registers
             for c in search_space(sp, target):
                 if sp.pass_kind == "fwd":
-                    plan_fwd(sp, c, target, mode="fast")
+                    plans = [plan_fwd(sp, c, target, mode="fast")[1]]
                 else:
-                    plan_bwd_data(sp, c, target, mode="fast")
+                    plans = [p for _, p in plan_bwd_data(sp, c, target, mode="fast").phases]
+                assert all(p.registers_used <= target.registers for p in plans)
+                if c == cfg:  # the default fills the register file reasonably
+                    assert all(p.registers_used >= target.registers // 3 or p.k_vecs * p.pixels >= min(sp.Q, 7)
+                               for p in plans)
             if spec.C >= 256 and spec.R == 3:  # parse + verify one big kernel per layer kind
                 for _, _, ir in kernel_sources(sp, cfg, target=target, overflow="fast"):
                     jit._parse(ir, "check")
