@@ -174,3 +174,17 @@ def test_peak_loops_are_register_only_vnni_and_fma():
     if t.tier in ("avx512_vnni", "vnni256"):
         p = peak.vnni_peak(t)
         assert p.gmacs > 0 and p.instruction == "vpdpwssd"
+
+
+@pytest.mark.parametrize("layer,extra,spec", [
+    ("3x3x256", [], "fwd:n32c256h14w14k256r3s3u1p1"),
+    ("resnet50:res5_branch2b", ["--batch", "4"], "fwd:n4c512h7w7k512r3s3u1p1"),
+    ("3x3x17", ["--hw", "10x12", "--k", "32", "--stride", "2", "--pad", "0"], "fwd:n32c17h10w12k32r3s3u2p0"),
+    ("bwd_data:n2c8h6w6k8r3s3p1", [], "bwd_data:n2c8h6w6k8r3s3u1p1"),
+])
+def test_layer_grammar_round_trips_through_the_cli(tmp_path, layer, extra, spec):
+    r = dfpgen(tmp_path, "show", "--layer", layer, *extra, "--plan")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.split("\n}\n")[0] + "\n}")["spec"] == spec
+    again = dfpgen(tmp_path, "show", "--layer", spec, "--plan")  # the printed form parses back
+    assert again.returncode == 0 and json.loads(again.stdout.split("\n}\n")[0] + "\n}")["spec"] == spec
