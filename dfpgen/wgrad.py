@@ -116,7 +116,7 @@ def _pack_kernel(target: CpuTarget):
 
 
 def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout=None,
-               threads=None, target=None, align=1) -> tuple[np.ndarray, np.ndarray]:
+               threads=None, target=None, buffer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Generated one-pass packer (``templates/conv_bwd_weight_pack.ll.j2``).
 
     ``src`` int16 (N, C, H, W) with any strides (channel stride 1 is read in place; anything
@@ -124,7 +124,9 @@ def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout
     ``dst[n, h', i, c] = (src[n, c, h, i*istep - pad[1]], src[n, c, h, i*istep - pad[1] + delta])``
     (0 outside the image and for c >= C up to ``cout``), ``dst_shape = (N, Hout, Wout)``.
     Returns ``(dst int16 (N, Hout, Wout, cout, 2), amax int32 (N, Hout, Wout, 2))``, ``amax``
-    the max |value| over c of each of the two pair elements (32768 flags a -32768 mantissa).
+    the max |value| over c of each of the two pair elements (32768 flags a -32768 mantissa);
+    ``dst`` is 64-byte aligned, and taken from the per-thread pool under the name ``buffer``
+    when given (valid until the next call that uses that name).
     """
     N, C, H, W = src.shape
     Hout, Wout = dst_shape[1], dst_shape[2]
@@ -132,7 +134,8 @@ def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout
     if src.strides[1] != 2:
         src = np.ascontiguousarray(src.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     sN, _, sH, sW = (st // 2 for st in src.strides)
-    dst = (aligned_zeros if align > 1 else np.empty)((N, Hout, Wout, cout, 2), np.int16)
+    shape = (N, Hout, Wout, cout, 2)
+    dst = _buffer(buffer, shape, np.int16) if buffer else aligned_zeros(shape, np.int16)
     amax = np.empty((N, Hout, Wout, 2), np.int32)
     zeros = np.zeros(C + PACK_CHUNK, np.int16)
     prm = np.array([Hout, Wout, H, W, C, cout, sN, sH, sW, pad[0], pad[1], istep, delta], np.int64)
@@ -156,14 +159,19 @@ def _scales(e: int) -> tuple[float, float]:
 _tls = threading.local()
 
 
-def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """FP32 and INT32 tile scratch of ``n`` elements each, reused per thread: fresh zeroed
-    pages cost a page fault per 4 KiB inside the kernel (as much as dW itself)."""
-    have = getattr(_tls, "scratch", None)
-    if have is None or have[0].size < n:
-        have = (aligned_zeros((n,), np.float32), aligned_zeros((n,), np.int32))
-        _tls.scratch = have
-    return have[0][:n], have[1][:n]
+def _buffer(name: str, shape, dtype) -> np.ndarray:
+    """A 64-byte aligned, uninitialised array from a per-thread pool, reused across calls:
+    fresh pages cost a page fault per 4 KiB inside the kernels (for the tiles as much as dW
+    itself). Only for data that does not outlive the call."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    pool = _tls.__dict__.setdefault("pool", {})
+    raw = pool.get(name)
+    if raw is None or raw.size < n + 64:
+        raw = np.empty(n + 64, np.uint8)
+        pool[name] = raw
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + n].view(dtype).reshape(shape)
 
 
 @lru_cache(maxsize=256)
@@ -215,9 +223,9 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
 
     nthreads = threads or (config.threads if config is not None else 0) or num_threads()
     xw, xam = pack_pairs(x, (N, p.Hp, p.Wp), pad=spec.padding, istep=p.pack_istep, delta=spec.stride[1],
-                         cout=p.Cs, threads=nthreads, target=target)
+                         cout=p.Cs, threads=nthreads, target=target, buffer="xw")
     dyp, dam = pack_pairs(dy, (N, spec.P, p.Q2), istep=2, delta=1, cout=p.Ks, threads=nthreads,
-                          target=target, align=64)
+                          target=target, buffer="dy")
     if xam.max(initial=0) > 32767 or dam.max(initial=0) > 32767:
         raise DfpError("x or grad_output holds the mantissa -32768; DFP16 mantissas are limited to +/-32767")
     b_pix = dam.reshape(N, spec.P, 2 * p.Q2)[:, :, :spec.Q]  # (N, P, Q): max over K
@@ -253,7 +261,9 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     t_pack = time.perf_counter() - t0
 
     fn = _conv_kernel(p, target)
-    out, acc = _scratch(p.RS * C * p.Kp)  # tiles: the kernel's first block initialises them
+    # tiles: the kernel's first cache block initialises them
+    out = _buffer("out", (p.RS * C * p.Kp,), np.float32)
+    acc = _buffer("acc", (p.RS * C * p.Kp,), np.int32)
     sat = np.zeros(p.items, np.int64)
     s1, s2 = _scales(scale_exp) if scaled else (1.0, 1.0)
     cols = pw.column_table(p)

@@ -305,3 +305,29 @@ def test_default_kernels_do_not_spill_vector_registers(flush):
         assert "vpdpwssd" in asm or HOST.tier not in ("avx512_vnni", "vnni256")
         spills = [ln for ln in asm.splitlines() if "(%rsp)" in ln and ("mm" in ln)]
         assert not spills, spills[:5]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "sliced"])
+def test_pack_pairs_matches_numpy(layout):
+    """The generated packer against a numpy model, for any source strides."""
+    rng = np.random.default_rng(12)
+    base = rng.integers(-32767, 32768, (2, 37, 5, 9)).astype(np.int16)
+    if layout == "nhwc":
+        src = np.ascontiguousarray(base.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    elif layout == "sliced":  # channel stride 1 inside a wider NHWC buffer (padded C), odd W step
+        buf = np.zeros((2, 5, 18, 40), np.int16)
+        buf[:, :, ::2, :37] = base.transpose(0, 2, 3, 1)
+        src = buf[:, :, ::2, :37].transpose(0, 3, 1, 2)
+    else:
+        src = base
+    for pad, istep, delta, Hout, Wout, cout in (((1, 2), 1, 1, 7, 12, 37), ((0, 0), 2, 1, 5, 5, 48),
+                                                ((2, 1), 4, 2, 8, 3, 40)):
+        dst, amax = wgrad.pack_pairs(src, (2, Hout, Wout), pad=pad, istep=istep, delta=delta, cout=cout)
+        xp = np.zeros((2, 37, Hout + 8, Wout * istep + delta + 8), np.int64)
+        xp[:, :, pad[0]:pad[0] + 5, pad[1]:pad[1] + 9] = base
+        want = np.zeros((2, Hout, Wout, cout, 2), np.int64)
+        for e, off in ((0, 0), (1, delta)):
+            cols = xp[:, :, :Hout, off:off + Wout * istep:istep]  # (N, C, Hout, Wout)
+            want[:, :, :, :37, e] = cols.transpose(0, 2, 3, 1)
+        assert np.array_equal(dst, want)
+        assert np.array_equal(amax, np.abs(want).max(axis=3))
