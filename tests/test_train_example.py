@@ -12,11 +12,12 @@ from dfpgen.runtime import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "train_fashion_mnist.py")
-# Measured: this run reached 70-76% test accuracy (see the report); chance is 10%.
-ACC_FLOOR = 0.60
+# Measured on this run (2000 images, 63 steps, lr 0.1): DFP16 70.1% / 69.3%, FP32 65.9% /
+# 68.7% (seeds 0 / 1); chance is 10%. The floor leaves 10 points of margin.
+ACC_FLOOR = 0.55
 
 
-def run(args, timeout=240):
+def run(args, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, EXAMPLE, *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
@@ -34,7 +35,7 @@ def test_missing_data_gives_clear_error(tmp_path):
 def test_dfp16_short_training_run_learns(tmp_path):
     out = tmp_path / "runs"
     r = run(["--precision", "dfp16", "--train-subset", "2000", "--test-subset", "1000",
-             "--epochs", "1", "--batch-size", "32", "--widths", "8,16,32", "--lr", "0.05",
+             "--epochs", "1", "--batch-size", "32", "--widths", "8,16,32", "--lr", "0.1",
              "--threads", "2", "--no-progress", "--out", str(out),
              "--json", str(tmp_path / "result.json")])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
