@@ -105,6 +105,16 @@ def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: D
     return config
 
 
+def _pointwise_on_pixels(spec: ConvSpec) -> bool:
+    """A 1x1 filter over N > 1 images of 1x1 pixel without padding (a classifier layer)."""
+    return (spec.H, spec.W, spec.R, spec.S, spec.padding) == (1, 1, 1, 1, (0, 0)) and spec.N > 1
+
+
+def _as_row(q: DfpTensor) -> DfpTensor:
+    """(N, C, 1, 1) -> (1, C, 1, N): the same NHWC memory read as one row of N pixels."""
+    return DfpTensor(q.mantissa[:, :, 0, 0].T[None, :, None, :], q.exponent, q.fmt)
+
+
 def _empty(shape, spec: ConvSpec, overflow: str, return_info: bool):
     """An empty batch: no kernel runs; the output has the shape the batch implies."""
     out = np.zeros(shape, np.float32)
@@ -153,6 +163,12 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
                     _pair(dilation, "dilation"), "fwd")
     if n == 0:
         return _empty((0, k, spec.P, spec.Q), spec, overflow, return_info)
+    if _pointwise_on_pixels(spec):
+        # N images of 1x1 = one row of N pixels (same NHWC memory): full register blocks
+        res = conv2d(_as_row(xq), wq, b, overflow=overflow, threads=threads, config=config,
+                     return_info=True, target=target)
+        out = res.output[0, :, 0, :].T[:, :, None, None]
+        return ConvResult(out, res.info) if return_info else out
     cfg = _schedule(spec, overflow, config, xq, wq.mantissa, target)
     kern = get_kernel(spec, cfg, overflow=overflow, target=target, bias=b is not None,
                       fma=xq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP)
@@ -183,6 +199,11 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
                        f"forward output of input {tuple(input_shape)} and weight {wq.shape}")
     if n == 0:
         return _empty((0, c, h, wd), spec, overflow, return_info)
+    if _pointwise_on_pixels(spec):
+        res = conv2d_input((1, c, 1, n), wq, _as_row(dyq), overflow=overflow, threads=threads,
+                           config=config, return_info=True, target=target)
+        out = res.output[0, :, 0, :].T[:, :, None, None]
+        return ConvResult(out, res.info) if return_info else out
     wt = wq.mantissa.transpose(1, 0, 2, 3)
     cfg = _schedule(spec, overflow, config, dyq, wt, target)
     kern = get_kernel(spec, cfg, overflow=overflow, target=target,

@@ -190,3 +190,16 @@ def test_empty_batch_and_wide_output_channel_tail():
     y, info = conv.conv2d(xq, wq, overflow="exact", return_info=True)
     assert y.shape == (1, 1000, 1, 5)
     assert np.array_equal(y, _ref(xq, wq, (1, 40, 1, 5, 1000, 1, 1, 1, 0, 1), info).fp32)
+
+
+def test_classifier_layer_on_1x1_images_runs_as_one_row_of_pixels():
+    rng = np.random.default_rng(14)
+    xq = quantize(rng.standard_normal((9, 30, 1, 1)).astype(np.float32))
+    wq = quantize(rng.standard_normal((20, 30, 1, 1)).astype(np.float32))
+    y, info = conv.conv2d(xq, wq, overflow="exact", return_info=True)
+    assert y.shape == (9, 20, 1, 1) and "h1w9" in info.symbol
+    assert np.array_equal(y, _ref(xq, wq, (9, 30, 1, 1, 20, 1, 1, 1, 0, 1), info).fp32)
+    dyq = quantize(rng.standard_normal((9, 20, 1, 1)).astype(np.float32))
+    dx, di = conv.conv2d_input((9, 30, 1, 1), wq, dyq, overflow="exact", return_info=True)
+    ref = reference.conv2d_bwd_data(dyq, wq, (1, 1), k_block=di.c_block, flush_taps=di.flush_taps)
+    assert dx.shape == (9, 30, 1, 1) and np.array_equal(dx, ref.fp32)
