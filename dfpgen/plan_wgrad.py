@@ -51,6 +51,7 @@ MIN_ITEMS = 8        # work items wanted for the thread split (never split the r
 MASK_NONE = -1       # segment control: run of whole pairs
 MASK_LO = 0x0000FFFF  # keep element 0 (pixel 2j) of each pair: little-endian low half
 MASK_HI = -65536      # 0xFFFF0000 as int32: keep element 1 (pixel 2j+1)
+CONFLICT_MIN_LINES = 8  # pad row strides of >= 8 even lines (512 B: C or K >= 128)
 COL_FIELDS = 4       # column table: xoff, tile offset, channels, KCRS offset (int64 each)
 SEG_FIELDS = 4       # xoff, dyoff, npairs, ctl (= mask | flush << 32 | cnt0 << 33), int64 each
 CNT_SHIFT = 33       # ctl bits 33..62: pairs until the run's first in-loop flush
@@ -207,8 +208,10 @@ def conflict_free(n: int) -> int:
     """Row stride (i32 elements) for rows of ``n``: when rows are an even number of 64-byte
     lines, add one line. A power-of-two stride (C or K = 128, 256, 2048 ...) maps the rows a
     block walks through onto a few L1/L2 sets, which then thrash; an odd line count spreads
-    them over all sets."""
-    if n % 16 == 0 and (n // 16) % 2 == 0:
+    them over all sets. Shorter rows (< 8 lines) leave enough sets and are not padded (the
+    padding would be pure extra traffic there)."""
+    lines = n // 16
+    if n % 16 == 0 and lines % 2 == 0 and lines >= CONFLICT_MIN_LINES:
         return n + 16
     return n
 

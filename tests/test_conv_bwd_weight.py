@@ -32,7 +32,7 @@ SHAPES = [
     (1, 7, 5, 9, 3, 3, 1, (2, 1), (0, 1), (1, 2)),  # per-axis stride/padding/dilation, R != S
     (3, 2, 3, 4, 2, 1, 1, 2, 0, 1),       # Q = 2 (one pair per row), stride 2
     (1, 300, 3, 4, 20, 1, 1, 1, 0, 1),    # C beyond one C-group (work items split C)
-    (1, 64, 4, 6, 16, 3, 3, 1, 1, 1),     # C = 64: Xw rows padded to 80 channels (set conflicts)
+    (1, 128, 4, 6, 128, 3, 3, 1, 1, 1),   # C = K = 128: X and dY rows padded to 144 (set conflicts)
 ]
 
 
