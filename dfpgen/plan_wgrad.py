@@ -225,9 +225,13 @@ def unscaled_ok(scale_exp: int) -> bool:
 def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "exact",
          scaled: bool = False) -> WgradPlan:
     """Plan one backward-weight kernel. Raises :class:`DfpError` on an illegal config
-    (register budget exceeded, unknown mode)."""
+    (register budget exceeded, unroll other than 'none', unknown mode)."""
     if mode not in MODES:
         raise DfpError(f"overflow mode must be one of {MODES}, got {mode!r}")
+    if config.unroll != "none":
+        # vp4dpwssd's pattern (four channel pairs against four weight registers) has no
+        # counterpart here: the reduction runs along pixels and dY is a vector load per pair.
+        raise DfpError(f"backward-weight kernels support unroll='none' only, got {config.unroll!r}")
     lanes = target.lanes
     Kp = round_up(spec.K, K_PAD)
     kvecs_total = Kp // lanes

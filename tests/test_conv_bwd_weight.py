@@ -214,6 +214,8 @@ def test_plan_register_budget_and_layouts():
         pw.plan(sp, TuningConfig(k_vecs=2, pixels=20), HOST)
     with pytest.raises(DfpError, match="register"):
         pw.plan(sp, TuningConfig(k_vecs=2, pixels=7), host_target("avx2"))
+    with pytest.raises(DfpError, match="unroll"):
+        pw.plan(sp, TuningConfig(k_vecs=2, pixels=6, unroll="4vnni"), HOST)
     for cfg in pw.search_space(sp, HOST):
         p = pw.plan(sp, cfg, HOST)
         assert pw.registers_needed(p.kv, p.cb) <= HOST.registers
