@@ -14,7 +14,7 @@ Layouts the kernel reads (int16 pairs, one 32-bit lane each):
 - dY packed ``[N][P][Q2][Ks][2]`` (Q2 = ceil(Q/2), Kp = K rounded up to 16, Ks = Kp or
   Kp + 16, see ``conflict_free``; likewise Xw rows hold Cs >= C channels): one vector load
   gives ``lanes`` output channels x one pixel pair.
-- X packed once, shared by every tap: ``Xw[N][Hp][Wp][C][2]`` with
+- X packed once, shared by every tap: ``Xw[N][Hp][Wp][Cs][2]`` with
   ``Xw[n,h,w,c] = (Xpad[n,h,w,c], Xpad[n,h,w+uw,c])`` (Xpad = X zero-padded, NHWC). The pair
   (q, q+1) of tap (r, s) starts at ``w = 2j*uw + s*dw``, so one 32-bit broadcast gives one c x
   one pixel pair for *every* tap, and a tap is a constant offset (``tap_offsets``). This costs
@@ -23,14 +23,22 @@ Layouts the kernel reads (int16 pairs, one 32-bit lane each):
 
 Register blocking: ``k_vecs`` K-vectors x ``pixels`` input channels of INT32 accumulators
 (``config.pixels`` is the C extent of the register block in this pass), plus ``k_vecs`` dY
-vectors and one broadcast: the budget is asserted against the tier's register file.
-``config.c_block`` = pixel *pairs* per cache block: the kernel runs all C-blocks of a work item
-over one block of pixel pairs (whose dY stays in L1) before moving on; INT32 partials are kept
-in an INT32 tile between blocks, so blocks and flushes are independent.
+vectors and one broadcast: the budget is asserted against the tier's register file. When
+twice the accumulators still fit (short flush intervals, see ``default_config``), the FP32
+dW accumulators stay in registers too and a flush is ``vcvtdq2ps`` + ``vaddps``.
+
+Work: a *column block* is one (C-block, tap) pair, i.e. one register block of dW; a work
+item is (K-block, group of column blocks, C-block-major). ``config.c_block`` = pixel *pairs*
+per cache block: an item runs all its column blocks over one block of pixel pairs, whose dY
+stays in L1, before moving on (every tap of a C-block reads the same dY). INT32 partials and
+FP32 sums wait in tiles between blocks, so blocks and flushes are independent; the first
+block initialises the tiles, and the item finally writes its dW in KCRS. Threads split the
+items, never the reduction, so the bits do not depend on the thread count.
 
 Flush points (``schedule``): chunks of ``flush`` consecutive pixels m, exactly as
-``dfpgen.reference.conv2d_bwd_weight``; a chunk boundary in the middle of a pair is handled by
-running that pair twice with one half of dY masked off.
+``dfpgen.reference.conv2d_bwd_weight``. A segment is a run of pairs in one output row with an
+in-loop countdown for the flushes inside it; a chunk boundary in the middle of a pair (odd Q)
+runs that pair twice with one half of dY masked off.
 """
 from __future__ import annotations
 
