@@ -55,12 +55,27 @@ class _DfpLayer:
         # Stochastic rounding of dY is keyed on (layer seed, call count): runs that build the
         # model in the same order and take the same steps round identically.
         self.dfp_seed = next(_layer_ids)
-        self._dfp_calls = 0
         self._dfp_warned = False
+        # The call count is a tensor (a plain attribute: not in state_dict) so that
+        # torch.compile traces one graph that increments it, instead of specialising on a
+        # Python int and recompiling at every step.
+        self._dfp_calls = torch.zeros((), dtype=torch.int64)
+
+    @property
+    def dfp_calls(self) -> int:
+        """DFP16 forward calls of this layer so far."""
+        return int(self._calls_tensor())
+
+    def _calls_tensor(self) -> Tensor:
+        t = self.__dict__.get("_dfp_calls")
+        if not isinstance(t, Tensor):
+            t = self.__dict__["_dfp_calls"] = torch.zeros((), dtype=torch.int64)
+        return t
 
     def _settings(self) -> dict:
-        self._dfp_calls = getattr(self, "_dfp_calls", 0) + 1
-        seed = (getattr(self, "dfp_seed", 0) * 1_000_003 + self._dfp_calls) & 0x7FFFFFFF
+        calls = self._calls_tensor()
+        calls.add_(1)
+        seed = torch.bitwise_and(calls + getattr(self, "dfp_seed", 0) * 1_000_003, 0x7FFFFFFF)
         return dict(fmt=self.dfp_format or config.default_format(),
                     overflow=self.overflow or config.default_overflow(),
                     grad_rounding=self.grad_rounding or config.default_grad_rounding(),
