@@ -20,6 +20,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import plan_wgrad as pw
+from . import wgrad_schedule as ws
 from .errors import DfpError
 from .kernels import load_kernel
 from .render import render
@@ -257,7 +258,7 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     if config is None:
         config = pw.default_config(spec, target, flush)
         p = pw.plan(spec, config, target, overflow, scaled)
-    seg, blocks = pw.schedule(p, flush)
+    seg, blocks = ws.schedule(p, flush)
     t_pack = time.perf_counter() - t0
 
     fn = _conv_kernel(p, target)

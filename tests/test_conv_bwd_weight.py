@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dfpgen import plan_wgrad as pw
+from dfpgen import wgrad_schedule as ws
 from dfpgen import reference, wgrad
 from dfpgen.dfp import DfpTensor, quantize
 from dfpgen.errors import DfpError
@@ -237,17 +238,17 @@ def test_schedule_covers_every_pixel_once():
     sp = ConvSpec(2, 3, 5, 7, 4, 3, 3, 1, 1, 1, pass_kind="bwd_weight")  # Q = 7 (odd)
     p = pw.plan(sp, pw.default_config(sp, HOST), HOST)
     for flush in (2, 4, 6, 10, 14, 128):
-        seg, blocks = pw.schedule(p, flush)
+        seg, blocks = ws.schedule(p, flush)
         assert blocks[0] == 0 and blocks[-1] == len(seg)
         seen, flush_at, m = [], [], -1
         for xoff, dyoff, npairs, ctl in seg.tolist():
             row, j0 = divmod(dyoff // p.Ks, p.Q2)
-            mask, cnt = ctl & 0xFFFFFFFF, ctl >> pw.CNT_SHIFT
+            mask, cnt = ctl & 0xFFFFFFFF, ctl >> ws.CNT_SHIFT
             for j in range(j0, j0 + npairs):
                 for e in (0, 1):
                     q = 2 * j + e
-                    keep = mask == 0xFFFFFFFF or (mask == pw.MASK_LO and e == 0) or \
-                        (mask == (pw.MASK_HI & 0xFFFFFFFF) and e == 1)
+                    keep = mask == 0xFFFFFFFF or (mask == ws.MASK_LO and e == 0) or \
+                        (mask == (ws.MASK_HI & 0xFFFFFFFF) and e == 1)
                     if keep and q < sp.Q:
                         m = row * sp.Q + q
                         seen.append(m)
@@ -264,16 +265,16 @@ def test_schedule_covers_every_pixel_once():
         if flush >= 2 * sp.Q:  # a chunk boundary per row at most: <= 3 segments per row
             assert len(seg) <= 3 * sp.N * sp.P
     with pytest.raises(DfpError, match="even"):
-        pw.schedule(p, 5)
+        ws.schedule(p, 5)
     # Even Q: every chunk boundary is pair-aligned, so each row is one segment.
     sp8 = ConvSpec(2, 3, 5, 8, 4, 3, 3, 1, 1, 1, pass_kind="bwd_weight")
     p8 = pw.plan(sp8, pw.default_config(sp8, HOST), HOST)
-    seg, _ = pw.schedule(p8, 4)
+    seg, _ = ws.schedule(p8, 4)
     assert len(seg) == sp8.N * sp8.P and not np.any((seg[:, 3] >> 32) & 1)
     # ... and the vectorised even-Q builder agrees with the general row splitter
     for args in [(2, 5, 8, 1, 1, 3, 7, 10, 16), (3, 4, 6, 2, 1, 5, 9, 12, 32), (1, 3, 2, 1, 2, 2, 5, 9, 16)]:
         for flush in (2, 4, 6, 8, 10, 24, 1024):
-            assert np.array_equal(pw._even_q_segments(*args, flush), pw._row_segments(*args, flush)), (args, flush)
+            assert np.array_equal(ws._even_q_segments(*args, flush), ws._row_segments(*args, flush)), (args, flush)
 
 
 def test_bad_inputs():
