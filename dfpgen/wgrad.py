@@ -175,6 +175,12 @@ def _buffer(name: str, shape, dtype) -> np.ndarray:
     return raw[off:off + n].view(dtype).reshape(shape)
 
 
+def release_buffers() -> None:
+    """Free the calling thread's pool of packed operands and tiles (it keeps the largest
+    layer's sizes otherwise)."""
+    _tls.__dict__.pop("pool", None)
+
+
 @lru_cache(maxsize=256)
 def _conv_kernel(p: pw.WgradPlan, target: CpuTarget):
     """The kernel of plan ``p`` as a ctypes callable; memoised because ``load_kernel`` hashes

@@ -152,13 +152,16 @@ def test_every_tier_gives_the_same_bits(tier):
     assert np.array_equal(dw, base)
 
 
-def test_threads_do_not_change_bits():
+def test_threads_and_buffer_reuse_do_not_change_bits():
     shape = SHAPES[5]
     xq, dyq = operands(shape, np.random.default_rng(7), "real")
     one, _ = run(shape, xq, dyq, threads=1)
     two, info = run(shape, xq, dyq, threads=2)
     assert info.threads == 2
     assert np.array_equal(one, two)
+    wgrad.release_buffers()  # fresh pool: same bits as with reused (dirty) buffers
+    again, _ = run(shape, xq, dyq, threads=2)
+    assert np.array_equal(one, again)
 
 
 def test_search_space_renders_verifies_and_is_exact():
