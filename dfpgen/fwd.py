@@ -38,21 +38,33 @@ FMA_MIN_SCALE_EXP = -126       # normal scale: (float)partial * 2**e is exact, F
 class SubKernel:
     """One loaded kernel: its sub-convolution, plan and ctypes entry point."""
 
-    def __init__(self, sub: SubConv, plan: KernelPlan, target, spec_s: int):
-        self.sub, self.plan, self.spec_s = sub, plan, spec_s
+    def __init__(self, sub: SubConv, plan: KernelPlan, target, spec_s: int, transposed: bool):
+        self.sub, self.plan, self.spec_s, self.transposed = sub, plan, spec_s, transposed
         key = {"abi": KERNEL_ABI, "template": TEMPLATE, "sub": asdict(sub),
                "plan": plan.describe()}
         self.loaded = load_kernel(plan.symbol, key, lambda: render(TEMPLATE, p=plan), target)
         self.fn = _PROTO(self.loaded.address)
 
-    def pack_weights(self, w_otc: np.ndarray) -> np.ndarray:
-        """Weights ``w_otc`` int16 (OUT, R*S, RED_even) (reduction channels innermost, e.g. a
-        KRSC buffer for the forward pass) -> ``(out blocks, taps, red pairs, kvl, 2)``."""
+    def pack_weights(self, w_ktc: np.ndarray) -> np.ndarray:
+        """Weights as the KRSC buffer ``w_ktc`` int16 (K, R*S, C_even) -> the kernel's
+        ``(out blocks, taps, red pairs, kvl, 2)``: forward OUT = K, RED = C; backward-data
+        (``transposed``) OUT = C, RED = K."""
         p, sub = self.plan, self.sub
-        out, alltaps, redp = w_otc.shape
         ntaps = len(sub.taps)
         tap_idx = [t.r * self.spec_s + t.s for t in sub.taps]
-        a = w_otc if tap_idx == list(range(alltaps)) else w_otc[:, tap_idx]
+        a = w_ktc if tap_idx == list(range(w_ktc.shape[1])) else w_ktc[:, tap_idx]
+        if self.transposed:
+            k, _, cp = a.shape
+            if (k, cp) != (2 * p.red_pairs, p.out_pad):
+                full = np.zeros((2 * p.red_pairs, ntaps, p.out_pad), np.int16)
+                full[:k, :, :cp] = a
+                a = full
+            # one copy whose inner loop runs over kvl contiguous channels of a K row
+            packed = np.empty((p.out_blocks, ntaps, p.red_pairs, p.kvl, 2), np.int16)
+            packed.transpose(0, 1, 2, 4, 3)[...] = a.reshape(
+                p.red_pairs, 2, ntaps, p.out_blocks, p.kvl).transpose(3, 2, 0, 1, 4)
+            return packed
+        out, _, redp = a.shape
         if (out, redp) != (p.out_pad, 2 * p.red_pairs):
             full = np.zeros((p.out_pad, ntaps, 2 * p.red_pairs), np.int16)
             full[:out, :, :redp] = a
@@ -94,13 +106,13 @@ class ConvKernel:
         if spec.pass_kind == "fwd":
             sub, plan = plan_fwd(spec, config, target, mode=mode, has_bias=has_bias, fma=fma)
             self.pad = (spec.padding[0],) * 2 + (spec.padding[1],) * 2
-            self.parts = [SubKernel(sub, plan, target, spec.S)]
+            self.parts = [SubKernel(sub, plan, target, spec.S, False)]
             self.zero_fill = False
             self.flush_taps = plan.flush_taps
         elif spec.pass_kind == "bwd_data":
             bp = plan_bwd_data(spec, config, target, mode=mode, fma=fma)
             self.pad = bp.pad
-            self.parts = [SubKernel(sub, plan, target, spec.S) for sub, plan in bp.phases]
+            self.parts = [SubKernel(sub, plan, target, spec.S, True) for sub, plan in bp.phases]
             self.zero_fill = bp.zero_fill
             self.flush_taps = bp.flush_taps
         else:
@@ -161,21 +173,17 @@ def run_info(kernel: ConvKernel, saturated: int, threads: int, scale_exp: int) -
                    flush_taps=kernel.flush_taps, threads=threads, scale_exp=scale_exp)
 
 
-def weights_otc(wq, pass_kind: str) -> np.ndarray:
-    """The weights of a pass as int16 (OUT, R*S, RED_even), reduction channels innermost:
-    forward (K, R*S, C) is the KRSC buffer behind a ``dfpgen.pack.quantize_pack`` result
-    (no copy); backward-data (C, R*S, K) is W transposed (one copy)."""
+def weights_krsc(wq) -> np.ndarray:
+    """The weights as int16 (K, R*S, C_even), input channels innermost: the KRSC buffer
+    behind a ``dfpgen.pack.quantize_pack`` result (no copy), else a packed copy. Both passes
+    pack from it (:meth:`SubKernel.pack_weights`)."""
     m = wq.mantissa
-    if pass_kind == "fwd":
-        try:
-            from .pack import nhwc_buffer
-            buf = nhwc_buffer(wq)
-        except ImportError:
-            buf = padded_nhwc(m, (0, 0, 0, 0), m.shape[1] + m.shape[1] % 2)
-        return buf.reshape(m.shape[0], m.shape[2] * m.shape[3], buf.shape[-1])
-    mt = m.transpose(1, 0, 2, 3)
-    buf = padded_nhwc(mt, (0, 0, 0, 0), mt.shape[1] + mt.shape[1] % 2)
-    return buf.reshape(mt.shape[0], mt.shape[2] * mt.shape[3], buf.shape[-1])
+    try:
+        from .pack import nhwc_buffer
+        buf = nhwc_buffer(wq)
+    except ImportError:
+        buf = padded_nhwc(m, (0, 0, 0, 0), m.shape[1] + m.shape[1] % 2)
+    return buf.reshape(m.shape[0], m.shape[2] * m.shape[3], buf.shape[-1])
 
 
 def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int,
@@ -200,7 +208,7 @@ def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int
         bpad = np.zeros(first.out_pad, np.float32)
         bpad[:out] = bias
     saturated = 0
-    w_otc = weights_otc(wq, spec.pass_kind)
+    w_ktc = weights_krsc(wq)
     for part in kernel.parts:
-        saturated += part.run(xbuf, part.pack_weights(w_otc), ybuf, bpad, scale, n, threads)
+        saturated += part.run(xbuf, part.pack_weights(w_ktc), ybuf, bpad, scale, n, threads)
     return ybuf[..., :out], run_info(kernel, saturated, threads, scale_exp)
