@@ -111,7 +111,8 @@ def default_config(spec, target) -> TuningConfig:
     nothing is tuned): the register block (``k_vecs`` output-channel vectors dividing the
     channels x a pixel block that splits Q evenly) with the most accumulators the register
     budget allows, ties to 2 vectors (the paper's 2 x 14 on AVX-512), ``c_block`` 16 for 3x3 (the paper's
-    chain of 16 input channels x R x S = 144 products; other filter sizes keep about 144),
+    chain of 16 input channels x R x S = 144 products; other filter sizes the largest power
+    of two keeping the chain within 144),
     flush chosen by the overflow mode."""
     if spec.pass_kind not in ("fwd", "bwd_data"):
         raise DfpError(f"default_config here covers fwd/bwd_data, not {spec.pass_kind!r}")
@@ -130,9 +131,13 @@ def default_config(spec, target) -> TuningConfig:
                 k_vecs, best = kv, accs
     cap = max_pixels(k_vecs, "none", target.registers, bc)
     pixels = _pixel_block(q, cap)
-    # The paper's chain is 16 channels x 3x3 = 144 products: keep about that length for
-    # other filter sizes (1x1: 144 channels, 7x7: 2), never longer than the channels.
-    c_block = min(max(2, 2 * (72 // (spec.R * spec.S))), red + red % 2)
+    # The paper's chain is 16 channels x 3x3 = 144 products: keep at most that length for
+    # other filter sizes with a power-of-two block, which divides the usual channel counts
+    # (1x1: 128, 5x5: 4, 7x7: 2), never longer than the channels.
+    c_block = 2
+    while c_block * 2 * spec.R * spec.S <= 144:
+        c_block *= 2
+    c_block = min(c_block, red + red % 2)
     return TuningConfig(k_vecs=k_vecs, pixels=pixels, c_block=c_block, flush=0,
                         unroll="none", threads=0)
 
