@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -104,13 +105,9 @@ MIN_PACK_ROWS_PER_THREAD = 8
 @lru_cache(maxsize=None)
 def _pack_kernel(target: CpuTarget):
     fields = {"symbol": f"dfp_bwdw_pack_pairs_{target.tier}", "tier": target.tier, "chunk": PACK_CHUNK,
-              "params": PACK_PARAMS,
+              "pair_lanes": 2 * PACK_CHUNK, "params": PACK_PARAMS,
               "interleave": [k for c in range(PACK_CHUNK) for k in (c, c + PACK_CHUNK)]}
-
-    class _P:  # attribute access for the template
-        pass
-    p = _P()
-    p.__dict__.update(fields)
+    p = SimpleNamespace(**fields)  # the template reads p.<field>
     k = load_kernel(fields["symbol"], {"pass": "bwd_weight_pack", "chunk": PACK_CHUNK, "abi": 1},
                     lambda: render(PACK_TEMPLATE, p=p), target)
     return _PACK_TYPE(k.address)
