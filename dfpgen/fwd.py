@@ -141,6 +141,23 @@ def padded_nhwc(m: np.ndarray, pad: tuple[int, int, int, int], cpad: int) -> np.
     return buf
 
 
+def phase_buffer(m: np.ndarray, spec, sub: SubConv, cpad: int) -> np.ndarray:
+    """The strided forward's input buffer (see ``plan.fwd_subconv``): for each phase (a, b)
+    in ``sub.phases``, the padded image's pixels (a + u_h k, b + u_w l), zero outside X."""
+    n, c, h, w = m.shape
+    (uh, uw), (ph, pw) = spec.stride, spec.padding
+    hph = sub.in_h // len(sub.phases)
+    buf = np.zeros((n, len(sub.phases), hph, sub.in_w, cpad), np.int16)
+    src = m.transpose(0, 2, 3, 1)
+    for i, (a, b) in enumerate(sub.phases):
+        # phase row k holds padded row a + uh k = input row a + uh k - ph
+        k0 = max(0, -(-(ph - a) // uh)); k1 = min(hph, (h - 1 + ph - a) // uh + 1)
+        l0 = max(0, -(-(pw - b) // uw)); l1 = min(sub.in_w, (w - 1 + pw - b) // uw + 1)
+        if k1 > k0 and l1 > l0:
+            buf[:, i, k0:k1, l0:l1, :c] = src[:, a + uh * k0 - ph::uh, b + uw * l0 - pw::uw][:, :k1 - k0, :l1 - l0]
+    return buf.reshape(n, sub.in_h, sub.in_w, cpad)
+
+
 def _activation_buffer(q, pad, cpad: int) -> np.ndarray:
     """The kernel's input buffer for DfpTensor ``q``; reuses ``dfpgen.pack``'s NHWC buffer
     without a copy when no spatial padding is needed and the channel padding agrees."""
@@ -200,7 +217,10 @@ def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int
     n = spec.N
     if first is None:  # every output pixel meets no tap (e.g. 1x1, stride > 1 phases only)
         return np.zeros((n, oh, ow, out), np.float32), run_info(kernel, 0, threads, scale_exp)
-    xbuf = _activation_buffer(act, kernel.pad, 2 * first.red_pairs)
+    if kernel.parts[0].sub.phases:
+        xbuf = phase_buffer(act.mantissa, spec, kernel.parts[0].sub, 2 * first.red_pairs)
+    else:
+        xbuf = _activation_buffer(act, kernel.pad, 2 * first.red_pairs)
     alloc = np.zeros if kernel.zero_fill else np.empty
     ybuf = alloc((n, oh, ow, first.out_pad), np.float32)
     bpad = None

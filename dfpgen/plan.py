@@ -64,6 +64,7 @@ class SubConv:
     ow0: int = 0
     ohs: int = 1
     ows: int = 1
+    phases: tuple = ()   # strided forward: input phase images in the buffer, see fwd_subconv
 
 
 @dataclass(frozen=True)
@@ -233,15 +234,32 @@ def tap_groups(order: list[tuple[int, int]], flush_taps: int) -> dict[tuple[int,
 
 
 def fwd_subconv(spec, flush_taps: int) -> SubConv:
-    """The forward pass as one sub-convolution over the padded input buffer
-    ``(N, H + 2 ph, W + 2 pw, C + C % 2)``; taps in the reference's order ``for r: for s``."""
+    """The forward pass as one sub-convolution; taps in the reference's order ``for r: for s``.
+
+    Stride 1: over the padded input buffer ``(N, H + 2 ph, W + 2 pw, C + C % 2)``.
+    Stride u > 1: over *phase images*: the padded input split by (row mod u_h, column mod u_w)
+    into images of ``ceil((H + 2 ph) / u_h) x ceil((W + 2 pw) / u_w)`` pixels, stacked along
+    the rows of the buffer (only the phases some tap reads: 1x1 stride 2 keeps one of four).
+    Output pixel (i, j) then reads phase ((r d_h) mod u_h, (s d_w) mod u_w) at
+    (i + r d_h div u_h, j + s d_w div u_w): a stride-1 access, so consecutive output pixels
+    read consecutive input pixels (dense cache lines) instead of every u-th one.
+    ``phases`` lists the phases in buffer order; execution builds the buffer to match."""
     (uh, uw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     order = [(r, s) for r in range(spec.R) for s in range(spec.S)]
     groups = tap_groups(order, flush_taps)
-    taps = tuple(SubTap(r, s, r * dh, s * dw, groups[(r, s)]) for r, s in order)
-    return SubConv(name="fwd", in_h=spec.H + 2 * ph, in_w=spec.W + 2 * pw, red=spec.C, out=spec.K,
-                   rows=spec.P, cols=spec.Q, row_step=uh, col_step=uw, taps=taps,
-                   out_h=spec.P, out_w=spec.Q)
+    hp, wp = spec.H + 2 * ph, spec.W + 2 * pw
+    if (uh, uw) == (1, 1):
+        taps = tuple(SubTap(r, s, r * dh, s * dw, groups[(r, s)]) for r, s in order)
+        return SubConv(name="fwd", in_h=hp, in_w=wp, red=spec.C, out=spec.K, rows=spec.P,
+                       cols=spec.Q, row_step=1, col_step=1, taps=taps, out_h=spec.P, out_w=spec.Q)
+    hph, wph = -(-hp // uh), -(-wp // uw)
+    phases = tuple(sorted({((r * dh) % uh, (s * dw) % uw) for r, s in order}))
+    slot = {ab: i for i, ab in enumerate(phases)}
+    taps = tuple(SubTap(r, s, slot[((r * dh) % uh, (s * dw) % uw)] * hph + (r * dh) // uh,
+                        (s * dw) // uw, groups[(r, s)]) for r, s in order)
+    return SubConv(name="fwd", in_h=len(phases) * hph, in_w=wph, red=spec.C, out=spec.K,
+                   rows=spec.P, cols=spec.Q, row_step=1, col_step=1, taps=taps,
+                   out_h=spec.P, out_w=spec.Q, phases=phases)
 
 
 def spec_label(spec) -> str:
