@@ -208,7 +208,7 @@ def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int
     """Run ``kernel`` on activation DfpTensor ``act`` (X NCHW forward, dY NKPQ backward-data) and
     weight DfpTensor ``wq`` (KCRS). Returns (FP32 NHWC output view (N, OH, OW, OUT), RunInfo)."""
     spec = kernel.spec
-    threads = threads or num_threads()
+    threads = threads or kernel.config.threads or num_threads()
     scale = check_scale(scale_exp, spec.pass_kind)
     first = kernel.parts[0].plan if kernel.parts else None
     red = spec.C if spec.pass_kind == "fwd" else spec.K

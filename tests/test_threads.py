@@ -12,12 +12,14 @@ from dfpgen.threads import parallel_for, split
 from conv_cases import operands
 
 SHAPE = (3, 10, 7, 13, 40, 3, 3, 1, 1, 1)
+STRIDED = (2, 6, 9, 11, 20, 3, 3, 2, 1, 1)
 
 
-@pytest.mark.parametrize("mode, adversarial", [("exact", False), ("fast", False), ("fast", True)])
-def test_thread_count_does_not_change_bits(mode, adversarial):
-    n, c, h, w, k, r, s, u, p, d = SHAPE
-    xq, wq, dyq = operands(SHAPE, seed=4, adversarial=adversarial)
+@pytest.mark.parametrize("shape, mode, adversarial", [(SHAPE, "exact", False), (SHAPE, "fast", False),
+                                                      (SHAPE, "fast", True), (STRIDED, "exact", False)])
+def test_thread_count_does_not_change_bits(shape, mode, adversarial):
+    n, c, h, w, k, r, s, u, p, d = shape
+    xq, wq, dyq = operands(shape, seed=4, adversarial=adversarial)
     outs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dfpgen.OverflowWarning)
@@ -44,3 +46,13 @@ def test_parallel_for_covers_each_item_once(total, threads):
     parallel_for(total, fn, threads)
     assert (seen == 1).all()
     assert sum(e - b for b, e in split(total, threads)) == total
+
+
+def test_config_threads_is_the_default_thread_count():
+    from dfpgen.tuning import TuningConfig
+    xq, wq, _ = operands(SHAPE, seed=6)
+    cfg = TuningConfig(k_vecs=1, pixels=13, c_block=16, threads=3)
+    _, info = conv.conv2d(xq, wq, padding=1, config=cfg, return_info=True)
+    assert info.threads == 3
+    _, info = conv.conv2d(xq, wq, padding=1, config=cfg, threads=1, return_info=True)
+    assert info.threads == 1
