@@ -314,7 +314,13 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
 
     base = measure(default, 0)
     # Say which clock the figures come from: the kernel alone, or (fallback) the whole call.
-    timing = "kernel" if base.status == "ok" and kernel_timer(spec, default, target, ops, overflow) else "call"
+    timing = "call"
+    try:
+        probe = kernel_timer(spec, default, target, ops, overflow)
+        if probe is not None and probe() > 0:
+            timing = "kernel"
+    except Exception:  # noqa: BLE001 - the label only; the default already ran above
+        pass
     if base.status != "ok":
         raise DfpError(f"default kernel for {spec} failed: {base.note}")
     cands: list[Candidate] = [base]

@@ -5,6 +5,7 @@ kernel sources ``dfpgen show`` prints.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -62,49 +63,52 @@ def kernel_sources(spec: ConvSpec, config: TuningConfig, target: CpuTarget,
     return kernels.kernel_sources(spec, config, target=target, overflow=overflow)
 
 
+_instrument_lock = threading.Lock()
+
+
 def kernel_timer(spec: ConvSpec, config: TuningConfig, target: CpuTarget, ops: dict,
                  overflow: str = "exact") -> Callable[[], float] | None:
-    """A callable that runs only the generated kernel(s) of ``spec`` with ``config`` on
-    buffers prepared once, and returns the seconds it took; ``None`` where this pass offers
-    no such entry point (then the whole public call is timed). Forward / backward-data:
-    the activation buffer and packed weights of ``dfpgen.fwd`` are built once, so padding,
-    weight packing and the exact-mode schedule analysis stay out of the measurement;
-    backward-weight: ``dfpgen.wgrad.last_times.kernel`` of a public call."""
-    try:
-        if spec.pass_kind == "bwd_weight":
-            from . import wgrad
-            run = make_runner(spec, config, target, ops, overflow)
+    """A callable that makes one public call of ``spec``'s pass with ``config`` and returns
+    the seconds spent inside the generated kernel(s) only, so per-call packing, padding and
+    the exact-mode schedule analysis do not drown the differences between schedules.
+    ``None`` where the kernel modules offer no way to tell (then the whole call is timed).
 
-            def timed_wgrad() -> float:
-                run()
-                return wgrad.last_times.kernel
-            return timed_wgrad if hasattr(wgrad, "last_times") else None
-        from . import fwd, kernels
-        fwd_pass = spec.pass_kind == "fwd"
-        act = ops["x"] if fwd_pass else ops["dy"]
-        # The config the public call really ran (exact mode replaces c_block / flush by the
-        # schedule proven on these operands): the same kernel object, from get_kernel's cache.
-        _, info = make_runner(spec, config, target, ops, overflow, return_info=True)()
-        kern = kernels.get_kernel(spec, TuningConfig.from_dict(info.config), overflow=overflow,
-                                  target=target)
-        if not kern.parts:
+    Backward-weight: ``dfpgen.wgrad.last_times.kernel``. Forward / backward-data: the calls
+    of ``dfpgen.fwd.SubKernel.run`` (the ctypes entry of each generated kernel) are timed by
+    wrapping that method for the duration of the call (a measuring process only: a
+    concurrent conv in another Python thread would be counted too)."""
+    run = make_runner(spec, config, target, ops, overflow)
+    if spec.pass_kind == "bwd_weight":
+        from . import wgrad
+        if not hasattr(wgrad, "last_times"):
             return None
-        first = kern.parts[0].plan
-        xbuf = fwd._activation_buffer(act, kern.pad, 2 * first.red_pairs)
-        w_otc = fwd.weights_otc(ops["w"], spec.pass_kind)
-        packed = [(part, part.pack_weights(w_otc)) for part in kern.parts]
-        oh, ow = (spec.P, spec.Q) if fwd_pass else (spec.H, spec.W)
-        ybuf = np.zeros((spec.N, oh, ow, first.out_pad), np.float32)
-        scale = fwd.check_scale(act.exponent + ops["w"].exponent, spec.pass_kind)
-        threads = num_threads()
-    except Exception:  # noqa: BLE001 - the kernel modules changed shape: time the public call
+
+        def timed_wgrad() -> float:
+            run()
+            return wgrad.last_times.kernel
+        return timed_wgrad
+    from . import fwd
+    cls = getattr(fwd, "SubKernel", None)
+    orig = getattr(cls, "run", None)
+    if orig is None:
         return None
 
     def timed() -> float:
-        t0 = time.perf_counter()
-        for part, wp in packed:
-            part.run(xbuf, wp, ybuf, None, scale, spec.N, threads)
-        return time.perf_counter() - t0
+        spent = [0.0]
+
+        def wrapper(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return orig(self, *args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        with _instrument_lock:
+            cls.run = wrapper
+            try:
+                run()
+            finally:
+                cls.run = orig
+        return spent[0]
     return timed
 
 
@@ -116,13 +120,11 @@ def time_runner(run: Callable[[], np.ndarray], repeats: int = 5, max_seconds: fl
     (:func:`kernel_timer`); otherwise each whole ``run()`` is timed."""
     out = np.asarray(run())
     timed = kernel() if kernel is not None else None
-    if timed is None:
+    if timed is None or timed() <= 0:  # no timer, or it saw no kernel run: time the whole call
         def timed() -> float:
             t0 = time.perf_counter()
             run()
             return time.perf_counter() - t0
-    else:
-        timed()  # warm-up of the prepared buffers
     times, t_start = [], time.perf_counter()
     for _ in range(max(1, repeats)):
         times.append(timed())
