@@ -100,7 +100,8 @@ def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: D
         base, _ = resolve_config(spec, config, overflow="exact", target=target)
         o, r = w_out_red.shape[:2]
         # |W| in int16 is safe: DFP mantissas never take -32768
-        cb, ft = exact_schedule(np.abs(w_out_red).reshape(o, r, -1), _channel_max(act.mantissa))
+        density = 1.0 / (spec.stride[0] * spec.stride[1]) if spec.pass_kind == "bwd_data" else 1.0
+        cb, ft = exact_schedule(np.abs(w_out_red).reshape(o, r, -1), _channel_max(act.mantissa), density)
         config = base.replace(c_block=cb, flush=cb * ft)
     return config
 

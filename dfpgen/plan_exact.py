@@ -13,8 +13,9 @@ DFP16, whose maxima sit in [2**14, 2**15)).
 
 The schedule depends on the data only, never on the register blocking, so every tuning
 config gives the same bits in exact mode. Candidates: ``c_block`` in 2 ... 128 (powers of
-two) x ``flush_taps`` in R*S ... 1; the longest proven partial wins (ties: the larger block,
-scanned first); blocks too small to beat the best so far are not evaluated. (2, 1)
+two) x ``flush_taps`` in R*S ... 1; among the proven ones the cheapest for the kernel wins
+(see ``exact_schedule``), ties to the larger block; blocks that cannot beat the best so far
+are not evaluated. (2, 1)
 (one pair per partial) always holds for mantissas within +/-32767 since 2 * 32767**2 < 2**31.
 """
 from __future__ import annotations
@@ -22,6 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 INT32_MAX = 2**31 - 1
+# Estimated from the generated code for a 2 x 14 tile (28 vpdpwssd per pair step): about 15
+# instructions of loop set-up per (tap, block) and about 100 per flush.
+TAP_COST, FLUSH_COST = 0.5, 3.5
 _BLOCKS = (128, 64, 32, 16, 8, 4, 2)
 
 
@@ -56,12 +60,16 @@ def _max_group_sum(level: np.ndarray, ft: int) -> float:
     return float(best)
 
 
-def exact_schedule(w_abs: np.ndarray, act_max: np.ndarray) -> tuple[int, int]:
+def exact_schedule(w_abs: np.ndarray, act_max: np.ndarray, tap_density: float = 1.0) -> tuple[int, int]:
     """``(c_block, flush_taps)`` for exact mode.
 
     ``w_abs``: |weights| as (OUT, RED, R*S) integers (OUT = output channels of the pass,
     RED = reduction channels), taps in reference order; ``act_max``: (RED,) per-channel max
-    |mantissa| of the activation operand (X forward, dY backward-data).
+    |mantissa| of the activation operand (X forward, dY backward-data); ``tap_density``: the
+    fraction of a flush group's taps one kernel meets (backward-data with stride u runs
+    phases that meet about 1/(u_h u_w) of them). Among the proven schedules it picks the one
+    whose kernel spends the largest fraction of its time in dot products (a cost model of
+    loop set-up per tap and of flushes, below); ties go to the larger block.
     """
     out, red, taps = w_abs.shape
     # float32 halves the memory traffic of this (per-call) search. Every sum is of
@@ -76,18 +84,26 @@ def exact_schedule(w_abs: np.ndarray, act_max: np.ndarray) -> tuple[int, int]:
     # a block already covering every channel makes larger ones the same schedule
     blocks = [b for b in _BLOCKS if b == 2 or b // 2 < redp]  # descending
     levels = _levels(a, blocks)
-    best = (2, 1)
+
+    def score(block: int, ft: int) -> float:
+        # useful fraction of a kernel's work per partial, in pair steps (one vpdpwssd per
+        # accumulator): block/2 per tap met, plus TAP_COST per tap (loop set-up) and
+        # FLUSH_COST per flush (convert, scale, add, store of every accumulator)
+        met = max(1.0, ft * tap_density)
+        return met * block / 2 / (met * (block / 2 + TAP_COST) + FLUSH_COST)
+
+    best, best_score = (2, 1), score(2, 1)
     for block in blocks:
-        if block * taps <= best[0] * best[1]:
-            break  # no smaller block can hold a longer partial
+        if score(block, taps) <= best_score:
+            continue  # even all taps in one partial cannot beat the best so far
         single = _max_group_sum(levels[block], 1)
         if single > limit:
             continue  # even single taps overflow with blocks this large
         for ft in range(taps, 0, -1):
-            if block * ft <= best[0] * best[1]:
+            if score(block, ft) <= best_score:
                 break
             # ft * (largest single tap) bounds every group of ft taps: often decides at once
-            if ft * single <= limit or _max_group_sum(levels[block], ft) <= limit:
-                best = (block, ft)
+            if ft == 1 or ft * single <= limit or _max_group_sum(levels[block], ft) <= limit:
+                best, best_score = (block, ft), score(block, ft)
                 break
     return best
