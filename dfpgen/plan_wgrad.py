@@ -19,7 +19,8 @@ Layouts the kernel reads (int16 pairs, one 32-bit lane each):
   (q, q+1) of tap (r, s) starts at ``w = 2j*uw + s*dw``, so one 32-bit broadcast gives one c x
   one pixel pair for *every* tap, and a tap is a constant offset (``tap_offsets``). This costs
   2x the input (instead of R*S x for a per-tap copy). With S == 1 only the columns w = 2j*uw
-  are read, so Xw keeps those alone (``Wp = Q2``): the size of X for a stride-1 1x1 layer.
+  are read, so Xw keeps those alone (``Wp = Q2``): the size of X for a stride-1 1x1 layer;
+  with R == 1 only rows p*uh are kept (``Hp = P``).
 
 Register blocking: ``k_vecs`` K-vectors x ``pixels`` input channels of INT32 accumulators
 (``config.pixels`` is the C extent of the register block in this pass), plus ``k_vecs`` dY
@@ -100,7 +101,9 @@ class WgradPlan:
     Ks: int               # packed-dY i32 elements per pixel pair (Kp, + 16 against set conflicts)
     Cs: int               # Xw i32 elements per column (C, + 16 against set conflicts)
     RS: int
-    Hp: int
+    Hp: int               # Xw rows per image
+    x_row_step: int       # Xw rows between output rows: uh, or 1 when R == 1
+    pack_hstep: int       # source rows between Xw rows: 1, or uh when R == 1
     Wp: int               # Xw columns
     Q2: int
     x_pair_stride: int    # i32 elements between pair j and j+1 in Xw (= col_per_pair*C)
@@ -255,7 +258,12 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     (uh, uw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     P, Q = spec.P, spec.Q
     Q2 = -(-Q // 2)
-    Hp = (P - 1) * uh + (spec.R - 1) * dh + 1
+    if spec.R == 1:
+        # One filter row: only input rows p*uh are read, so Xw keeps just those (stride-2
+        # 1x1 layers would otherwise pack every other row for nothing).
+        Hp, row_step = P, 1
+    else:
+        Hp, row_step = (P - 1) * uh + (spec.R - 1) * dh + 1, uh
     C = spec.C
     Cs, Ks = conflict_free(C), conflict_free(Kp)
     if spec.S == 1:
@@ -275,6 +283,7 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
         vec_bytes=4 * lanes, kv=kv, kv_tail=kv_tail, n_kb=n_kb, cb=cb, cb_tail=cb_tail, n_cb=n_cb,
         n_cols=n_cols, group=group, n_groups=n_groups,
         C=C, K=spec.K, Kp=Kp, Ks=Ks, Cs=Cs, RS=RS, Hp=Hp, Wp=Wp, Q2=Q2, x_pair_stride=cpp * Cs,
+        x_row_step=row_step, pack_hstep=uh // row_step,
         col_per_pair=cpp,
         pack_istep=istep,
         tap_offsets=taps, items=n_kb * n_groups, block_pairs=config.c_block,

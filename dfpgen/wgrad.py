@@ -95,7 +95,7 @@ def exact_flush(a_pix: np.ndarray, b_pix: np.ndarray) -> int:
 
 
 PACK_TEMPLATE = "conv_bwd_weight_pack.ll.j2"
-PACK_PARAMS = ("Hout", "Wout", "H", "W", "C", "Cout", "sN", "sH", "sW", "ph", "pw", "istep", "delta")
+PACK_PARAMS = ("Hout", "Wout", "H", "W", "C", "Cout", "sN", "sH", "sW", "ph", "pw", "istep", "delta", "hstep")
 _PACK_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 PACK_CHUNK = 16      # channels per vector step of the pack kernel (256-bit loads, 512-bit stores)
@@ -113,12 +113,12 @@ def _pack_kernel(target: CpuTarget):
     return _PACK_TYPE(k.address)
 
 
-def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout=None,
+def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout=None, hstep=1,
                threads=None, target=None, buffer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Generated one-pass packer (``templates/conv_bwd_weight_pack.ll.j2``).
 
     ``src`` int16 (N, C, H, W) with any strides (channel stride 1 is read in place; anything
-    else is first copied to NHWC). Output row r = n*Hout + h' (h = h' - pad[0]), position i:
+    else is first copied to NHWC). Output row r = n*Hout + h' (h = h'*hstep - pad[0]), position i:
     ``dst[n, h', i, c] = (src[n, c, h, i*istep - pad[1]], src[n, c, h, i*istep - pad[1] + delta])``
     (0 outside the image and for c >= C up to ``cout``), ``dst_shape = (N, Hout, Wout)``.
     Returns ``(dst int16 (N, Hout, Wout, cout, 2), amax int32 (N, Hout, Wout, 2))``, ``amax``
@@ -136,7 +136,7 @@ def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout
     dst = _buffer(buffer, shape, np.int16) if buffer else aligned_zeros(shape, np.int16)
     amax = np.empty((N, Hout, Wout, 2), np.int32)
     zeros = np.zeros(C + PACK_CHUNK, np.int16)
-    prm = np.array([Hout, Wout, H, W, C, cout, sN, sH, sW, pad[0], pad[1], istep, delta], np.int64)
+    prm = np.array([Hout, Wout, H, W, C, cout, sN, sH, sW, pad[0], pad[1], istep, delta, hstep], np.int64)
     fn = _pack_kernel(target or host_target())
     rows = N * Hout
     nt = max(1, min(threads or num_threads(), rows // MIN_PACK_ROWS_PER_THREAD))
@@ -227,14 +227,14 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
 
     nthreads = threads or (config.threads if config is not None else 0) or num_threads()
     xw, xam = pack_pairs(x, (N, p.Hp, p.Wp), pad=spec.padding, istep=p.pack_istep, delta=spec.stride[1],
-                         cout=p.Cs, threads=nthreads, target=target, buffer="xw")
+                         cout=p.Cs, hstep=p.pack_hstep, threads=nthreads, target=target, buffer="xw")
     dyp, dam = pack_pairs(dy, (N, spec.P, p.Q2), istep=2, delta=1, cout=p.Ks, threads=nthreads,
                           target=target, buffer="dy")
     if xam.max(initial=0) > 32767 or dam.max(initial=0) > 32767:
         raise DfpError("x or grad_output holds the mantissa -32768; DFP16 mantissas are limited to +/-32767")
     b_pix = dam.reshape(N, spec.P, 2 * p.Q2)[:, :, :spec.Q]  # (N, P, Q): max over K
     if overflow == "exact":
-        (uh, uw), (dh, dw) = spec.stride, spec.dilation
+        (_, uw), (dh, dw), uh = spec.stride, spec.dilation, p.x_row_step
         a_pix = np.zeros(b_pix.shape, np.int32)
         if S == 1:  # Xw column j holds output pixels (2j, 2j+1) already
             for r in range(R):

@@ -43,7 +43,7 @@ def schedule(p, flush: int) -> tuple[np.ndarray, np.ndarray]:
     if flush < 2 or flush % 2:
         raise DfpError(f"backward-weight flush interval must be an even number of pixels >= 2, got {flush}")
     s = p.spec
-    return _schedule_cached(s.N, s.P, s.Q, s.stride[0], p.col_per_pair, p.Cs, p.Hp, p.Wp, p.Ks,
+    return _schedule_cached(s.N, s.P, s.Q, p.x_row_step, p.col_per_pair, p.Cs, p.Hp, p.Wp, p.Ks,
                             int(flush), p.block_pairs)
 
 

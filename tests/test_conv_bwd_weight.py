@@ -34,6 +34,7 @@ SHAPES = [
     (3, 2, 3, 4, 2, 1, 1, 2, 0, 1),       # Q = 2 (one pair per row), stride 2
     (1, 300, 3, 4, 20, 1, 1, 1, 0, 1),    # C beyond one C-group (work items split C)
     (1, 128, 4, 6, 128, 3, 3, 1, 1, 1),   # C = K = 128: X and dY rows padded to 144 (set conflicts)
+    (2, 5, 7, 9, 6, 1, 3, 2, (0, 1), 1),  # R = 1, S = 3, stride 2: only rows p*uh packed
 ]
 
 
@@ -326,14 +327,15 @@ def test_pack_pairs_matches_numpy(layout):
         src = buf[:, :, ::2, :37].transpose(0, 3, 1, 2)
     else:
         src = base
-    for pad, istep, delta, Hout, Wout, cout in (((1, 2), 1, 1, 7, 12, 37), ((0, 0), 2, 1, 5, 5, 48),
-                                                ((2, 1), 4, 2, 8, 3, 40)):
-        dst, amax = wgrad.pack_pairs(src, (2, Hout, Wout), pad=pad, istep=istep, delta=delta, cout=cout)
-        xp = np.zeros((2, 37, Hout + 8, Wout * istep + delta + 8), np.int64)
+    for pad, istep, delta, Hout, Wout, cout, hstep in (((1, 2), 1, 1, 7, 12, 37, 1), ((0, 0), 2, 1, 5, 5, 48, 1),
+                                                       ((2, 1), 4, 2, 8, 3, 40, 1), ((1, 0), 4, 2, 4, 3, 37, 2)):
+        dst, amax = wgrad.pack_pairs(src, (2, Hout, Wout), pad=pad, istep=istep, delta=delta, cout=cout,
+                                     hstep=hstep)
+        xp = np.zeros((2, 37, Hout * hstep + 8, Wout * istep + delta + 8), np.int64)
         xp[:, :, pad[0]:pad[0] + 5, pad[1]:pad[1] + 9] = base
         want = np.zeros((2, Hout, Wout, cout, 2), np.int64)
         for e, off in ((0, 0), (1, delta)):
-            cols = xp[:, :, :Hout, off:off + Wout * istep:istep]  # (N, C, Hout, Wout)
+            cols = xp[:, :, :Hout * hstep:hstep, off:off + Wout * istep:istep]  # (N, C, Hout, Wout)
             want[:, :, :, :37, e] = cols.transpose(0, 2, 3, 1)
         assert np.array_equal(dst, want)
         assert np.array_equal(amax, np.abs(want).max(axis=3))
