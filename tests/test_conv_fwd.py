@@ -203,3 +203,12 @@ def test_classifier_layer_on_1x1_images_runs_as_one_row_of_pixels():
     dx, di = conv.conv2d_input((9, 30, 1, 1), wq, dyq, overflow="exact", return_info=True)
     ref = reference.conv2d_bwd_data(dyq, wq, (1, 1), k_block=di.c_block, flush_taps=di.flush_taps)
     assert dx.shape == (9, 30, 1, 1) and np.array_equal(dx, ref.fp32)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 64, 5, 5), (1, 3, 40, 40), (2, 4096, 1, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_max_feeding_the_exact_bound(shape, channels_last):
+    a = np.random.default_rng(15).integers(-32767, 32768, shape).astype(np.int16)
+    if channels_last:
+        a = np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert np.array_equal(conv._channel_max(a), np.abs(a.astype(np.int64)).max(axis=(0, 2, 3)))
