@@ -105,7 +105,7 @@ MIN_PACK_ROWS_PER_THREAD = 8
 @lru_cache(maxsize=None)
 def _pack_kernel(target: CpuTarget):
     fields = {"symbol": f"dfp_bwdw_pack_pairs_{target.tier}", "tier": target.tier, "chunk": PACK_CHUNK,
-              "pair_lanes": 2 * PACK_CHUNK, "params": PACK_PARAMS,
+              "pair_lanes": 2 * PACK_CHUNK, "lane_idx": list(range(PACK_CHUNK)), "params": PACK_PARAMS,
               "interleave": [k for c in range(PACK_CHUNK) for k in (c, c + PACK_CHUNK)]}
     p = SimpleNamespace(**fields)  # the template reads p.<field>
     k = load_kernel(fields["symbol"], {"pass": "bwd_weight_pack", "chunk": PACK_CHUNK, "abi": 1},
