@@ -108,6 +108,12 @@ def _channel_max(m: np.ndarray) -> np.ndarray:
     return np.maximum(hi, -lo)
 
 
+def _check_no_int16_min(amax: np.ndarray, what: str) -> None:
+    if amax.size and amax.max() > 32767:
+        raise DfpError(f"{what}: a mantissa is -32768; DFP mantissas are clamped to +/-32767 (a "
+                       "-32768 x -32768 pair overflows the pair sum), build operands with dfpgen.quantize")
+
+
 def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: DfpTensor,
               w_out_red: np.ndarray, target=None):
     """The kernel of ``spec``; in exact mode its flush schedule comes from the operands."""
@@ -117,9 +123,12 @@ def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: D
         from .kernels import resolve_config
         base, _ = resolve_config(spec, config, overflow="exact", target=target)
         o, r = w_out_red.shape[:2]
-        # |W| in int16 is safe: DFP mantissas never take -32768
         density = 1.0 / (spec.stride[0] * spec.stride[1]) if spec.pass_kind == "bwd_data" else 1.0
-        cb, ft = exact_schedule(np.abs(w_out_red).reshape(o, r, -1), _channel_max(act.mantissa), density)
+        amax = _channel_max(act.mantissa)
+        _check_no_int16_min(amax, f"{spec.pass_kind} activation")
+        w_abs = np.abs(w_out_red.astype(np.int32)).reshape(o, r, -1)
+        _check_no_int16_min(w_abs, f"{spec.pass_kind} weight")
+        cb, ft = exact_schedule(w_abs, amax, density)
         config = base.replace(c_block=cb, flush=cb * ft)
     return config
 

@@ -212,3 +212,15 @@ def test_channel_max_feeding_the_exact_bound(shape, channels_last):
     if channels_last:
         a = np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     assert np.array_equal(conv._channel_max(a), np.abs(a.astype(np.int64)).max(axis=(0, 2, 3)))
+
+
+def test_exact_mode_refuses_int16_min_mantissas():
+    xq, wq, _ = operands((1, 4, 5, 5, 3, 3, 3, 1, 1, 1), seed=16)
+    m = xq.mantissa.copy()
+    m[0, 0, 0, 0] = -32768
+    with pytest.raises(dfpgen.DfpError, match="-32768"):
+        conv.conv2d(dfpgen.DfpTensor(m, xq.exponent), wq, padding=1, overflow="exact")
+    wm = wq.mantissa.copy()
+    wm[0, 0, 0, 0] = -32768
+    with pytest.raises(dfpgen.DfpError, match="-32768"):
+        conv.conv2d(xq, dfpgen.DfpTensor(wm, wq.exponent), padding=1, overflow="exact")
