@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from dfpgen.dfp import DfpTensor, quantize
+from dfpgen.spec import ConvSpec
 
 # (N, C, H, W, K, R, S, stride, padding, dilation): tails in C and K (odd, not multiples of
 # 16), W not a multiple of the pixel block, stride 2, padding, dilation 2, 1x1, 7x7 with C=3,
@@ -29,14 +30,12 @@ def ids(shapes):
 def operands(shape, seed=0, adversarial=False):
     """DFP16 x (NCHW), w (KCRS) and dy (NKPQ) for ``shape``; ``adversarial``: every mantissa
     +/-32767 with aligned signs, the worst case for INT32 partials."""
-    import torch
     n, c, h, w, k, r, s, u, p, d = shape
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     wt = rng.standard_normal((k, c, r, s)).astype(np.float32)
-    y = torch.nn.functional.conv2d(torch.zeros(n, c, h, w), torch.zeros(k, c, r, s), stride=u, padding=p,
-                                   dilation=d)
-    dy = rng.standard_normal(tuple(y.shape)).astype(np.float32)
+    out = ConvSpec(n, c, h, w, k, r, s, u, p, d).output_shape
+    dy = rng.standard_normal(out).astype(np.float32)
     if adversarial:
         full = lambda a, v: DfpTensor(np.full(a.shape, v, np.int16), -15)
         return full(x, 32767), full(wt, 32767), full(dy, -32767)
