@@ -1,10 +1,16 @@
 """Forward and backward-data execution: buffers, weight packing, kernel calls over threads.
 
 Layouts (DESIGN §3): activations NHWC INT16 with the reduction channels padded to even and
-the spatial padding materialised as zeros (the kernel then needs no boundary tests); weights
-packed per call as ``[out block][tap][channel pair][k_vecs * lanes][2]`` so one vector load
-holds ``lanes`` output channels x one input-channel pair; output FP32 NHWC with the channels
-padded to the block (callers get a view without the padding).
+the spatial padding materialised as zeros (the kernel then needs no boundary tests; a
+strided forward pass reads phase images instead, see ``plan.fwd_subconv``); weights packed
+per call from the KRSC buffer as ``[out block][tap][channel pair][k_vecs * lanes][2]`` so one
+vector load holds ``lanes`` output channels x one input-channel pair (backward-data: C is
+the output and K the reduction); output FP32 NHWC with the channels padded to the block
+(callers get a view without the padding).
+
+The kernel ABI (``_PROTO``): ``(x, w, y, bias, scale, begin, end, rows, sat)`` where work
+items ``[begin, end)`` enumerate (output-channel block, image row) as ``block * rows + row``
+and ``sat`` receives the saturated-lane count (fast mode).
 
 Every work item (output-channel block x output row) writes its own part of the output and
 sums its reduction in one fixed order, so any thread count gives the same bits.
