@@ -207,3 +207,22 @@ def test_tune_model_tunes_every_layer_within_the_total_budget(fresh, monkeypatch
     assert set(seen) == {str(r.spec) for r in res}
     again = autotune.tune_model("tiny", budget=6.0, batch=2, passes=("fwd", "bwd_data"))
     assert all(r.cached for r in again)
+
+
+def test_a_lucky_timing_does_not_become_the_decision(fresh, monkeypatch):
+    fake = Fake()
+    install(monkeypatch, fake)
+    t = host_target()
+    default = tuning.default_config(SPEC, t)
+    calls: dict = {}
+
+    def noisy(run, repeats=5, max_seconds=2.0, **kw):
+        n = calls[run.cfg] = calls.get(run.cfg, 0) + 1
+        if run.cfg == default:
+            return 1.0, run()
+        return (0.5 if n == 1 else 2.0), run()  # every other config: fast once, then slow
+    monkeypatch.setattr(autotune, "time_runner", noisy)
+    r = autotune.tune(SPEC, budget=1000.0)
+    assert r.config == default and r.seconds == r.default_seconds == 1.0
+    assert any(c.seconds == 0.5 for c in r.candidates[1:])  # the search did see the lucky run
+    assert autotune.lookup(SPEC, t) == default
