@@ -13,7 +13,8 @@ step, which compiles or loads the kernels, is left out), peak resident memory of
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: each precision of ``--compare`` runs in its
 own process so the peaks are separate) and the bytes autograd saves for backward in one step
 (``torch.autograd.graph.saved_tensors_hooks``, unique storages, parameters excluded). Writes
-``<out>/fmnist_<precision>_steps.csv``, ``..._epochs.csv``, ``fmnist_compare.csv`` and
+``<out>/fmnist_<precision>_steps.csv`` (loss per step), ``..._evals.csv`` (test loss and
+accuracy at ``--eval-points`` points), ``..._epochs.csv``, ``fmnist_compare.csv`` and
 ``fmnist_curves.png``.
 """
 from __future__ import annotations
@@ -57,6 +58,8 @@ def parse_args(argv=None):
                    help="layer name/glob kept in FP32 under dfp16 (repeatable), e.g. conv1")
     p.add_argument("--overflow", choices=("exact", "fast"), default="exact")
     p.add_argument("--grad-rounding", choices=("nearest", "stochastic"), default="nearest")
+    p.add_argument("--eval-points", type=int, default=3,
+                   help="test-set evaluations spread over the run (epoch ends always evaluate)")
     p.add_argument("--out", default="runs", help="directory for CSV files and the plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)  # --compare's children
@@ -140,7 +143,9 @@ def train(args) -> dict:
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
     gen = torch.Generator().manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    step_rows, epoch_rows = [], []
+    step_rows, epoch_rows, eval_rows = [], [], []
+    points = max(1, args.eval_points)
+    eval_at = {round(total * k / points) for k in range(1, points)}
     bar = progress(args, total)
     step, t_train, imgs_timed, saved = 0, 0.0, 0, 0
     start = time.perf_counter()
@@ -177,7 +182,11 @@ def train(args) -> dict:
                               "lr": sched.get_last_lr()[0], "seconds": dt})
             if bar is not None:
                 bar.update(0, advance=1, epoch=epoch, loss=sum(losses[-20:]) / len(losses[-20:]))
+            if step in eval_at and step < total and i + args.batch_size < len(xtr):
+                tl, ta = evaluate(model, xte, yte, args)
+                eval_rows.append({"step": step, "epoch": epoch, "test_loss": tl, "test_acc": ta})
         test_loss, test_acc = evaluate(model, xte, yte, args)
+        eval_rows.append({"step": step, "epoch": epoch, "test_loss": test_loss, "test_acc": test_acc})
         row = {"epoch": epoch, "step": step, "train_loss": sum(losses) / len(losses),
                "test_loss": test_loss, "test_acc": test_acc,
                "img_per_s": imgs_timed / t_train if t_train else float("nan"),
@@ -193,6 +202,7 @@ def train(args) -> dict:
         bar.stop()
     write_csv(os.path.join(args.out, f"fmnist_{args.precision}_steps.csv"), step_rows)
     write_csv(os.path.join(args.out, f"fmnist_{args.precision}_epochs.csv"), epoch_rows)
+    write_csv(os.path.join(args.out, f"fmnist_{args.precision}_evals.csv"), eval_rows)
     result = dict(epoch_rows[-1], precision=args.precision, steps=step,
                   train_seconds=t_train)
     if args.json:
@@ -222,12 +232,12 @@ def plot(out, precisions):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for p in precisions:
         steps = read_csv(os.path.join(out, f"fmnist_{p}_steps.csv"))
-        epochs = read_csv(os.path.join(out, f"fmnist_{p}_epochs.csv"))
+        evals = read_csv(os.path.join(out, f"fmnist_{p}_evals.csv"))
         k = max(1, len(steps) // 50)  # moving average over ~2% of the run
         ys = [sum(r["loss"] for r in steps[max(0, i - k + 1):i + 1]) / len(steps[max(0, i - k + 1):i + 1])
               for i in range(len(steps))]
         ax1.plot([r["step"] for r in steps], ys, label=p)
-        ax2.plot([r["step"] for r in epochs], [100 * r["test_acc"] for r in epochs], "o-", label=p)
+        ax2.plot([r["step"] for r in evals], [100 * r["test_acc"] for r in evals], "o-", label=p)
     ax1.set(xlabel="step", ylabel="training loss (moving average)", yscale="log")
     ax2.set(xlabel="step", ylabel="test accuracy (%)")
     for ax in (ax1, ax2):
