@@ -101,3 +101,29 @@ def test_register_budget_is_enforced():
 def test_default_blocking_of_the_paper_layer():
     cfg = default_config(parse_full("n32c256h14w14k256r3s3p1"), host_target("avx512_vnni"))
     assert (cfg.k_vecs, cfg.pixels, cfg.c_block) == (2, 14, 16)
+
+
+def test_kernel_sources_name_every_phase_and_open_with_pseudo_code():
+    spec = ConvSpec(1, 8, 9, 9, 16, 3, 3, stride=(2, 2), padding=(1, 1), pass_kind="bwd_data")
+    srcs = kernel_sources(spec, target=host_target(), overflow="fast")
+    assert len(srcs) == 4 and len({s for s, _, _ in srcs}) == 4
+    for sym, plan, ir in srcs:
+        assert "_ph" in sym and plan["symbol"] == sym and ir.startswith(f"; {sym}")
+        assert f"define void @{sym}(" in ir and "for (tap in taps)" in ir
+
+
+def test_get_kernel_builders_are_registered_per_pass(monkeypatch):
+    from dfpgen import kernels
+    built = []
+
+    class Dummy:
+        def __init__(self, spec, config, target, mode, has_bias):
+            built.append((spec.pass_kind, mode, has_bias))
+
+    monkeypatch.setitem(kernels._BUILDERS, "bwd_weight", f"{__name__}:_DUMMY")
+    globals()["_DUMMY"] = Dummy
+    spec = ConvSpec(1, 4, 5, 5, 4, 3, 3, pass_kind="bwd_weight")
+    k = kernels.get_kernel(spec, TuningConfig(k_vecs=1, pixels=4, c_block=8), overflow="exact")
+    assert isinstance(k, Dummy) and built == [("bwd_weight", "exact", False)]
+    with pytest.raises(dfpgen.DfpError, match="overflow"):
+        kernels.get_kernel(spec, overflow="sometimes")
