@@ -65,11 +65,15 @@ class SubKernel:
                 full = np.zeros((2 * p.red_pairs, ntaps, p.out_pad), np.int16)
                 full[:k, :, :cp] = a
                 a = full
-            # one copy whose inner loop runs over kvl contiguous channels of a K row
-            packed = np.empty((p.out_blocks, ntaps, p.red_pairs, p.kvl, 2), np.int16)
-            packed.transpose(0, 1, 2, 4, 3)[...] = a.reshape(
-                p.red_pairs, 2, ntaps, p.out_blocks, p.kvl).transpose(3, 2, 0, 1, 4)
-            return packed
+            # interleave K rows 2k, 2k+1 (two strided copies with long inner loops), then move
+            # the pairs as int32 with kvl contiguous channels innermost (4x one 2-byte copy)
+            pairs = np.empty((p.red_pairs, ntaps, p.out_pad, 2), np.int16)
+            pairs[..., 0] = a[0::2]
+            pairs[..., 1] = a[1::2]
+            p32 = pairs.view(np.int32).reshape(p.red_pairs, ntaps, p.out_blocks, p.kvl)
+            packed = np.empty((p.out_blocks, ntaps, p.red_pairs, p.kvl), np.int32)
+            packed[...] = p32.transpose(2, 1, 0, 3)
+            return packed.view(np.int16).reshape(p.out_blocks, ntaps, p.red_pairs, p.kvl, 2)
         out, _, redp = a.shape
         if (out, redp) != (p.out_pad, 2 * p.red_pairs):
             full = np.zeros((p.out_pad, ntaps, 2 * p.red_pairs), np.int16)
