@@ -129,9 +129,9 @@ def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: D
         density = 1.0 / (spec.stride[0] * spec.stride[1]) if spec.pass_kind == "bwd_data" else 1.0
         amax = _channel_max(act.mantissa)
         _check_no_int16_min(amax, f"{spec.pass_kind} activation")
-        w_abs = np.abs(w_out_red.astype(np.int32)).reshape(o, r, -1)
-        _check_no_int16_min(w_abs, f"{spec.pass_kind} weight")
-        cb, ft = exact_schedule(w_abs, amax, density)
+        if w_out_red.size and w_out_red.min() == np.iinfo(np.int16).min:
+            _check_no_int16_min(np.array([32768]), f"{spec.pass_kind} weight")
+        cb, ft = exact_schedule(np.abs(w_out_red).reshape(o, r, -1), amax, density)
         config = base.replace(c_block=cb, flush=cb * ft)
     return config
 
