@@ -24,6 +24,10 @@ from .errors import DfpError
 from .tuning import TuningConfig, accumulator_budget
 
 MODES = ("exact", "fast")
+# Packed weights up to this size stay in L2 (1 MiB per core on Zen 4, 2 MiB on recent Xeons)
+# while the work items walk the image rows with the output-channel block fastest; larger
+# weights make the block the outer loop instead, so each block's weights are reused by all rows.
+WEIGHTS_L2_BYTES = 512 * 1024
 INT32_MAX = 2**31 - 1
 
 
@@ -140,6 +144,7 @@ class KernelPlan:
     registers: int
     unroll: str
     fma: bool = True
+    kb_inner: bool = False  # work order: output-channel block fastest (weights fit in L2)
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -224,6 +229,7 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
         y_off=tuple(tuple(j * y_col + v * lanes for v in range(kv)) for j in range(wb)),
         b_kv=tuple(v * lanes for v in range(kv)),
         registers_used=used, registers=regs, unroll=config.unroll, fma=fma,
+        kb_inner=out_blocks > 1 and out_blocks * ntaps * red_pairs * w_pair * 2 <= WEIGHTS_L2_BYTES,
     )
 
 

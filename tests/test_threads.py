@@ -11,7 +11,7 @@ from dfpgen import conv
 from dfpgen.threads import parallel_for, split
 from conv_cases import operands
 
-SHAPE = (3, 10, 7, 13, 40, 3, 3, 1, 1, 1)
+SHAPE = (3, 10, 7, 13, 72, 3, 3, 1, 1, 1)   # 5 output-channel blocks: rows x blocks work items
 STRIDED = (2, 6, 9, 11, 20, 3, 3, 2, 1, 1)
 
 
