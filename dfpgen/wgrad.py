@@ -151,6 +151,32 @@ def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout
     return dst, amax
 
 
+def tap_max(xam: np.ndarray, p: pw.WgradPlan) -> np.ndarray:
+    """int32 (N, P, Q): for each output pixel m, max over taps (r, s) and channels c of
+    |X_rs[m, c]|, from the packer's per-column maxima ``xam`` (N, Hp, Wp, 2) of Xw."""
+    spec = p.spec
+    N, P, Q, R, S = spec.N, spec.P, spec.Q, spec.R, spec.S
+    (_, uw), (dh, dw), uh = spec.stride, spec.dilation, p.x_row_step
+    a_pix = np.zeros((N, P, Q), np.int32)
+    if S == 1:  # Xw column j holds output pixels (2j, 2j+1) already
+        for r in range(R):
+            v = xam[:, r * dh: r * dh + (P - 1) * uh + 1: uh].reshape(N, P, -1)
+            np.maximum(a_pix, v[..., :Q], out=a_pix)
+        return a_pix
+    # per padded pixel max over C, (N, Hp, Wp + uw): columns >= Wp only appear as the second
+    # element of a pair, Xw[.., w, 1] = Xpad[.., w + uw]
+    a_all = np.zeros((N, p.Hp, p.Wp + uw), np.int32)
+    a_all[..., :p.Wp] = xam[..., 0]
+    np.maximum(a_all[..., uw:], xam[..., 1], out=a_all[..., uw:])
+    # the max over taps is separable: columns (s) first, then rows (r)
+    cols = np.zeros((N, p.Hp, Q), np.int32)
+    for s in range(S):
+        np.maximum(cols, a_all[..., s * dw: s * dw + (Q - 1) * uw + 1: uw], out=cols)
+    for r in range(R):
+        np.maximum(a_pix, cols[:, r * dh: r * dh + (P - 1) * uh + 1: uh], out=a_pix)
+    return a_pix
+
+
 def _scales(e: int) -> tuple[float, float]:
     """2**e as 2**e1 * 2**e2 with float32 factors; e1 keeps fp32(partial)*2**e1 a normal float
     (|partial| < 2**31), so only the second multiply rounds, like the reference's one rounding."""
@@ -239,23 +265,7 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
         raise DfpError("x or grad_output holds the mantissa -32768; DFP16 mantissas are limited to +/-32767")
     b_pix = dam.reshape(N, spec.P, 2 * p.Q2)[:, :, :spec.Q]  # (N, P, Q): max over K
     if overflow == "exact":
-        (_, uw), (dh, dw), uh = spec.stride, spec.dilation, p.x_row_step
-        a_pix = np.zeros(b_pix.shape, np.int32)
-        if S == 1:  # Xw column j holds output pixels (2j, 2j+1) already
-            for r in range(R):
-                v = xam[:, r * dh: r * dh + (spec.P - 1) * uh + 1: uh].reshape(N, spec.P, -1)
-                np.maximum(a_pix, v[..., :spec.Q], out=a_pix)
-        else:
-            # per padded pixel max over C, (N, Hp, Wp + uw): columns >= Wp only appear as
-            # the second element of a pair, Xw[.., w, 1] = Xpad[.., w + uw]
-            a_all = np.zeros((N, p.Hp, p.Wp + uw), np.int32)
-            a_all[..., :p.Wp] = xam[..., 0]
-            np.maximum(a_all[..., uw:], xam[..., 1], out=a_all[..., uw:])
-            for r in range(R):
-                for s in range(S):
-                    v = a_all[:, r * dh: r * dh + (spec.P - 1) * uh + 1: uh,
-                              s * dw: s * dw + (spec.Q - 1) * uw + 1: uw]
-                    np.maximum(a_pix, v, out=a_pix)
+        a_pix = tap_max(xam, p)
         flush = exact_flush(a_pix, b_pix)
         if config is not None and config.flush:
             flush = max(2, min(flush, config.flush - config.flush % 2))

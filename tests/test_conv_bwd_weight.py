@@ -107,6 +107,29 @@ def test_exact_flush_is_proven_and_largest():
     assert wgrad.exact_flush(np.zeros(10, np.int64), b[:10]) >= 10  # all-zero X: one chunk
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: spec_of(s).geometry())
+def test_tap_max_bounds_every_tap(shape):
+    """The per-pixel bound of the exact flush interval is max over taps and channels of
+    |X_rs[m, c]| (computed here by brute force from the unpacked X)."""
+    sp = spec_of(shape)
+    rng = np.random.default_rng(13)
+    x = rng.integers(-32767, 32768, sp.input_shape).astype(np.int16)
+    p = pw.plan(sp, pw.default_config(sp, HOST), HOST)
+    _, xam = wgrad.pack_pairs(x, (sp.N, p.Hp, p.Wp), pad=sp.padding, istep=p.pack_istep,
+                              delta=sp.stride[1], cout=p.Cs, hstep=p.pack_hstep)
+    (uh, uw), (ph, pw_), (dh, dw) = sp.stride, sp.padding, sp.dilation
+    want = np.zeros((sp.N, sp.P, sp.Q), np.int32)
+    for r in range(sp.R):
+        for s in range(sp.S):
+            for pp in range(sp.P):
+                for q in range(sp.Q):
+                    h, w = pp * uh + r * dh - ph, q * uw + s * dw - pw_
+                    if 0 <= h < sp.H and 0 <= w < sp.W:
+                        v = np.abs(x[:, :, h, w].astype(np.int32)).max(axis=1)
+                        want[:, pp, q] = np.maximum(want[:, pp, q], v)
+    assert np.array_equal(wgrad.tap_max(xam, p), want)
+
+
 def test_config_flush_caps_exact_interval():
     shape = SHAPES[0]
     xq, dyq = operands(shape, np.random.default_rng(4), "small")
