@@ -319,7 +319,8 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
     t_base = time.perf_counter()
     base = measure(default, 0)
     # Time kept back for the confirmation rounds (two timings each of default and winner).
-    reserve = min(4 * (time.perf_counter() - t_base), 0.2 * budget)
+    one = time.perf_counter() - t_base  # wall time of one candidate measurement
+    reserve = min(4 * one, 0.2 * budget)
     # Say which clock the figures come from: the kernel alone, or (fallback) the whole call.
     timing = "call"
     try:
@@ -357,7 +358,7 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
     timed = {c.config for c in cands}
     run_stage(_cost_order(spec, target, [c for c in space if c not in timed]), 3, budget - reserve)
     chosen, sec, default_sec = _confirm(spec, target, ops, overflow, repeats, default, best, base,
-                                        deadline=t0 + budget)
+                                        deadline=t0 + budget - 2 * one)
     result = TuneResult(spec, chosen, sec, macs / sec / 1e9, default, default_sec, macs / default_sec / 1e9,
                         elapsed=time.perf_counter() - t0, candidates=cands, timing=timing)
     best = next(c for c in cands if c.config == chosen)
@@ -373,7 +374,7 @@ def _confirm(spec: ConvSpec, target: CpuTarget, ops: dict, overflow: str, repeat
              default: TuningConfig, best: Candidate, base: Candidate,
              deadline: float) -> tuple[TuningConfig, float, float]:
     """Re-time the default and the search's winner in alternation (up to two rounds each,
-    while ``deadline`` is not past; the search's own timings count as a round) and keep
+    each started only before ``deadline``; the search's own timings count as a round) and keep
     the winner only if it is still faster: the minimum over many noisy timings favours a
     lucky candidate, and on a busy machine the noise is larger than many real differences.
     Returns ``(chosen config, its seconds, the default's seconds)``."""
