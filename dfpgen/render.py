@@ -34,16 +34,26 @@ def template_names() -> list[str]:
     return sorted(p.name for p in resources.files("dfpgen.templates").iterdir() if p.name.endswith(".ll.j2"))
 
 
+# Modules that never shape generated code. Everything else in dfpgen/ is hashed: a new module
+# is assumed to generate code until listed here (a stale kernel is worse than a rebuild).
+NOT_GENERATOR = frozenset({
+    "__init__.py", "autotune.py", "baseline.py", "cache.py", "cli.py", "cli_commands.py",
+    "conv.py", "errors.py", "measure.py", "models.py", "reference.py", "runinfo.py", "spec.py",
+    "threads.py",
+})
+
+
 @lru_cache(maxsize=1)
 def generator_hash() -> str:
-    """sha256 over the code-generating sources (``dfpgen/*.py`` and ``templates/*``).
+    """sha256 over the code-generating sources (``dfpgen/*.py`` but ``NOT_GENERATOR``, and
+    ``templates/*``).
 
     Part of every cache key (DESIGN §4): any change to the generator invalidates kernels.
     """
     h = hashlib.sha256()
     pkg = resources.files("dfpgen")
     for p in sorted(pkg.iterdir(), key=lambda p: p.name):
-        if p.name.endswith(".py"):
+        if p.name.endswith(".py") and p.name not in NOT_GENERATOR:
             h.update(p.name.encode()); h.update(p.read_bytes())
     for p in sorted(resources.files("dfpgen.templates").iterdir(), key=lambda p: p.name):
         if p.name.endswith(".j2"):
