@@ -55,7 +55,8 @@ from .wgrad_schedule import CNT_SHIFT, SEG_FIELDS
 
 MODES = ("exact", "fast")
 K_PAD = 16           # dY / dW K-padding: one zmm of INT32 lanes, also a multiple of 8 (ymm)
-GROUP_TILE_BYTES = 128 * 1024  # INT32 + FP32 dW tiles of one work item: stay in L2
+GROUP_TILE_BYTES = 256 * 1024  # INT32 + FP32 dW tiles of one work item: stay in L2
+KB_GROUP_CHANNELS = 256  # K channels per work item (dY of a 128-pair block: 128 KiB)
 MIN_ITEMS = 8        # work items wanted for the thread split (never split the reduction)
 CONFLICT_MIN_LINES = 8  # pad row strides of >= 8 even lines (512 B: C or K >= 128)
 COL_FIELDS = 4       # column table: xoff, tile offset, channels, KCRS offset (int64 each)
@@ -95,6 +96,8 @@ class WgradPlan:
     n_cols: int           # column blocks = taps x C-blocks (one register block of dW each)
     group: int            # column blocks per work item (they share each dY block from L1)
     n_groups: int
+    kb_group: int         # K-blocks per work item
+    n_kgroups: int
     C: int
     K: int
     Kp: int
@@ -110,7 +113,7 @@ class WgradPlan:
     col_per_pair: int     # Xw columns between pairs: 2*uw, or 1 when S == 1
     pack_istep: int       # source columns between Xw columns: 1, or 2*uw when S == 1
     tap_offsets: tuple    # i32 elements, tap (r, s) -> r*dh*Wp*C + s*dw*C
-    items: int            # work items = n_kb * n_groups
+    items: int            # work items = n_kgroups * n_groups
     block_pairs: int      # pixel pairs per cache block (config.c_block)
     saturating: bool
     fp32_regs: bool       # FP32 dW accumulators live in registers (budget allows 2x the INT32 ones)
@@ -251,9 +254,13 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     n_cols = RS * n_cb
     # Column blocks per work item: as many as keep their INT32 + FP32 tiles within
     # GROUP_TILE_BYTES (L2), and few enough that there are MIN_ITEMS items for the threads.
-    tile = 2 * cb * kv * lanes * 4
+    # K-blocks per work item: up to KB_GROUP_CHANNELS of K, so the block's dY stays in L2 and
+    # X is read once per item rather than once per K-block.
+    kb_group = max(1, min(n_kb, KB_GROUP_CHANNELS // (kv * lanes)))
+    n_kgroups = -(-n_kb // kb_group)
+    tile = 2 * cb * kv * lanes * 4 * kb_group
     group = max(1, min(n_cols, GROUP_TILE_BYTES // tile))
-    group = max(1, min(group, -(-n_cols * n_kb // MIN_ITEMS)))
+    group = max(1, min(group, -(-n_cols * n_kgroups // MIN_ITEMS)))
     n_groups = -(-n_cols // group)
     (uh, uw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     P, Q = spec.P, spec.Q
@@ -281,12 +288,12 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     return WgradPlan(
         spec=spec, config=config, tier=target.tier, mode=mode, lanes=lanes, i16_lanes=2 * lanes,
         vec_bytes=4 * lanes, kv=kv, kv_tail=kv_tail, n_kb=n_kb, cb=cb, cb_tail=cb_tail, n_cb=n_cb,
-        n_cols=n_cols, group=group, n_groups=n_groups,
+        n_cols=n_cols, group=group, n_groups=n_groups, kb_group=kb_group, n_kgroups=n_kgroups,
         C=C, K=spec.K, Kp=Kp, Ks=Ks, Cs=Cs, RS=RS, Hp=Hp, Wp=Wp, Q2=Q2, x_pair_stride=cpp * Cs,
         x_row_step=row_step, pack_hstep=uh // row_step,
         col_per_pair=cpp,
         pack_istep=istep,
-        tap_offsets=taps, items=n_kb * n_groups, block_pairs=config.c_block,
+        tap_offsets=taps, items=n_kgroups * n_groups, block_pairs=config.c_block,
         saturating=(mode == "fast"), fp32_regs=fp32_regs, scaled=scaled, symbol=sym)
 
 

@@ -35,6 +35,7 @@ SHAPES = [
     (1, 300, 3, 4, 20, 1, 1, 1, 0, 1),    # C beyond one C-group (work items split C)
     (1, 128, 4, 6, 128, 3, 3, 1, 1, 1),   # C = K = 128: X and dY rows padded to 144 (set conflicts)
     (2, 5, 7, 9, 6, 1, 3, 2, (0, 1), 1),  # R = 1, S = 3, stride 2: only rows p*uh packed
+    (1, 20, 3, 4, 300, 1, 1, 1, 0, 1),    # K = 300: two K-groups of work items, K tail
 ]
 
 
@@ -255,7 +256,8 @@ def test_plan_register_budget_and_layouts():
     assert (p.Kp, p.n_kb, p.kv_tail, p.n_cb, p.cb_tail) == (48, 2, 1, 3, 7) or HOST.lanes != 16
     cols = pw.column_table(p)
     assert cols.shape == (3, 4) and cols[:, 2].tolist() == [13, 13, 7] and cols[:, 3].tolist() == [0, 13, 26]
-    assert p.items == p.n_kb * p.n_groups and p.n_groups * p.group >= p.n_cols
+    assert p.items == p.n_kgroups * p.n_groups and p.n_groups * p.group >= p.n_cols
+    assert p.n_kgroups * p.kb_group >= p.n_kb
 
 
 def test_schedule_covers_every_pixel_once():
