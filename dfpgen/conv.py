@@ -35,7 +35,7 @@ import numpy as np
 
 from .dfp import DFP16, DfpFormat, DfpTensor, quantize
 from .errors import DfpError, OverflowWarning
-from .fwd import FMA_MIN_SCALE_EXP, execute
+from .fwd import FMA_MIN_SCALE_EXP, execute, weights_krsc
 from .kernels import get_kernel
 from .plan_exact import exact_schedule
 from .runinfo import RunInfo
@@ -119,20 +119,21 @@ def _check_no_int16_min(amax: np.ndarray, what: str) -> None:
 
 
 def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: DfpTensor,
-              w_out_red: np.ndarray, target=None):
+              wq: DfpTensor, target=None):
     """The kernel of ``spec``; in exact mode its flush schedule comes from the operands."""
     if overflow not in ("exact", "fast"):
         raise DfpError(f"overflow must be 'exact' or 'fast', got {overflow!r}")
     if overflow == "exact":
         from .kernels import resolve_config
         base, _ = resolve_config(spec, config, overflow="exact", target=target)
-        o, r = w_out_red.shape[:2]
         density = 1.0 / (spec.stride[0] * spec.stride[1]) if spec.pass_kind == "bwd_data" else 1.0
         amax = _channel_max(act.mantissa)
         _check_no_int16_min(amax, f"{spec.pass_kind} activation")
-        if w_out_red.size and w_out_red.min() == np.iinfo(np.int16).min:
+        krsc = weights_krsc(wq)[:, :, :spec.C]  # (K, R*S, C) view, no copy for packed weights
+        if krsc.size and krsc.min() == np.iinfo(np.int16).min:
             _check_no_int16_min(np.array([32768]), f"{spec.pass_kind} weight")
-        cb, ft = exact_schedule(np.abs(w_out_red).reshape(o, r, -1), amax, density)
+        w_tor = krsc.transpose(1, 0, 2) if spec.pass_kind == "fwd" else krsc.transpose(1, 2, 0)
+        cb, ft = exact_schedule(w_tor, amax, density)
         config = base.replace(c_block=cb, flush=cb * ft)
     return config
 
@@ -201,7 +202,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
                      return_info=True, target=target)
         out = res.output[0, :, 0, :].T[:, :, None, None]
         return ConvResult(out, res.info) if return_info else out
-    cfg = _schedule(spec, overflow, config, xq, wq.mantissa, target)
+    cfg = _schedule(spec, overflow, config, xq, wq, target)
     kern = get_kernel(spec, cfg, overflow=overflow, target=target, bias=b is not None,
                       fma=xq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP)
     y, info = execute(kern, xq, wq, b, xq.exponent + wq.exponent, threads)
@@ -236,8 +237,7 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
                            config=config, return_info=True, target=target)
         out = res.output[0, :, 0, :].T[:, :, None, None]
         return ConvResult(out, res.info) if return_info else out
-    wt = wq.mantissa.transpose(1, 0, 2, 3)
-    cfg = _schedule(spec, overflow, config, dyq, wt, target)
+    cfg = _schedule(spec, overflow, config, dyq, wq, target)
     kern = get_kernel(spec, cfg, overflow=overflow, target=target,
                       fma=dyq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP)
     dx, info = execute(kern, dyq, wq, None, dyq.exponent + wq.exponent, threads)

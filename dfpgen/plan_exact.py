@@ -60,26 +60,28 @@ def _max_group_sum(level: np.ndarray, ft: int) -> float:
     return float(best)
 
 
-def exact_schedule(w_abs: np.ndarray, act_max: np.ndarray, tap_density: float = 1.0) -> tuple[int, int]:
+def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 1.0) -> tuple[int, int]:
     """``(c_block, flush_taps)`` for exact mode.
 
-    ``w_abs``: |weights| as (OUT, RED, R*S) integers (OUT = output channels of the pass,
-    RED = reduction channels), taps in reference order; ``act_max``: (RED,) per-channel max
-    |mantissa| of the activation operand (X forward, dY backward-data); ``tap_density``: the
-    fraction of a flush group's taps one kernel meets (backward-data with stride u runs
-    phases that meet about 1/(u_h u_w) of them). Among the proven schedules it picks the one
-    whose kernel spends the largest fraction of its time in dot products (a cost model of
-    loop set-up per tap and of flushes, below); ties go to the larger block.
+    ``w_tor``: weight mantissas as (R*S, OUT, RED) integers, any strides and signs (taps in
+    reference order; OUT = output channels of the pass, RED = reduction channels; a view of
+    the KRSC buffer needs no copy); ``act_max``: (RED,) per-channel max |mantissa| of the
+    activation operand (X forward, dY backward-data); ``tap_density``: the fraction of a
+    flush group's taps one kernel meets (backward-data with stride u runs phases that meet
+    about 1/(u_h u_w) of them). Among the proven schedules it picks the one whose kernel
+    spends the largest fraction of its time in dot products (a cost model of loop set-up
+    per tap and of flushes, below); ties go to the larger block.
     """
-    out, red, taps = w_abs.shape
+    taps, out, red = w_tor.shape
     # float32 halves the memory traffic of this (per-call) search. Every sum is of
     # non-negative terms: products rounded once, <= 8 pairwise-halving levels (blocks up to
     # 128), <= taps sequential tap additions, so each computed sum is within gamma_n =
     # n u / (1 - n u) of the true one (Higham 2002, §3.1; u = 2**-24, n = taps + 9). Comparing
     # against a limit shrunk by 2 n u keeps the proof: true <= computed (1 + gamma_n) <= INT32_MAX.
     limit = INT32_MAX * (1.0 - 2.0 * (taps + 9) * 2.0 ** -24)
-    a = np.multiply(w_abs.transpose(2, 0, 1), act_max.astype(np.float32)[None, None, :],
-                    dtype=np.float32, order="C")  # C order: taps outermost in memory too
+    # |w| * max|x| = |w * max|x||: one relayout pass into C order, then abs in place
+    a = np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], dtype=np.float32, order="C")
+    np.abs(a, out=a)
     redp = red + red % 2
     # a block already covering every channel makes larger ones the same schedule
     blocks = [b for b in _BLOCKS if b == 2 or b // 2 < redp]  # descending
