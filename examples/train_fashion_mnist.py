@@ -62,6 +62,10 @@ def parse_args(argv=None):
                    help="test-set evaluations spread over the run (epoch ends always evaluate)")
     p.add_argument("--out", default="runs", help="directory for CSV files and the plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--seeds", default=None,
+                   help="with --compare: comma-separated seeds (e.g. 0,1,2); the table gives means")
+    p.add_argument("--results-md", action="store_true",
+                   help="with --compare: also write the table into benchmarks/RESULTS.md")
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)  # --compare's children
     return p.parse_args(argv)
 
@@ -263,21 +267,52 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
-def compare(args, argv) -> list:
-    # Each precision in its own process: separate peak RSS, same seed, same data order.
-    results = []
-    os.makedirs(args.out, exist_ok=True)
-    base = [a for a in argv if a != "--compare"]
+def seed_table(by_seed: dict) -> str:
+    """Mean (and per-seed) test accuracy per precision, and the gap to FP32."""
+    seeds = list(by_seed)
+    acc = {p: [100 * next(r for r in by_seed[s] if r["precision"] == p)["test_acc"] for s in seeds]
+           for p in PRECISIONS}
+    speed = {p: [next(r for r in by_seed[s] if r["precision"] == p)["img_per_s"] for s in seeds]
+             for p in PRECISIONS}
+    mean = {p: sum(v) / len(v) for p, v in acc.items()}
+    lines = [f"| precision | mean test acc (%), seeds {','.join(map(str, seeds))} | per seed | "
+             "vs fp32 (points) | mean img/s |", "|---|---:|---|---:|---:|"]
     for p in PRECISIONS:
-        js = os.path.join(args.out, f"fmnist_{p}.json")
-        cmd = [sys.executable, os.path.abspath(__file__), *base, "--precision", p, "--json", js]
-        rc = subprocess.call(cmd)
-        if rc != 0:
-            raise SystemExit(f"{p} run failed (exit code {rc})")
-        with open(js) as f:
-            results.append(json.load(f))
-    write_csv(os.path.join(args.out, "fmnist_compare.csv"), results)
-    return results
+        lines.append(f"| {p} | {mean[p]:.2f} | {' / '.join(f'{a:.2f}' for a in acc[p])} | "
+                     f"{mean[p] - mean['fp32']:+.2f} | {sum(speed[p]) / len(speed[p]):.0f} |")
+    return "\n".join(lines)
+
+
+def compare(args, argv) -> dict:
+    """Run every precision (per seed) in its own process: separate peak RSS, same seed and
+    data order. Returns {seed: [result per precision]}; per-seed files go to <out>/seed<s>
+    when there are several seeds."""
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    drop = {"--compare", "--results-md"}
+    base, skip = [], False
+    for a in argv:  # the children get their own --seed / --out / --precision
+        if skip:
+            skip = False
+        elif a in ("--seeds", "--seed", "--out"):
+            skip = True
+        elif not a.startswith(("--seeds=", "--seed=", "--out=")) and a not in drop:
+            base.append(a)
+    by_seed = {}
+    for seed in seeds:
+        out = args.out if len(seeds) == 1 else os.path.join(args.out, f"seed{seed}")
+        os.makedirs(out, exist_ok=True)
+        by_seed[seed] = []
+        for p in PRECISIONS:
+            js = os.path.join(out, f"fmnist_{p}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), *base, "--precision", p,
+                   "--seed", str(seed), "--out", out, "--json", js]
+            rc = subprocess.call(cmd)
+            if rc != 0:
+                raise SystemExit(f"{p} run (seed {seed}) failed (exit code {rc})")
+            with open(js) as f:
+                by_seed[seed].append(json.load(f))
+        write_csv(os.path.join(out, "fmnist_compare.csv"), by_seed[seed])
+    return by_seed
 
 
 def main(argv=None):
@@ -286,21 +321,33 @@ def main(argv=None):
     if not data.available(args.data):
         print(f"error: {data.how_to_get(args.data)}", file=sys.stderr)
         return 2
+    by_seed = None
     if args.compare:
-        results = compare(args, argv)
-        precisions = PRECISIONS
+        by_seed = compare(args, argv)
+        seed = next(iter(by_seed))
+        results, precisions = by_seed[seed], PRECISIONS
+        out = args.out if len(by_seed) == 1 else os.path.join(args.out, f"seed{seed}")
     else:
-        results = [train(args)]
-        precisions = (args.precision,)
+        results, precisions, seed, out = [train(args)], (args.precision,), args.seed, args.out
     if args.json:
         return 0
-    png = plot(args.out, precisions)
+    png = plot(out, precisions)
     n = results[0]["steps"]
-    print(f"\nResNet-20 ({args.widths}) on Fashion-MNIST: {args.train_subset or 60000} train "
-          f"images, {n} steps of batch {args.batch_size}, tested on {args.test_subset or 10000} "
-          f"images, seed {args.seed}, {torch.get_num_threads()} threads\n")
-    print(table(results))
-    print(f"\nwrote {args.out}/fmnist_*.csv and {png}")
+    head = (f"ResNet-20 ({args.widths}) on Fashion-MNIST: {args.train_subset or 60000} train "
+            f"images, {n} steps of batch {args.batch_size}, tested on "
+            f"{args.test_subset or 10000} images, {torch.get_num_threads()} threads")
+    body = f"seed {seed}:\n\n{table(results)}"
+    if by_seed and len(by_seed) > 1:
+        body += f"\n\n{len(by_seed)} seeds:\n\n{seed_table(by_seed)}"
+    print(f"\n{head}\n\n{body}")
+    print(f"\nwrote {out}/fmnist_*.csv and {png}")
+    if args.results_md and args.compare:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                        "benchmarks"))
+        from results_md import write_section
+        cmd = " ".join(["python examples/train_fashion_mnist.py", *argv])
+        write_section("fmnist_accuracy", f"## Fashion-MNIST: FP32 vs DFP16 vs bf16 "
+                      f"(examples/train_fashion_mnist.py)\n\n`{cmd}`\n\n{head}; {body}\n")
     return 0
 
 
