@@ -21,6 +21,7 @@ Field meanings per pass (the planner of each pass documents the details):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
 
 from .errors import DfpError
 
@@ -106,6 +107,7 @@ def _pixel_block(q: int, cap: int) -> int:
     return -(-q // blocks)
 
 
+@lru_cache(maxsize=4096)
 def default_config(spec, target) -> TuningConfig:
     """The heuristic schedule of a forward / backward-data ``spec`` on ``target`` (used when
     nothing is tuned): the register block (``k_vecs`` output-channel vectors dividing the
