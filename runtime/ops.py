@@ -278,6 +278,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, p
     Raises :class:`dfpgen.DfpError` on NaN/Inf operands (naming the tensor) or bad shapes.
     """
     fmt, overflow, grad_rounding = _defaults(fmt, overflow, grad_rounding)
+    if x.numel() == 0:  # an empty batch has nothing to quantize; PyTorch gives its shape
+        return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation)
     y, _, _ = conv2d_op(x, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
                         _pair(dilation, "dilation"), fmt.bits, fmt.rounding, overflow,
                         grad_rounding, _seed_tensor(seed), threads)
@@ -378,6 +380,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     (O, F), bias (O,) or None -> float32 (..., O). Leading dims are flattened into rows,
     which the kernels treat as pixels of a 1x1 convolution. Arguments as :func:`conv2d`."""
     fmt, overflow, grad_rounding = _defaults(fmt, overflow, grad_rounding)
+    if x.numel() == 0:
+        return torch.nn.functional.linear(x, weight, bias)
     lead = x.shape[:-1]
     y, _, _ = linear_op(x.reshape(-1, x.shape[-1]), weight, bias, fmt.bits, fmt.rounding,
                         overflow, grad_rounding, _seed_tensor(seed), threads)

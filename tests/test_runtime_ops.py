@@ -190,3 +190,12 @@ def test_torch_compile_traces_through_fake_impls():
         compiled(x).sum().backward()
     assert conv.weight.grad is not None and lin.weight.grad is not None
     assert conv.dfp_calls == 5 and counters["stats"]["unique_graphs"] == 1
+
+
+def test_empty_batch_keeps_pytorch_shapes():
+    wt = torch.randn(4, 3, 3, 3, requires_grad=True)
+    y = dfp.conv2d(torch.randn(0, 3, 5, 5), wt, None, 1, 1)
+    assert y.shape == (0, 4, 5, 5)
+    y.sum().backward()
+    assert torch.equal(wt.grad, torch.zeros_like(wt))
+    assert dfp.linear(torch.randn(0, 7), torch.randn(2, 7)).shape == (0, 2)
