@@ -44,6 +44,7 @@ runs that pair twice with one half of dY masked off.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -57,7 +58,8 @@ MODES = ("exact", "fast")
 K_PAD = 16           # dY / dW K-padding: one zmm of INT32 lanes, also a multiple of 8 (ymm)
 GROUP_TILE_BYTES = 256 * 1024  # INT32 + FP32 dW tiles of one work item: stay in L2
 KB_GROUP_CHANNELS = 256  # K channels per work item (dY of a 128-pair block: 128 KiB)
-MIN_ITEMS = 8        # work items wanted for the thread split (never split the reduction)
+EST_MACS = 100e9         # one core's VNNI MAC/s and streaming bytes/s, for work_split's estimate
+EST_BYTES = 20e9
 CONFLICT_MIN_LINES = 8  # pad row strides of >= 8 even lines (512 B: C or K >= 128)
 COL_FIELDS = 4       # column table: xoff, tile offset, channels, KCRS offset (int64 each)
 
@@ -94,10 +96,6 @@ class WgradPlan:
     cb_tail: int          # channels in the last C-block of each tap (== cb when none)
     n_cb: int             # C-blocks per tap
     n_cols: int           # column blocks = taps x C-blocks (one register block of dW each)
-    group: int            # column blocks per work item (they share each dY block from L1)
-    n_groups: int
-    kb_group: int         # K-blocks per work item
-    n_kgroups: int
     C: int
     K: int
     Kp: int
@@ -113,7 +111,6 @@ class WgradPlan:
     col_per_pair: int     # Xw columns between pairs: 2*uw, or 1 when S == 1
     pack_istep: int       # source columns between Xw columns: 1, or 2*uw when S == 1
     tap_offsets: tuple    # i32 elements, tap (r, s) -> r*dh*Wp*C + s*dw*C
-    items: int            # work items = n_kgroups * n_groups
     block_pairs: int      # pixel pairs per cache block (config.c_block)
     saturating: bool
     fp32_regs: bool       # FP32 dW accumulators live in registers (budget allows 2x the INT32 ones)
@@ -194,6 +191,61 @@ def _check_budget(kv: int, cb: int, target: CpuTarget) -> None:
                        f"vector registers; tier {target.tier} has {target.registers}")
 
 
+@dataclass(frozen=True)
+class WorkSplit:
+    """Work items: ``kb_group`` K-blocks x ``group`` column blocks each."""
+    kb_group: int
+    group: int
+    n_kgroups: int
+    n_groups: int
+
+    @property
+    def items(self) -> int:
+        return self.n_kgroups * self.n_groups
+
+
+def _candidates(n: int) -> list[int]:
+    out, v = {n}, 1
+    while v < n:
+        out.add(v)
+        out.add(-(-n // -(-n // v)))  # sizes that split n evenly
+        v *= 2
+    return sorted(out)
+
+
+@lru_cache(maxsize=256)
+def work_split(p: WgradPlan, threads: int) -> WorkSplit:
+    """Group K-blocks and column blocks into work items (pure).
+
+    An item streams the packed X of its columns once per K-group and the packed dY of its
+    K-blocks once per column group: memory traffic ~ ``n_kgroups * |Xw| + n_groups * |dYp|``.
+    Fewer, larger items cut traffic; more items balance the threads. The estimate is
+    ``macs / EST_MACS * ceil(items / threads) / items + traffic / EST_BYTES / min(threads,
+    items)`` (one core's VNNI rate and streaming bandwidth), subject to an item's tiles
+    (``GROUP_TILE_BYTES``) and its dY block (``KB_GROUP_CHANNELS``) staying in L2.
+    """
+    s = p.spec
+    threads = max(1, threads)
+    xw_bytes = s.N * p.Hp * p.Wp * p.Cs * 4
+    dy_bytes = s.N * s.P * p.Q2 * p.Ks * 4
+    tile = 2 * p.cb * p.kv * p.lanes * 4
+    best = None
+    for kbg in _candidates(p.n_kb):
+        if kbg > 1 and kbg * p.kv * p.lanes > KB_GROUP_CHANNELS:
+            continue
+        nkg = -(-p.n_kb // kbg)
+        for g in _candidates(p.n_cols):
+            if g > 1 and kbg * g * tile > GROUP_TILE_BYTES:
+                continue
+            ng = -(-p.n_cols // g)
+            items = nkg * ng
+            t = (s.macs / EST_MACS * -(-items // threads) / items
+                 + (nkg * xw_bytes + ng * dy_bytes) / EST_BYTES / min(threads, items))
+            if best is None or (t, items) < best[0]:
+                best = ((t, items), WorkSplit(kbg, g, nkg, ng))
+    return best[1]
+
+
 def column_table(p: WgradPlan) -> np.ndarray:
     """int64 [n_cols, 4]: per column block (C-block b, tap rs), C-block-major: the Xw
     offset (i32 units) of its first channel at pair 0 of the output row, the offset of its
@@ -254,14 +306,6 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     n_cols = RS * n_cb
     # Column blocks per work item: as many as keep their INT32 + FP32 tiles within
     # GROUP_TILE_BYTES (L2), and few enough that there are MIN_ITEMS items for the threads.
-    # K-blocks per work item: up to KB_GROUP_CHANNELS of K, so the block's dY stays in L2 and
-    # X is read once per item rather than once per K-block.
-    kb_group = max(1, min(n_kb, KB_GROUP_CHANNELS // (kv * lanes)))
-    n_kgroups = -(-n_kb // kb_group)
-    tile = 2 * cb * kv * lanes * 4 * kb_group
-    group = max(1, min(n_cols, GROUP_TILE_BYTES // tile))
-    group = max(1, min(group, -(-n_cols * n_kgroups // MIN_ITEMS)))
-    n_groups = -(-n_cols // group)
     (uh, uw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     P, Q = spec.P, spec.Q
     Q2 = -(-Q // 2)
@@ -288,12 +332,12 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     return WgradPlan(
         spec=spec, config=config, tier=target.tier, mode=mode, lanes=lanes, i16_lanes=2 * lanes,
         vec_bytes=4 * lanes, kv=kv, kv_tail=kv_tail, n_kb=n_kb, cb=cb, cb_tail=cb_tail, n_cb=n_cb,
-        n_cols=n_cols, group=group, n_groups=n_groups, kb_group=kb_group, n_kgroups=n_kgroups,
+        n_cols=n_cols,
         C=C, K=spec.K, Kp=Kp, Ks=Ks, Cs=Cs, RS=RS, Hp=Hp, Wp=Wp, Q2=Q2, x_pair_stride=cpp * Cs,
         x_row_step=row_step, pack_hstep=uh // row_step,
         col_per_pair=cpp,
         pack_istep=istep,
-        tap_offsets=taps, items=n_kgroups * n_groups, block_pairs=config.c_block,
+        tap_offsets=taps, block_pairs=config.c_block,
         saturating=(mode == "fast"), fp32_regs=fp32_regs, scaled=scaled, symbol=sym)
 
 

@@ -43,7 +43,8 @@ TEMPLATE = "conv_bwd_weight.ll.j2"
 _KERNEL_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
                                 ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                ctypes.c_float, ctypes.c_int64, ctypes.c_int64)
+                                ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                ctypes.c_int64, ctypes.c_int64)
 
 @dataclass(frozen=True)
 class WgradTimes:
@@ -283,7 +284,8 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     # tiles: the kernel's first cache block initialises them
     out = _buffer("out", (p.RS * C * p.Kp,), np.float32)
     acc = _buffer("acc", (p.RS * C * p.Kp,), np.int32)
-    sat = np.zeros(p.items, np.int64)
+    split = pw.work_split(p, nthreads)
+    sat = np.zeros(split.items, np.int64)
     s1, s2 = _scales(scale_exp) if scaled else (1.0, 1.0)
     cols = pw.column_table(p)
     dw = np.empty((K, C, R, S), np.float32)
@@ -291,13 +293,13 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     fs = 1.0 if scaled else float(np.float32(2.0 ** scale_exp))
     args = (xw.ctypes.data, dyp.ctypes.data, out.ctypes.data, acc.ctypes.data, seg.ctypes.data,
             blocks.ctypes.data, len(blocks) - 1, flush // 2, s1, s2, sat.ctypes.data, cols.ctypes.data,
-            dw.ctypes.data, fs)
+            dw.ctypes.data, fs, split.kb_group, split.group, split.n_groups)
     t1 = time.perf_counter()
-    parallel_for(p.items, lambda b, e: fn(*args, b, e), nthreads)
+    parallel_for(split.items, lambda b, e: fn(*args, b, e), nthreads)
     t_kernel = time.perf_counter() - t1
     last_times = WgradTimes(pack=t_pack, kernel=t_kernel, total=time.perf_counter() - t0)
     info = RunInfo(pass_kind="bwd_weight", overflow=overflow, flush=flush, saturated=int(sat.sum()),
                    tier=target.tier, symbol=p.symbol, symbols=(p.symbol,), config=dict(config.__dict__),
-                   c_block=config.c_block, threads=min(nthreads, p.items),
+                   c_block=config.c_block, threads=min(nthreads, split.items),
                    scale_exp=int(xq.exponent) + int(dyq.exponent))
     return dw, info

@@ -256,8 +256,10 @@ def test_plan_register_budget_and_layouts():
     assert (p.Kp, p.n_kb, p.kv_tail, p.n_cb, p.cb_tail) == (48, 2, 1, 3, 7) or HOST.lanes != 16
     cols = pw.column_table(p)
     assert cols.shape == (3, 4) and cols[:, 2].tolist() == [13, 13, 7] and cols[:, 3].tolist() == [0, 13, 26]
-    assert p.items == p.n_kgroups * p.n_groups and p.n_groups * p.group >= p.n_cols
-    assert p.n_kgroups * p.kb_group >= p.n_kb
+    for threads in (1, 2, 16):
+        w = pw.work_split(p, threads)
+        assert w.n_groups * w.group >= p.n_cols and w.n_kgroups * w.kb_group >= p.n_kb
+        assert w.items >= min(threads, p.n_kb * p.n_cols)
 
 
 def test_schedule_covers_every_pixel_once():
