@@ -152,6 +152,16 @@ def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout
     return dst, amax
 
 
+def _pixel_row(m: np.ndarray) -> np.ndarray:
+    """(N, C, P, Q) int16, any strides -> the same values as (1, C, 1, N*P*Q), pixels in
+    m = (n*P + p)*Q + q order, channel stride 1 (a view when ``m`` is NHWC-contiguous)."""
+    N, C, P, Q = m.shape
+    nhwc = m.transpose(0, 2, 3, 1)
+    if not nhwc.flags.c_contiguous:
+        nhwc = np.ascontiguousarray(nhwc)
+    return nhwc.reshape(1, 1, N * P * Q, C).transpose(0, 3, 1, 2)
+
+
 def tap_max(xam: np.ndarray, p: pw.WgradPlan) -> np.ndarray:
     """int32 (N, P, Q): for each output pixel m, max over taps (r, s) and channels c of
     |X_rs[m, c]|, from the packer's per-column maxima ``xam`` (N, Hp, Wp, 2) of Xw."""
@@ -254,6 +264,14 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     target = target or host_target()
     scale_exp = int(xq.exponent) + int(dyq.exponent)
     scaled = not pw.unscaled_ok(scale_exp)
+    if R == S == 1 and spec.padding == (0, 0):
+        # A 1x1 layer is one GEMM over all N*P*Q pixels: run it as a single output row, so
+        # the pixel pairs (m, m+1) and runs cross rows and images (no odd-Q padding pair, no
+        # segment per row; Linear-like Q = 1 shapes would otherwise waste half the pairs).
+        uh, uw = spec.stride
+        x, dy = _pixel_row(x[:, :, ::uh, ::uw][:, :, :spec.P, :spec.Q]), _pixel_row(dy)
+        spec = ConvSpec(1, C, 1, x.shape[3], K, pass_kind="bwd_weight")
+    N = spec.N
     # Layouts depend on the spec only, so packing can use any plan of it.
     p = pw.plan(spec, config or pw.default_config(spec, target), target, overflow, scaled)
 

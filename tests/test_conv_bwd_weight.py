@@ -36,6 +36,8 @@ SHAPES = [
     (1, 128, 4, 6, 128, 3, 3, 1, 1, 1),   # C = K = 128: X and dY rows padded to 144 (set conflicts)
     (2, 5, 7, 9, 6, 1, 3, 2, (0, 1), 1),  # R = 1, S = 3, stride 2: only rows p*uh packed
     (1, 20, 3, 4, 300, 1, 1, 1, 0, 1),    # K = 300: two K-groups of work items, K tail
+    (2, 4, 3, 3, 5, 1, 1, 1, 1, 1),       # 1x1 with padding (not the single-row 1x1 path)
+    (4, 16, 1, 1, 40, 1, 1, 1, 0, 1),     # Linear-like 1x1 over N = 4 pixels (H = W = 1)
 ]
 
 
