@@ -108,7 +108,34 @@ def _even_q_segments(N, P, Q, uh, cpp, C, Hp, Wp, Kp, flush) -> np.ndarray:
 
 def _build_schedule(N, P, Q, uh, cpp, C, Hp, Wp, Kp, flush, block_pairs):
     make = _even_q_segments if Q % 2 == 0 else _row_segments
-    return _blocks(make(N, P, Q, uh, cpp, C, Hp, Wp, Kp, flush), block_pairs)
+    seg = _split_long(make(N, P, Q, uh, cpp, C, Hp, Wp, Kp, flush), block_pairs, cpp * C, Kp, flush // 2)
+    return _blocks(seg, block_pairs)
+
+
+def _split_long(seg: np.ndarray, block_pairs: int, x_step: int, d_step: int, period: int) -> np.ndarray:
+    """Cut runs longer than a cache block (a long row, or a 1x1 layer run as one row) into
+    block-sized runs, carrying the flush countdown over; the flush-after flag stays on the
+    last piece."""
+    if not len(seg) or seg[:, 2].max() <= block_pairs:
+        return seg
+    out = []
+    for xoff, dyoff, npairs, ctl in seg.tolist():
+        mask, flag, cnt0 = ctl & 0xFFFFFFFF, (ctl >> 32) & 1, ctl >> CNT_SHIFT
+        if npairs <= block_pairs or mask != (MASK_NONE & 0xFFFFFFFF):
+            out.append((xoff, dyoff, npairs, ctl))
+            continue
+        for t in range(0, npairs, block_pairs):
+            n = min(block_pairs, npairs - t)
+            if cnt0 >= NEVER:
+                c = NEVER
+            elif t < cnt0:
+                c = cnt0 - t
+            else:
+                c = period - (t - cnt0) % period
+            last = t + n == npairs
+            out.append((xoff + t * x_step, dyoff + t * d_step, n,
+                        mask | ((flag if last else 0) << 32) | (c << CNT_SHIFT)))
+    return np.array(out, dtype=np.int64).reshape(-1, SEG_FIELDS)
 
 
 def _row_segments(N, P, Q, uh, cpp, C, Hp, Wp, Kp, flush) -> np.ndarray:

@@ -13,7 +13,7 @@ from dfpgen.dfp import DfpTensor, quantize
 from dfpgen.errors import DfpError
 from dfpgen.jit import compile_ir, emit_assembly
 from dfpgen.render import render
-from dfpgen.spec import ConvSpec
+from dfpgen.spec import ConvSpec, parse_full
 from dfpgen.target import TIERS, host_target
 from dfpgen.tuning import TuningConfig
 
@@ -264,41 +264,54 @@ def test_plan_register_budget_and_layouts():
         assert w.items >= min(threads, p.n_kb * p.n_cols)
 
 
-def test_schedule_covers_every_pixel_once():
-    """Segments list each (row, pixel) exactly once (split pairs as two masked halves) and
-    flushes (in-loop countdowns and flush-after flags) sit after pixel m = i*flush - 1 and at
-    the end, once each; rows are not split at pair-aligned flushes."""
-    sp = ConvSpec(2, 3, 5, 7, 4, 3, 3, 1, 1, 1, pass_kind="bwd_weight")  # Q = 7 (odd)
-    p = pw.plan(sp, pw.default_config(sp, HOST), HOST)
-    for flush in (2, 4, 6, 10, 14, 128):
+def _simulate(seg: np.ndarray, p, flush: int):
+    """The pixels m each segment runs (masks applied) and the m after which it flushes
+    (in-loop countdowns and flush-after flags), as the kernel executes them."""
+    sp = p.spec
+    seen, flush_at, m = [], [], -1
+    for xoff, dyoff, npairs, ctl in seg.tolist():
+        row, j0 = divmod(dyoff // p.Ks, p.Q2)
+        mask, cnt = ctl & 0xFFFFFFFF, ctl >> ws.CNT_SHIFT
+        for j in range(j0, j0 + npairs):
+            for e in (0, 1):
+                q = 2 * j + e
+                keep = mask == 0xFFFFFFFF or (mask == ws.MASK_LO and e == 0) or \
+                    (mask == (ws.MASK_HI & 0xFFFFFFFF) and e == 1)
+                if keep and q < sp.Q:
+                    m = row * sp.Q + q
+                    seen.append(m)
+            if mask == 0xFFFFFFFF:  # the run loop's countdown
+                cnt -= 1
+                if cnt == 0:
+                    flush_at.append(m)
+                    cnt = flush // 2
+        if (ctl >> 32) & 1:
+            flush_at.append(m)
+    return seen, flush_at
+
+
+@pytest.mark.parametrize("geometry", ["n2c3h5w7k4r3s3p1", "n1c3h1w301k4", "n1c3h1w300k4", "n3c2h2w90k4r1s3"])
+def test_schedule_covers_every_pixel_once(geometry):
+    """Segments list each (row, pixel) exactly once (split pairs as two masked halves), none
+    longer than a cache block, and flushes sit after pixel m = i*flush - 1 and at the end,
+    once each; rows are not split at pair-aligned flushes."""
+    sp = parse_full(geometry, "bwd_weight")
+    p = pw.plan(sp, pw.default_config(sp, HOST).replace(c_block=64), HOST)
+    M = sp.N * sp.P * sp.Q
+    for flush in (2, 4, 6, 10, 14, 128, 1000):
         seg, blocks = ws.schedule(p, flush)
         assert blocks[0] == 0 and blocks[-1] == len(seg)
-        seen, flush_at, m = [], [], -1
-        for xoff, dyoff, npairs, ctl in seg.tolist():
-            row, j0 = divmod(dyoff // p.Ks, p.Q2)
-            mask, cnt = ctl & 0xFFFFFFFF, ctl >> ws.CNT_SHIFT
-            for j in range(j0, j0 + npairs):
-                for e in (0, 1):
-                    q = 2 * j + e
-                    keep = mask == 0xFFFFFFFF or (mask == ws.MASK_LO and e == 0) or \
-                        (mask == (ws.MASK_HI & 0xFFFFFFFF) and e == 1)
-                    if keep and q < sp.Q:
-                        m = row * sp.Q + q
-                        seen.append(m)
-                if mask == 0xFFFFFFFF:  # the run loop's countdown
-                    cnt -= 1
-                    if cnt == 0:
-                        flush_at.append(m)
-                        cnt = flush // 2
-            if (ctl >> 32) & 1:
-                flush_at.append(m)
-        M = sp.N * sp.P * sp.Q
+        assert seg[:, 2].max() <= 64
+        seen, flush_at = _simulate(seg, p, flush)
         assert seen == list(range(M))
         assert flush_at == sorted(set(list(range(flush - 1, M, flush)) + [M - 1]))
-        if flush >= 2 * sp.Q:  # a chunk boundary per row at most: <= 3 segments per row
+        if flush >= 2 * sp.Q and p.Q2 <= 64:  # a chunk boundary per row at most
             assert len(seg) <= 3 * sp.N * sp.P
     with pytest.raises(DfpError, match="even"):
         ws.schedule(p, 5)
+
+
+def test_even_q_rows_are_single_segments():
     # Even Q: every chunk boundary is pair-aligned, so each row is one segment.
     sp8 = ConvSpec(2, 3, 5, 8, 4, 3, 3, 1, 1, 1, pass_kind="bwd_weight")
     p8 = pw.plan(sp8, pw.default_config(sp8, HOST), HOST)
