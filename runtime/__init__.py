@@ -17,6 +17,7 @@ from .convert import convert, dfp_layers, revert
 from .modules import DfpFallbackWarning, DFPConv2d, DFPLinear
 from .nonfinite import NonfiniteStepWarning, nonfinite_events, step_if_finite
 from .numerics import NumericsMonitor
+from .policy import layer_policies, set_layer_policy
 from .ops import conv2d, linear
 
 __all__ = [
@@ -24,5 +25,5 @@ __all__ = [
     "dfp_layers", "enabled", "set_enabled", "is_enabled", "set_default_format",
     "default_format", "default_overflow", "default_grad_rounding",
     "NumericsMonitor", "set_nonfinite_policy", "nonfinite_policy", "step_if_finite",
-    "nonfinite_events", "NonfiniteStepWarning",
+    "nonfinite_events", "NonfiniteStepWarning", "set_layer_policy", "layer_policies",
 ]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dfpgen
 import dfpgen.runtime as dfp
 from dfpgen import OverflowWarning
 from dfpgen.dfp import DfpFormat, exponent_for
@@ -184,3 +185,30 @@ def test_headroom_bits_definition():
     assert headroom_bits(DfpTensor(np.array([0, 0], np.int16), 0)) == 15
     assert headroom_bits(DfpTensor(np.array([-32767, 3], np.int16), 0)) == 0
     assert headroom_bits(DfpTensor(np.array([4096, -8191], np.int16), 0)) == 2
+
+
+def test_layer_policy_by_pattern_is_what_runs():
+    from dfpgen.runtime.policy import layer_policies, set_layer_policy
+    model = _model()
+    changed = set_layer_policy(model, {"conv*": dict(overflow="fast"),
+                                       "conv2": dict(dfp_format=DfpFormat(bits=13)),
+                                       "re:f.": dict(overflow="exact")})
+    assert changed == ["conv1", "conv2", "fc"]
+    pol = layer_policies(model)
+    assert pol["conv1"]["overflow"] == "fast" and pol["conv1"]["bits"] == 15
+    assert pol["conv2"] == {"bits": 13, "rounding": "nearest", "overflow": "fast",
+                            "grad_rounding": "nearest"}
+    assert pol["fc"]["overflow"] == "exact"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OverflowWarning)
+        with NumericsMonitor(model, sample_every=0) as mon:
+            _train(model, 1)
+    for r in mon.records:
+        assert (r.overflow, r.bits) == (pol[r.layer]["overflow"], pol[r.layer]["bits"])
+        assert model.get_submodule(r.layer).last_info[r.pass_kind].overflow == r.overflow
+    with pytest.raises(dfpgen.DfpError, match="matches no DFP layer"):
+        set_layer_policy(model, {"conv3": dict(overflow="fast")})
+    with pytest.raises(dfpgen.DfpError, match="unknown setting"):
+        set_layer_policy(model, {"fc": dict(bits=13)})
+    with pytest.raises(dfpgen.DfpError, match="overflow mode"):
+        set_layer_policy(model, {"fc": dict(overflow="wrap")})
