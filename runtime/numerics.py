@@ -244,6 +244,7 @@ class NumericsMonitor:
             ops_b = (ev["dy_q"], _np(gy))
             ref = None if fw.x is None else torch.nn.grad.conv2d_weight(
                 fw.x, tuple(weight.shape), gy, *conv_args)
+            fw.x = None  # backward-weight runs last: the FP32 copy is not needed any more
         for suffix, (q, a) in (("a", ops_a), ("b", ops_b)):
             zf, uf = zero_fractions(q, a)
             setattr(rec, f"headroom_{suffix}", float(headroom_bits(q)))
