@@ -12,7 +12,9 @@ quantizes its two inputs to DFP16 and writes FP32 —
 
 The forward op returns, besides Y, the INT16 mantissas of X (the kernels' NHWC buffer with
 C padded as ``dfpgen.pack`` pads it) and X's shared exponent; autograd saves those instead of
-the FP32 X, so the activation kept for backward is half the bytes. Bias stays FP32.
+the FP32 X: 2 bytes per element instead of 4 (plus one pad channel when C is odd). The
+network-level saving depends on the graph: where another op keeps the FP32 X anyway (the
+in-place ReLU before a ResNet conv saves its output), the INT16 copy is extra. Bias stays FP32.
 
 Layout: a ``channels_last`` input (or weight) gives a ``channels_last`` output, otherwise
 NCHW-contiguous; the numpy core accepts both without a repack (an NCHW-shaped array with
@@ -387,6 +389,3 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                         overflow, grad_rounding, _seed_tensor(seed), threads)
     return y.reshape(*lead, weight.shape[0])
 
-
-def input_grad_needed(ts: Sequence[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
