@@ -245,10 +245,13 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     dilation)`` (groups 1) on the dequantized operands. ``overflow="exact"`` flushes INT32
     partials at the largest power-of-two interval proven safe on these operands
     (:func:`exact_flush`) and is bit-identical to ``reference.conv2d_bwd_weight(...,
-    flush_pixels=info.flush)``; ``"fast"`` uses saturating ``vpdpwssds`` with ``config.flush``
-    (default ``FAST_FLUSH`` = 256) pixels per partial and counts the lanes found saturated at flushes
-    (``info.saturated``; a lane that saturates and is pulled back before the flush is not seen).
-    ``config.flush`` > 0 in exact mode caps the proven interval.
+    flush_pixels=info.flush)`` for every tier, config and thread count; ``"fast"`` uses
+    saturating ``vpdpwssds`` with ``config.flush`` (default ``FAST_FLUSH`` = 256) pixels per
+    partial and counts the lanes found saturated at flushes (``info.saturated``; a lane that
+    saturates and is pulled back before the flush is not seen). Without saturation fast mode
+    gives the exact partials of its schedule; with it, layers with R*S > 1 and odd Q may differ
+    from the reference's ``saturate=True`` model, which pairs pixels across rows where this
+    kernel pairs them within a row. ``config.flush`` > 0 in exact mode caps the proven interval.
     Returns ``(dW float32 (K, C, R, S) C-contiguous, RunInfo)``. Raises :class:`DfpError` on
     shape mismatches, non-DFP operands, a -32768 mantissa or an unknown mode.
     """
