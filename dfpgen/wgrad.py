@@ -273,6 +273,10 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     if overflow not in pw.MODES:
         raise DfpError(f"overflow must be one of {pw.MODES}, got {overflow!r}")
     target = target or host_target()
+    if config is None:
+        # A decision of `dfpgen tune` (same lookup as kernels.get_kernel for the other passes).
+        from .autotune import lookup
+        config = lookup(spec, target, overflow)
     scale_exp = int(xq.exponent) + int(dyq.exponent)
     scaled = not pw.unscaled_ok(scale_exp)
     if R == S == 1 and spec.padding == (0, 0):
