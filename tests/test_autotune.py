@@ -179,11 +179,11 @@ def test_real_kernels_tune_exactly(fresh, pass_kind):
     assert autotune.lookup(spec) == r.config
     ok, note = check_exact(spec, r.config)
     assert ok, note
-    if pass_kind != "bwd_weight":  # get_kernel consults lookup(): the decision is what runs
-        ops = autotune.random_operands(spec)
-        _, info = autotune.make_runner(spec, None, host_target(), ops, "exact", return_info=True)()
-        ran = {k: info.config[k] for k in ("k_vecs", "pixels", "unroll")}
-        assert ran == {k: getattr(r.config, k) for k in ("k_vecs", "pixels", "unroll")}
+    # every pass consults lookup() when no config is given: the decision is what runs
+    ops = autotune.random_operands(spec)
+    _, info = autotune.make_runner(spec, None, host_target(), ops, "exact", return_info=True)()
+    ran = {k: info.config[k] for k in ("k_vecs", "pixels", "unroll")}
+    assert ran == {k: getattr(r.config, k) for k in ("k_vecs", "pixels", "unroll")}
 
 
 def test_tune_model_tunes_every_layer_within_the_total_budget(fresh, monkeypatch):
