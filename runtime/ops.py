@@ -43,9 +43,14 @@ def _observe(**event) -> None:
 
 
 def _strict_channels_last(t: Tensor) -> bool:
-    # A tensor with C == 1 or H == W == 1 is contiguous in both formats; it counts as NCHW.
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
-        and not t.is_contiguous()
+    # Decided by the strides, as PyTorch's suggest_memory_format: a C == 1 tensor made
+    # channels_last (strides (HW, 1, W, 1)) counts as channels_last, one with exactly the
+    # NCHW-contiguous strides as NCHW. (is_contiguous() alone calls both "contiguous", and
+    # an NCHW output there sends the next BatchNorm down its much slower NCHW path.)
+    if t.dim() != 4 or not t.is_contiguous(memory_format=torch.channels_last):
+        return False
+    _, c, h, w = t.shape
+    return tuple(t.stride()) != (c * h * w, h * w, w, 1)
 
 
 def output_channels_last(x: Tensor, weight: Tensor) -> bool:
