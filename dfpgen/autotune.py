@@ -45,7 +45,7 @@ from typing import Callable
 import numpy as np
 
 from . import cache
-from .errors import DfpError, OverflowWarning
+from .errors import CacheWarning, DfpError, OverflowWarning
 from .measure import kernel_sources, kernel_timer, make_runner, random_operands, time_runner  # noqa: F401
 from .spec import PASSES, ConvSpec
 from .target import CpuTarget, host_target
@@ -93,7 +93,11 @@ def lookup(spec: ConvSpec, target: CpuTarget | None = None, overflow: str = "exa
     if value is not None:
         try:
             cfg = TuningConfig.from_dict(value["config"])
-        except (DfpError, KeyError, TypeError):
+            _check_plannable(spec, cfg, target, overflow)
+        except (DfpError, KeyError, TypeError) as exc:
+            # A corrupt or hand-edited decision must not break every call of the layer.
+            warnings.warn(f"dfpgen tuning decision for {spec} ignored ({exc}); using the default config",
+                          CacheWarning, stacklevel=2)
             cfg = None
     with _memo_lock:
         _memo[mkey] = cfg
@@ -103,6 +107,23 @@ def lookup(spec: ConvSpec, target: CpuTarget | None = None, overflow: str = "exa
         print(f"dfpgen_verbose,tuning,{'hit' if cfg else 'none'},{spec},{cfg.short() if cfg else 'default'},"
               f"{(time.perf_counter() - t0) * 1e3:.2f}ms", file=sys.stderr)
     return cfg
+
+
+def _check_plannable(spec: ConvSpec, cfg: TuningConfig, target: CpuTarget, overflow: str) -> None:
+    """Raise :class:`DfpError` if ``cfg`` cannot be planned for ``spec`` (register budget,
+    unroll), as ``kernels.get_kernel`` would plan it."""
+    if spec.pass_kind == "bwd_weight":
+        from .plan_wgrad import plan as plan_wgrad
+        plan_wgrad(spec, cfg, target, overflow)
+        return
+    from .kernels import resolve_config
+    cfg, _ = resolve_config(spec, cfg, overflow=overflow, target=target)
+    if spec.pass_kind == "fwd":
+        from .plan import plan_fwd
+        plan_fwd(spec, cfg, target, mode=overflow)
+    else:
+        from .plan_bwd import plan_bwd_data
+        plan_bwd_data(spec, cfg, target, mode=overflow)
 
 
 def annotate(spec: ConvSpec, target: CpuTarget, overflow: str = "exact", **extra) -> None:

@@ -28,6 +28,7 @@ pixels clips). ``overflow="fast"`` is one keyword away and reports every saturat
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import NamedTuple
 
@@ -138,6 +139,26 @@ def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: D
     return config
 
 
+def _check_call(overflow: str, threads) -> None:
+    """Arguments every pass checks up front (an empty batch returns before any kernel would)."""
+    if overflow not in ("exact", "fast"):
+        raise DfpError(f"overflow must be 'exact' or 'fast', got {overflow!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                or threads < 0):
+        raise DfpError(f"threads must be None or an int >= 0 (0 or None: the default count), got {threads!r}")
+
+
+def _shape4(shape, what: str) -> tuple[int, int, int, int]:
+    """A 4-tuple of Python ints (torch.Size, lists and numpy integers welcome; floats are not)."""
+    try:
+        vals = tuple(shape)
+        if len(vals) != 4 or any(isinstance(v, (str, bytes)) for v in vals):
+            raise TypeError
+        return tuple(operator.index(v) for v in vals)
+    except TypeError:
+        raise DfpError(f"{what} must be four ints, got {shape!r}") from None
+
+
 def _pointwise_on_pixels(spec: ConvSpec) -> bool:
     """A 1x1 filter over N > 1 images of 1x1 pixel without padding (a classifier layer)."""
     return (spec.H, spec.W, spec.R, spec.S, spec.padding) == (1, 1, 1, 1, (0, 0)) and spec.N > 1
@@ -179,6 +200,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
     from ``config`` (whose register blocking still applies). An empty batch gives an empty
     output.
     """
+    _check_call(overflow, threads)
     xq = _quantize_act(x, fmt, seed, "conv2d input X", threads)
     wq = _quantize_weight(w, fmt, "conv2d weight W")
     (n, c, h, wd), (k, c2, r, s) = xq.shape, wq.shape
@@ -217,9 +239,8 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
     ``grad_output`` dY (N, K, P, Q), as ``torch.nn.grad.conv2d_input``. Stride > 1 runs one
     stride-1 sub-convolution per output phase. Same keywords, errors and return as
     :func:`conv2d`."""
-    if len(tuple(input_shape)) != 4:
-        raise DfpError(f"conv2d_input: input_shape must be (N, C, H, W), got {input_shape!r}")
-    n, c, h, wd = (int(v) for v in input_shape)
+    _check_call(overflow, threads)
+    n, c, h, wd = _shape4(input_shape, "conv2d_input: input_shape (N, C, H, W)")
     dyq = _quantize_act(grad_output, fmt, seed, "conv2d_input grad_output dY", threads)
     wq = _quantize_weight(w, fmt, "conv2d_input weight W")
     k, c2, r, s = wq.shape
@@ -228,7 +249,7 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
     spec = ConvSpec(max(n, 1), c, h, wd, k, r, s, _pair(stride, "stride"), _pair(padding, "padding"),
                     _pair(dilation, "dilation"), "bwd_data")
     if dyq.shape != (n,) + spec.output_shape[1:]:
-        raise DfpError(f"conv2d_input: grad_output shape {dyq.shape} != {spec.output_shape}, the "
+        raise DfpError(f"conv2d_input: grad_output shape {dyq.shape} != {(n,) + spec.output_shape[1:]}, the "
                        f"forward output of input {tuple(input_shape)} and weight {wq.shape}")
     if n == 0:
         return _empty((0, c, h, wd), spec, overflow, return_info)
@@ -251,8 +272,19 @@ def conv2d_weight(x, weight_shape, grad_output, stride=1, padding=0, dilation=1,
     """DFP16 backward-weight: dW (float32 KCRS ``weight_shape``) from ``x`` (NCHW) and
     ``grad_output`` dY, as ``torch.nn.grad.conv2d_weight`` (kernel: ``dfpgen.wgrad``)."""
     from .wgrad import conv2d_weight_q
+    _check_call(overflow, threads)
     xq = _quantize_act(x, fmt, seed, "conv2d_weight input X", threads)
     dyq = _quantize_act(grad_output, fmt, seed, "conv2d_weight grad_output dY", threads)
+    if xq.shape[0] == 0:  # no samples: a zero gradient of weight_shape, after the shape checks
+        k, c, r, s = _shape4(weight_shape, "conv2d_weight: weight_shape (K, C, R, S)")
+        if c != xq.shape[1]:
+            raise DfpError(f"conv2d_weight: x has {xq.shape[1]} channels but weight_shape has C={c}")
+        spec = ConvSpec(1, c, xq.shape[2], xq.shape[3], k, r, s, _pair(stride, "stride"),
+                        _pair(padding, "padding"), _pair(dilation, "dilation"), "bwd_weight")
+        if dyq.shape != (0,) + spec.output_shape[1:]:
+            raise DfpError(f"conv2d_weight: grad_output shape {dyq.shape} != {(0,) + spec.output_shape[1:]}, "
+                           f"the forward output of input {xq.shape} and weight {(k, c, r, s)}")
+        return _empty((k, c, r, s), spec, overflow, return_info)
     kw = dict(overflow=overflow, threads=threads, config=config)
     if target is not None:
         kw["target"] = target
@@ -268,6 +300,7 @@ def linear(x, w, bias=None, *, overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat 
            return_info: bool = False, target=None):
     """DFP16 ``x @ w.T + bias``: x float (N, C) or a 2-D DfpTensor, w (K, C), bias (K,) or None.
     Runs as a 1x1 convolution over N pixels of one row. Returns float32 (N, K)."""
+    _check_call(overflow, threads)
     if isinstance(x, DfpTensor):
         if x.mantissa.ndim != 2:
             raise DfpError(f"linear: x must be 2-D (N, C), got shape {x.shape}")
@@ -286,6 +319,12 @@ def linear(x, w, bias=None, *, overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat 
         if arr.ndim != 2:
             raise DfpError(f"linear: w must be 2-D (K, C), got shape {arr.shape}")
         wq = quantize(arr[:, :, None, None], fmt, name="linear weight W")
+    if xq.shape[3] == 0:  # an empty batch: conv2d's empty-batch path checks C and the bias
+        xq = DfpTensor(np.zeros((0, xq.shape[1], 1, 1), np.int16), xq.exponent, xq.fmt)
+        res = conv2d(xq, wq, bias, overflow=overflow, threads=threads, config=config,
+                     return_info=True, target=target)
+        out = res.output[:, :, 0, 0]
+        return ConvResult(out, res.info) if return_info else out
     res = conv2d(xq, wq, bias, overflow=overflow, threads=threads, config=config,
                  return_info=True, target=target)
     out = res.output[0, :, 0, :].T

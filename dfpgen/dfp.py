@@ -53,6 +53,7 @@ Rounding (``DfpFormat.rounding``):
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,7 +114,13 @@ class DfpTensor:
         if not isinstance(self.mantissa, np.ndarray) or self.mantissa.dtype != np.int16:
             raise DfpError(f"DfpTensor.mantissa must be an np.int16 array, got "
                            f"{getattr(self.mantissa, 'dtype', type(self.mantissa))}")
-        e = int(self.exponent)
+        e = self.exponent
+        if isinstance(e, (float, np.floating)) and float(e).is_integer():
+            e = int(e)
+        try:
+            e = operator.index(e)  # a fractional or string exponent is a mistake, not a value to truncate
+        except TypeError:
+            raise DfpError(f"DfpTensor.exponent must be an integer, got {self.exponent!r}") from None
         if not EXP_MIN <= e <= EXP_MAX:
             raise DfpError(f"DfpTensor.exponent {e} outside the int8 range [{EXP_MIN}, {EXP_MAX}]")
         object.__setattr__(self, "exponent", e)

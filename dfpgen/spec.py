@@ -11,6 +11,7 @@ Full form: ``n32c256h14w14k256r3s3u1p1`` (optionally ``d2`` and per-axis ``uh2uw
 """
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, replace
 
@@ -20,12 +21,24 @@ PASSES = ("fwd", "bwd_data", "bwd_weight")
 
 
 def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        v = (v, v)
+    """``v`` (an integer, e.g. ``2`` or ``np.int64(2)``, or a pair of them) as ``(h, w)``.
+    Floats, strings and other types raise :class:`DfpError` (never truncated)."""
+    def bad():
+        return DfpError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if isinstance(v, (str, bytes)):
+        raise bad()
     try:
-        a, b = (int(x) for x in v)
-    except (TypeError, ValueError):
-        raise DfpError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+        i = operator.index(v)
+        return i, i
+    except TypeError:
+        pass
+    try:
+        items = tuple(v)
+        if len(items) != 2 or any(isinstance(x, (str, bytes)) for x in items):
+            raise bad()
+        a, b = (operator.index(x) for x in items)
+    except TypeError:
+        raise bad() from None
     return a, b
 
 

@@ -1,0 +1,159 @@
+"""Adversarial review of the core numpy API (dfpgen.conv, dfp, spec, autotune lookup).
+
+Each test below either pins a bug that was found and fixed (the test failed before the fix)
+or hammers a promise that held up (random geometry in exact mode against dfpgen.reference,
+memory layouts, Python threads sharing kernels). Small shapes only: the suite stays fast.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dfpgen import conv, reference
+from dfpgen.dfp import DfpTensor, quantize
+from dfpgen.errors import CacheWarning, DfpError
+from dfpgen.spec import ConvSpec
+
+RNG = np.random.default_rng(1234)
+
+
+def _f32(*shape, rng=RNG):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- empty batches
+def test_conv2d_weight_of_an_empty_batch_is_a_zero_gradient():
+    # conv2d and conv2d_input accept N = 0; the weight gradient of no samples is zero (torch too).
+    x, dy = _f32(0, 3, 5, 5), _f32(0, 4, 5, 5)
+    dw, info = conv.conv2d_weight(x, (4, 3, 3, 3), dy, padding=1, return_info=True)
+    want = torch.nn.grad.conv2d_weight(torch.from_numpy(x), (4, 3, 3, 3), torch.from_numpy(dy), padding=1)
+    assert dw.dtype == np.float32 and dw.shape == (4, 3, 3, 3)
+    assert np.array_equal(dw, want.numpy()) and not dw.any()
+    assert info.pass_kind == "bwd_weight" and info.saturated == 0
+
+
+def test_conv2d_weight_of_an_empty_batch_still_checks_shapes():
+    with pytest.raises(DfpError, match="grad_output"):
+        conv.conv2d_weight(_f32(0, 3, 5, 5), (4, 3, 3, 3), _f32(0, 4, 4, 4), padding=1)
+    with pytest.raises(DfpError, match="C=2"):
+        conv.conv2d_weight(_f32(0, 3, 5, 5), (4, 2, 3, 3), _f32(0, 4, 5, 5), padding=1)
+
+
+def test_linear_of_an_empty_batch():
+    w = _f32(5, 4)
+    y = conv.linear(np.zeros((0, 4), np.float32), w)
+    assert y.dtype == np.float32 and y.shape == (0, 5)
+    with pytest.raises(DfpError, match="C=3"):
+        conv.linear(np.zeros((0, 3), np.float32), w)
+
+
+def test_conv2d_input_error_names_the_expected_empty_batch_shape():
+    with pytest.raises(DfpError, match=r"\(0, 4, 5, 5\)"):
+        conv.conv2d_input((0, 3, 5, 5), _f32(4, 3, 3, 3), _f32(2, 4, 5, 5), padding=1)
+
+
+# ----------------------------------------------------------------------------- argument types
+def test_numpy_integers_are_valid_geometry():
+    x, w = _f32(1, 3, 9, 8), _f32(2, 3, 3, 3)
+    want = conv.conv2d(x, w, stride=2, padding=1, dilation=1)
+    got = conv.conv2d(x, w, stride=np.int64(2), padding=np.int32(1), dilation=(np.int8(1), 1))
+    assert np.array_equal(got, want)
+    assert ConvSpec(1, 3, 9, 8, 2, 3, 3, np.int64(2), (np.uint8(1), 1)).stride == (2, 2)
+
+
+@pytest.mark.parametrize("bad", [(1.5, 1), 2.0, "12", (1, "2"), None, (2, None)])
+def test_non_integer_geometry_is_rejected_not_truncated(bad):
+    x, w = _f32(1, 3, 9, 8), _f32(2, 3, 3, 3)
+    with pytest.raises(DfpError, match="stride must be an int or a pair of ints"):
+        conv.conv2d(x, w, stride=bad)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 7.5, 6), (1, 3, "7", 6), (1.0 + 1e-9, 3, 7, 6)])
+def test_conv2d_input_rejects_a_non_integer_input_shape(shape):
+    with pytest.raises(DfpError, match="input_shape"):
+        conv.conv2d_input(shape, _f32(4, 3, 3, 3), _f32(1, 4, 7, 6), padding=1)
+
+
+def test_conv2d_input_accepts_integer_like_input_shapes():
+    w, dy = _f32(4, 3, 3, 3), _f32(1, 4, 7, 6)
+    want = conv.conv2d_input((1, 3, 7, 6), w, dy, padding=1)
+    for shape in (np.array([1, 3, 7, 6]), torch.Size([1, 3, 7, 6]), [1, 3, 7, 6]):
+        assert np.array_equal(conv.conv2d_input(shape, w, dy, padding=1), want)
+
+
+def test_dfp_tensor_rejects_a_fractional_exponent():
+    m = np.ones((1, 1, 2, 2), np.int16)
+    with pytest.raises(DfpError, match="exponent"):
+        DfpTensor(m, 1.5)
+    with pytest.raises(DfpError, match="exponent"):
+        DfpTensor(m, "3")
+    assert DfpTensor(m, np.int64(-3)).exponent == -3 and DfpTensor(m, -3.0).exponent == -3
+
+
+@pytest.mark.parametrize("threads", [-1, 2.5, "2"])
+def test_bad_thread_counts_are_rejected(threads):
+    x, w = _f32(1, 3, 5, 5), _f32(2, 3, 3, 3)
+    dy = _f32(1, 2, 5, 5)
+    for call in (lambda: conv.conv2d(x, w, padding=1, threads=threads),
+                 lambda: conv.conv2d_input(x.shape, w, dy, padding=1, threads=threads),
+                 lambda: conv.conv2d_weight(x, w.shape, dy, padding=1, threads=threads),
+                 lambda: conv.linear(x[:, :, 0, 0], w[:, :, 0, 0], threads=threads)):
+        with pytest.raises(DfpError, match="threads"):
+            call()
+
+
+def test_an_unknown_overflow_mode_is_rejected_even_for_an_empty_batch():
+    w = _f32(2, 3, 3, 3)
+    for call in (lambda: conv.conv2d(_f32(0, 3, 5, 5), w, overflow="Exact"),
+                 lambda: conv.conv2d_input((0, 3, 5, 5), w, _f32(0, 2, 3, 3), overflow="Exact"),
+                 lambda: conv.conv2d_weight(_f32(0, 3, 5, 5), w.shape, _f32(0, 2, 3, 3), overflow="Exact"),
+                 lambda: conv.linear(_f32(0, 3), w[:, :, 0, 0], overflow="Exact")):
+        with pytest.raises(DfpError, match="overflow must be"):
+            call()
+
+
+# ----------------------------------------------------------------------------- tuning cache
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    from dfpgen import autotune, cache
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "cache"))
+    monkeypatch.delenv(cache.ENV_CACHE, raising=False)
+    cache.forget_memory()
+    autotune.forget_lookups()
+    yield
+    cache.forget_memory()
+    autotune.forget_lookups()
+
+
+@pytest.mark.parametrize("pass_kind", ["fwd", "bwd_data", "bwd_weight"])
+def test_an_unplannable_tuning_decision_is_ignored_with_a_warning(fresh_cache, pass_kind):
+    # A decision whose config parses but cannot be planned (a hand-edited or corrupt entry:
+    # 99 x 6 accumulators) used to make every call of that layer raise.
+    from dfpgen import autotune, cache
+    from dfpgen.target import host_target
+    x, w, dy = _f32(1, 4, 6, 6), _f32(4, 4, 3, 3), _f32(1, 4, 6, 6)
+    spec = ConvSpec(1, 4, 6, 6, 4, 3, 3, 1, 1, 1, pass_kind)
+    bad = {"k_vecs": 99, "pixels": 6, "c_block": 4, "flush": 0, "unroll": "none", "threads": 0}
+    if pass_kind == "bwd_weight":  # its planner clamps k_vecs to K; it has no 4vnni unroll
+        bad["unroll"] = "4vnni"
+    cache.store_tuning(autotune.tuning_fields(spec, host_target(), "exact"), {"config": bad})
+    cache.forget_memory()
+    with pytest.warns(CacheWarning, match="ignored"):
+        assert autotune.lookup(spec) is None
+    run = {"fwd": lambda: conv.conv2d(x, w, padding=1),
+           "bwd_data": lambda: conv.conv2d_input(x.shape, w, dy, padding=1),
+           "bwd_weight": lambda: conv.conv2d_weight(x, w.shape, dy, padding=1)}[pass_kind]
+    out = run()
+    xq, wq, dyq = quantize(x), quantize(w), quantize(dy)
+    xd, wd, dyd = (torch.from_numpy(q.dequantize(np.float64)) for q in (xq, wq, dyq))
+    want = {"fwd": lambda: torch.nn.functional.conv2d(xd, wd, padding=1),
+            "bwd_data": lambda: torch.nn.grad.conv2d_input(x.shape, wd, dyd, padding=1),
+            "bwd_weight": lambda: torch.nn.grad.conv2d_weight(xd, w.shape, dyd, padding=1)}[pass_kind]()
+    np.testing.assert_allclose(out, want.numpy(), rtol=1e-5, atol=1e-5)
