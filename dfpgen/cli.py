@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 from .errors import DfpError
@@ -121,6 +123,27 @@ def _specs(args) -> list:
     return [spec.with_pass(p) for p in PASSES] if every else [spec]
 
 
+def _physical_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_fits(specs, hint: str) -> None:
+    """Refuse (one-line error) a layer whose operands cannot fit in this machine's memory:
+    tune and bench allocate them, and numpy's MemoryError (or the OOM killer) is no answer."""
+    total = _physical_bytes()
+    if not total:
+        return
+    for spec in specs:
+        # FP32 X, W, Y plus their DFP16 / packed copies and PyTorch's baseline: ~3x the FP32 bytes.
+        need = 3 * 4 * (math.prod(spec.input_shape) + math.prod(spec.weight_shape) + math.prod(spec.output_shape))
+        if need > total:
+            raise UsageError(f"layer {spec.geometry()} needs about {need / 2**30:.3g} GiB for its operands; "
+                             f"this machine has {total / 2**30:.3g} GiB; use a smaller {hint}")
+
+
 def _parse_config(text: str, default):
     from .tuning import TuningConfig
     kw = default.to_dict()
@@ -180,7 +203,14 @@ def cmd_tune(args) -> int:
     from .cli_commands import run_tune
     if bool(args.model) == bool(args.layer):
         raise UsageError("tune needs exactly one of --layer or --model")
-    return run_tune(args, _specs(args) if args.layer else None, _console(args.json))
+    if args.layer:
+        specs = _specs(args)
+        _check_fits(specs, "--batch or --hw")
+    else:
+        from .models import model_specs
+        specs = None
+        _check_fits([sp for _, _, sp in model_specs(args.model, batch=args.batch or 32)], "--batch")
+    return run_tune(args, specs, _console(args.json))
 
 
 def cmd_show(args) -> int:
@@ -195,7 +225,9 @@ def cmd_bench(args) -> int:
     from .cli_commands import run_bench
     if args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
-    return run_bench(args, _specs(args), _console(args.json))
+    specs = _specs(args)
+    _check_fits(specs, "--batch or --hw")
+    return run_bench(args, specs, _console(args.json))
 
 
 def cmd_cache(args) -> int:
@@ -231,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(exc).split())
         sys.stderr.write(f"dfpgen: error: {msg}\n")
         rc = 2
+    except MemoryError as exc:
+        sys.stderr.write(f"dfpgen: error: out of memory ({' '.join(str(exc).split())})\n")
+        rc = 1
     except KeyboardInterrupt:
         sys.stderr.write("dfpgen: interrupted\n")
         rc = 130

@@ -1,0 +1,78 @@
+"""Adversarial use of the ``dfpgen`` command line (subprocesses, own cache dir each): layers
+too large for the machine, malformed layer strings, and --json outputs that must stay JSON.
+Only layers that fail before any large allocation are used here (a test must never be able
+to exhaust the machine's memory if the check it guards regresses)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dfpgen(cache_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DFPGEN_CACHE_DIR": str(cache_dir), "DFPGEN_NUM_THREADS": "1"}
+    for k in ("DFPGEN_CACHE", "DFPGEN_ISA", "DFPGEN_TUNE_CORRUPT", "DFPGEN_VERBOSE"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "dfpgen.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(r: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dfpgen: error:"), r.stderr
+    return lines[0]
+
+
+# 364 TiB of input; 1e20 x 1e20 pixels (numpy refuses the dimension). Both used to end in a
+# numpy traceback (MemoryError / ValueError) instead of a one-line error; a layer of a few
+# GiB more than the machine has was killed by the kernel's OOM killer.
+HUGE = ["n100000c1000h1000w1000k16r1s1", "n1c1h99999999999999999999w99999999999999999999k16r1s1"]
+
+
+@pytest.mark.parametrize("layer", HUGE)
+@pytest.mark.parametrize("command", [["bench"], ["tune", "--budget", "2"]])
+def test_a_layer_too_large_for_memory_is_a_one_line_error(tmp_path, command, layer):
+    line = one_line_error(dfpgen(tmp_path, *command, "--layer", layer))
+    assert "GiB" in line and layer in line
+
+
+def test_a_model_batch_too_large_for_memory_is_a_one_line_error(tmp_path):
+    line = one_line_error(dfpgen(tmp_path, "tune", "--model", "resnet50", "--batch", "10000000"))
+    assert "GiB" in line and "--batch" in line
+
+
+def test_show_of_a_huge_layer_still_works(tmp_path):
+    # show only plans (no operands): a huge layer is legitimate there.
+    r = dfpgen(tmp_path, "show", "--layer", HUGE[0], "--plan")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["spec"] == "fwd:" + HUGE[0] + "u1p0"
+
+
+@pytest.mark.parametrize("layer,needle", [
+    ("n1n2c3h5w5k2r3s3", "given twice"),
+    ("n-1c3h5w5k2r3s3", "cannot parse"),
+    ("n1c3h5w5k2r3s3uh2uw0", "stride must be >= 1"),
+    ("n1c3h5w5k2r9s9", "larger than the padded input"),
+    ("3x3x0", "positive"),
+])
+def test_malformed_layers(tmp_path, layer, needle):
+    assert needle in one_line_error(dfpgen(tmp_path, "show", "--layer", layer))
+
+
+def test_json_outputs_parse(tmp_path):
+    layer = "n1c4h6w6k4r3s3u1p1"
+    for args in (["info", "--json"], ["cache", "ls", "--json"],
+                 ["bench", "--layer", layer, "--repeats", "1", "--json"]):
+        r = dfpgen(tmp_path, *args)
+        assert r.returncode == 0, r.stderr
+        data = json.loads(r.stdout)
+        assert data is not None
+    assert data[0]["pass"] == "fwd" and data[0]["layer"] == layer and data[0]["seconds"] > 0
