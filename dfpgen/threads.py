@@ -9,6 +9,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from .errors import DfpError
+
 ENV_THREADS = "DFPGEN_NUM_THREADS"
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -29,8 +31,11 @@ def num_threads() -> int:
     if _override:
         return _override
     env = os.environ.get(ENV_THREADS)
-    if env:
-        return max(1, int(env))
+    if env and env.strip():
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise DfpError(f"${ENV_THREADS} must be an integer thread count, got {env!r}") from None
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

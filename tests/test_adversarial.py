@@ -157,3 +157,15 @@ def test_an_unplannable_tuning_decision_is_ignored_with_a_warning(fresh_cache, p
             "bwd_data": lambda: torch.nn.grad.conv2d_input(x.shape, wd, dyd, padding=1),
             "bwd_weight": lambda: torch.nn.grad.conv2d_weight(xd, w.shape, dyd, padding=1)}[pass_kind]()
     np.testing.assert_allclose(out, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_malformed_thread_count_variable_is_a_clear_error(monkeypatch):
+    # $DFPGEN_NUM_THREADS=abc used to end in int()'s bare ValueError deep inside a pass.
+    from dfpgen.threads import num_threads
+    monkeypatch.setenv("DFPGEN_NUM_THREADS", "abc")
+    with pytest.raises(DfpError, match="DFPGEN_NUM_THREADS.*'abc'"):
+        num_threads()
+    with pytest.raises(DfpError, match="DFPGEN_NUM_THREADS"):
+        conv.conv2d(_f32(1, 3, 5, 5), _f32(2, 3, 3, 3), padding=1)
+    monkeypatch.setenv("DFPGEN_NUM_THREADS", "3")
+    assert num_threads() == 3

@@ -15,10 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dfpgen(cache_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def dfpgen(cache_dir: Path, *args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    extra = env or {}
     env = {**os.environ, "DFPGEN_CACHE_DIR": str(cache_dir), "DFPGEN_NUM_THREADS": "1"}
     for k in ("DFPGEN_CACHE", "DFPGEN_ISA", "DFPGEN_TUNE_CORRUPT", "DFPGEN_VERBOSE"):
         env.pop(k, None)
+    env.update(extra)
     return subprocess.run([sys.executable, "-m", "dfpgen.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -76,3 +78,9 @@ def test_json_outputs_parse(tmp_path):
         data = json.loads(r.stdout)
         assert data is not None
     assert data[0]["pass"] == "fwd" and data[0]["layer"] == layer and data[0]["seconds"] > 0
+
+
+@pytest.mark.parametrize("args", [["info"], ["show", "--layer", "n1c3h5w5k2r3s3"]])
+def test_a_malformed_thread_count_variable_is_a_one_line_error(tmp_path, args):
+    line = one_line_error(dfpgen(tmp_path, *args, env={"DFPGEN_NUM_THREADS": "abc"}))
+    assert "DFPGEN_NUM_THREADS" in line
