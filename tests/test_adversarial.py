@@ -169,3 +169,77 @@ def test_a_malformed_thread_count_variable_is_a_clear_error(monkeypatch):
         conv.conv2d(_f32(1, 3, 5, 5), _f32(2, 3, 3, 3), padding=1)
     monkeypatch.setenv("DFPGEN_NUM_THREADS", "3")
     assert num_threads() == 3
+
+
+# ----------------------------------------------------------------------------- held up
+def _layout(a: np.ndarray, how: int) -> np.ndarray:
+    """The same values in another memory layout: C order, channels_last, Fortran, reversed."""
+    if how == 1:
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    if how == 2:
+        return np.asfortranarray(a)
+    if how == 3:
+        return np.ascontiguousarray(a[:, :, ::-1, ::-1])[:, :, ::-1, ::-1]
+    return a
+
+
+@st.composite
+def geometries(draw):
+    r, s = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    u = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    d = (draw(st.integers(1, 5)), draw(st.integers(1, 2)))
+    p = (draw(st.integers(0, 6)), draw(st.integers(0, 3)))
+    h = draw(st.integers(max(1, d[0] * (r - 1) + 1 - 2 * p[0]), 9))
+    w = draw(st.integers(max(1, d[1] * (s - 1) + 1 - 2 * p[1]), 9))
+    return (draw(st.integers(1, 2)), draw(st.integers(1, 19)), h, w, draw(st.integers(1, 35)), r, s, u, p, d)
+
+
+@settings(max_examples=30, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(geo=geometries(), threads=st.sampled_from([1, 2, 3, 7, 64]), how=st.integers(0, 3),
+       seed=st.integers(0, 2 ** 16))
+def test_random_geometry_exact_mode_matches_the_reference(geo, threads, how, seed):
+    n, c, h, w, k, r, s, u, p, d = geo
+    sp = ConvSpec(n, c, h, w, k, r, s, u, p, d)
+    rng = np.random.default_rng(seed)
+    x, wt, dy = _f32(n, c, h, w, rng=rng), _f32(k, c, r, s, rng=rng), _f32(*sp.output_shape, rng=rng)
+    xq, wq, dyq = quantize(x), quantize(wt), quantize(dy)
+    x, wt, dy = _layout(x, how), _layout(wt, how), _layout(dy, how)
+    y, i = conv.conv2d(x, wt, None, u, p, d, threads=threads, return_info=True)
+    ref = reference.conv2d_fwd(xq, wq, None, u, p, d, c_block=i.c_block, flush_taps=i.flush_taps)
+    assert np.array_equal(y, ref.fp32) and not ref.overflowed
+    dx, i = conv.conv2d_input(x.shape, wt, dy, u, p, d, threads=threads, return_info=True)
+    ref = reference.conv2d_bwd_data(dyq, wq, (h, w), u, p, d, k_block=i.c_block, flush_taps=i.flush_taps)
+    assert np.array_equal(dx, ref.fp32) and not ref.overflowed
+    dw, i = conv.conv2d_weight(x, wt.shape, dy, u, p, d, threads=threads, return_info=True)
+    ref = reference.conv2d_bwd_weight(xq, dyq, (r, s), u, p, d, flush_pixels=i.flush)
+    assert np.array_equal(dw, ref.fp32) and not ref.overflowed
+
+
+def test_python_threads_share_kernels_and_get_the_same_bits():
+    shapes = [(2, 5, 9, 7, 6, 3, 3, 1, 1, 1), (1, 7, 8, 8, 9, 3, 3, 2, 1, 1), (2, 3, 6, 6, 17, 1, 1, 1, 0, 1)]
+    cases = []
+    for n, c, h, w, k, r, s, u, p, d in shapes:
+        x, wt = _f32(n, c, h, w), _f32(k, c, r, s)
+        y = conv.conv2d(x, wt, None, u, p, d, threads=1)
+        dy = _f32(*y.shape)
+        cases.append((x, wt, dy, (u, p, d), y, conv.conv2d_input(x.shape, wt, dy, u, p, d, threads=1),
+                      conv.conv2d_weight(x, wt.shape, dy, u, p, d, threads=1)))
+    bad, errors = [], []
+
+    def work(i):
+        try:
+            for j in range(4):
+                x, wt, dy, g, y, dx, dw = cases[(i + j) % len(cases)]
+                t = 1 + (i + j) % 3
+                bad.extend(name for name, a, b in (
+                    ("fwd", conv.conv2d(x, wt, None, *g, threads=t), y),
+                    ("bwd_data", conv.conv2d_input(x.shape, wt, dy, *g, threads=t), dx),
+                    ("bwd_weight", conv.conv2d_weight(x, wt.shape, dy, *g, threads=t), dw)) if not np.array_equal(a, b))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(5)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == [] and bad == []
