@@ -14,8 +14,11 @@ storages, parameters excluded). Figures, not a test: performance is never assert
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import tempfile
 import sys
 import time
 
@@ -97,21 +100,38 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # model,precision,json
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
         from dfpgen import threads
         threads.set_num_threads(args.threads)
-    rows = []
-    for name in args.models.split(","):
+    if args.child:
+        name, prec, out = args.child.split(",", 2)
         batch = args.batch if name == "resnet50" else args.batch_small
+        with open(out, "w") as f:
+            json.dump(bench(name, prec, batch, args.warmup, args.repeats), f)
+        return 0
+    rows = []
+    child_argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-write"]
+    for name in args.models.split(","):
         for prec in args.precisions.split(","):
-            r = bench(name, prec, batch, args.warmup, args.repeats)
+            # One process per run: its own peak memory and kernel state, and the OpenMP wait
+            # policy that suits it (DFP16: PASSIVE, see examples/train_fashion_mnist.py).
+            env = dict(os.environ)
+            if prec == "dfp16" and "OMP_WAIT_POLICY" not in os.environ:
+                env["OMP_WAIT_POLICY"] = "PASSIVE"
+            with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                subprocess.run([sys.executable, os.path.abspath(__file__), *child_argv,
+                                "--child", f"{name},{prec},{tmp.name}"], env=env, check=True)
+                with open(tmp.name) as f:
+                    r = json.load(f)
             print(f"{name} {prec}: median {1e3 * r['median_s']:.0f} ms, {r['img_s']:.1f} img/s",
                   file=sys.stderr, flush=True)
             rows.append(r)
     head = (f"{torch.get_num_threads()} threads, {args.repeats} timed steps after "
-            f"{args.warmup} warm-up, torch {torch.__version__}, overflow mode "
+            f"{args.warmup} warm-up, each run in its own process (DFP16 with "
+            f"OMP_WAIT_POLICY=PASSIVE), torch {torch.__version__}, overflow mode "
             f"{dfp.default_overflow()!r}; command: `python benchmarks/train_step.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`")
     body = table(rows)
