@@ -287,7 +287,12 @@ def _packed_view(m: np.ndarray) -> np.ndarray | None:
     start = m.ctypes.data
     if not (lo <= start and start + N * H * W * Cp * 2 <= hi):
         return None
-    return as_strided(m, (N, H, W, Cp), (want[0], want[2], want[3], 2), writeable=m.flags.writeable)
+    v = as_strided(m, (N, H, W, Cp), (want[0], want[2], want[3], 2), writeable=m.flags.writeable)
+    if Cp > C and v[..., C].any():
+        # A channel slice of an even-channel NHWC array: its "pad" channel holds data, which
+        # the kernels would pair with channel C-1 (quantize_pack's pad channel is zero).
+        return None
+    return v
 
 
 def nhwc_buffer(q: DfpTensor) -> np.ndarray:

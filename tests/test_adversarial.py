@@ -243,3 +243,49 @@ def test_python_threads_share_kernels_and_get_the_same_bits():
     for t in ts:
         t.join()
     assert errors == [] and bad == []
+
+
+# ----------------------------------------------------------------------------- packed views
+def _channel_slice(m_even_nhwc: np.ndarray, c: int) -> np.ndarray:
+    """(N, c, H, W) view of the first c channels of an (N, H, W, c+1) NHWC int16 array: the
+    strides of a quantize_pack buffer, but the 'pad' channel c holds data."""
+    return m_even_nhwc.transpose(0, 3, 1, 2)[:, :c]
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_a_channel_slice_of_an_nhwc_buffer_is_not_taken_for_a_packed_buffer(mode):
+    # The odd-C window of an even-C NHWC array looked like quantize_pack's padded buffer, so
+    # the forward paired channel C-1 with the sliced-off channel C: silent wrong results.
+    rng = np.random.default_rng(7)
+    n, c, h, w, k = 2, 5, 6, 6, 4
+    xq = DfpTensor(_channel_slice(rng.integers(-999, 1000, (n, h, w, c + 1)).astype(np.int16), c), -10)
+    wq = DfpTensor(_channel_slice(rng.integers(-999, 1000, (k, 3, 3, c + 1)).astype(np.int16), c), -10)
+    # No padding: the activation buffer is then used in place (padding copies it).
+    y, info = conv.conv2d(xq, wq, padding=0, overflow=mode, return_info=True)
+    ref = reference.conv2d_fwd(xq, wq, None, 1, 0, c_block=info.c_block, flush_taps=info.flush_taps,
+                               saturate=mode == "fast")
+    assert np.array_equal(y, ref.fp32)
+    dy = DfpTensor(rng.integers(-999, 1000, y.shape).astype(np.int16), -10)
+    dx, info = conv.conv2d_input((n, c, h, w), wq, dy, padding=0, overflow=mode, return_info=True)
+    ref = reference.conv2d_bwd_data(dy, wq, (h, w), 1, 0, k_block=info.c_block, flush_taps=info.flush_taps,
+                                    saturate=mode == "fast")
+    assert np.array_equal(dx, ref.fp32)
+
+
+def test_linear_on_a_channel_slice_of_a_wider_array():
+    rng = np.random.default_rng(8)
+    x = rng.integers(-999, 1000, (3, 6)).astype(np.int16)
+    w = rng.integers(-999, 1000, (4, 6)).astype(np.int16)
+    y = conv.linear(DfpTensor(x[:, :5], -10), DfpTensor(w[:, :5], -10))
+    want = (x[:, :5].astype(np.int64) @ w[:, :5].T.astype(np.int64)) * 2.0 ** -20
+    assert np.array_equal(y, want.astype(np.float32))
+
+
+def test_quantize_pack_buffers_are_still_used_without_a_copy():
+    from dfpgen.pack import nhwc_buffer, quantize_pack
+    q = quantize_pack(_f32(2, 5, 4, 3))
+    buf = nhwc_buffer(q)
+    assert buf.shape == (2, 4, 3, 6) and np.shares_memory(buf, q.mantissa) and not buf[..., 5].any()
+    reused = np.full((2, 4, 3, 6), 7, np.int16)  # a dirty reused buffer: the pad channel is rewritten
+    q2 = quantize_pack(_f32(2, 5, 4, 3), out=reused)
+    assert np.shares_memory(nhwc_buffer(q2), reused) and not reused[..., 5].any()
