@@ -297,9 +297,11 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
         v = cache.load_tuning(fields)
         if v is not None:
             try:
-                return TuneResult.from_value(spec, v)
+                res = TuneResult.from_value(spec, v)
+                _check_plannable(spec, res.config, target, overflow)
+                return res
             except (KeyError, TypeError, DfpError):
-                pass  # unreadable decision: tune again
+                pass  # unreadable or unplannable decision: tune again
     t0 = time.perf_counter()
     default_config, search_space = _pass_api(spec)
     default = default_config(spec, target)

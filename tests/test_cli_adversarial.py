@@ -84,3 +84,23 @@ def test_json_outputs_parse(tmp_path):
 def test_a_malformed_thread_count_variable_is_a_one_line_error(tmp_path, args):
     line = one_line_error(dfpgen(tmp_path, *args, env={"DFPGEN_NUM_THREADS": "abc"}))
     assert "DFPGEN_NUM_THREADS" in line
+
+
+def test_tune_replaces_an_unplannable_cached_decision(tmp_path):
+    # A stored decision whose config cannot be planned (hand-edited or corrupt) was reported
+    # as "cached" and kept forever; it must be tuned again (and `cache verify` flags it).
+    layer = "n1c4h6w6k4r3s3u1p1"
+    r = dfpgen(tmp_path, "tune", "--layer", layer, "--budget", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    for f in (tmp_path / "tuning").rglob("*.json"):
+        d = json.loads(f.read_text())
+        d["value"]["config"]["k_vecs"] = 99
+        f.write_text(json.dumps(d))
+    r = dfpgen(tmp_path, "cache", "verify")
+    assert r.returncode == 1 and "BAD tuning" in r.stdout and "registers" in r.stdout
+    r = dfpgen(tmp_path, "tune", "--layer", layer, "--budget", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    assert row["decision"] != "cached" and row["config_fields"]["k_vecs"] != 99
+    r = dfpgen(tmp_path, "cache", "verify")
+    assert r.returncode == 0, r.stdout
