@@ -124,6 +124,8 @@ class DfpTensor:
         if not EXP_MIN <= e <= EXP_MAX:
             raise DfpError(f"DfpTensor.exponent {e} outside the int8 range [{EXP_MIN}, {EXP_MAX}]")
         object.__setattr__(self, "exponent", e)
+        if not isinstance(self.fmt, DfpFormat):
+            raise DfpError(f"DfpTensor.fmt must be a DfpFormat, got {type(self.fmt).__name__}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -154,6 +156,16 @@ def fmix32(h: np.ndarray) -> np.ndarray:
     h *= _M2
     h ^= h >> np.uint32(16)
     return h
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int; a float or string seed raises :class:`DfpError` (never truncated)."""
+    if isinstance(seed, (str, bytes)):
+        raise DfpError(f"seed must be an integer, got {seed!r}")
+    try:
+        return operator.index(seed)
+    except TypeError:
+        raise DfpError(f"seed must be an integer, got {seed!r}") from None
 
 
 def random_bits24(index: np.ndarray, seed: int) -> np.ndarray:
@@ -268,6 +280,7 @@ def quantize(x: Any, fmt: DfpFormat = DFP16, *, seed: int = 0, name: str = "tens
     """
     if not isinstance(fmt, DfpFormat):
         raise DfpError(f"fmt must be a DfpFormat, got {type(fmt).__name__}")
+    check_seed(seed)
     a = _float_view(x, name)
     check_finite(a, name)
     if exponent is None:

@@ -32,7 +32,8 @@ except ImportError:  # numpy < 2
 from numpy.lib.stride_tricks import as_strided
 
 from . import threads as _threads
-from .dfp import DFP16, DfpFormat, DfpTensor, exponent_for, fmix32, quantize, raise_nonfinite, scale_factors
+from .dfp import (DFP16, DfpFormat, DfpTensor, check_seed, exponent_for, fmix32, quantize, raise_nonfinite,
+                  scale_factors)
 from .errors import DfpError
 from .kernels import load_kernel
 from .render import render
@@ -192,6 +193,7 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
     """
     if not isinstance(fmt, DfpFormat):
         raise DfpError(f"fmt must be a DfpFormat, got {type(fmt).__name__}")
+    check_seed(seed)
     x = np.asarray(x)
     if x.ndim == 2:
         out4 = out

@@ -289,3 +289,21 @@ def test_quantize_pack_buffers_are_still_used_without_a_copy():
     reused = np.full((2, 4, 3, 6), 7, np.int16)  # a dirty reused buffer: the pad channel is rewritten
     q2 = quantize_pack(_f32(2, 5, 4, 3), out=reused)
     assert np.shares_memory(nhwc_buffer(q2), reused) and not reused[..., 5].any()
+
+
+@pytest.mark.parametrize("seed", [1.5, "a", None])
+def test_a_non_integer_seed_is_rejected(seed):
+    from dfpgen.dfp import DfpFormat
+    from dfpgen.pack import quantize_pack
+    sr = DfpFormat(15, "stochastic")
+    x = _f32(1, 3, 4, 4)
+    for call in (lambda: quantize(x, sr, seed=seed), lambda: quantize_pack(x, sr, seed=seed),
+                 lambda: conv.conv2d(x, _f32(2, 3, 1, 1), fmt=sr, seed=seed)):
+        with pytest.raises(DfpError, match="seed must be an integer"):
+            call()
+    assert np.array_equal(quantize(x, sr, seed=np.int64(5)).mantissa, quantize(x, sr, seed=5).mantissa)
+
+
+def test_dfp_tensor_rejects_a_format_that_is_not_a_dfp_format():
+    with pytest.raises(DfpError, match="fmt"):
+        DfpTensor(np.ones(2, np.int16), 0, "dfp16")
