@@ -11,6 +11,7 @@ Full form: ``n32c256h14w14k256r3s3u1p1`` (optionally ``d2`` and per-axis ``uh2uw
 """
 from __future__ import annotations
 
+import numbers
 import operator
 import re
 from dataclasses import dataclass, replace
@@ -63,8 +64,9 @@ class ConvSpec:
     def __post_init__(self):
         for f in ("N", "C", "H", "W", "K", "R", "S"):
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise DfpError(f"ConvSpec.{f} must be a positive int, got {v!r}")
+            object.__setattr__(self, f, int(v))  # numpy integers (shapes) welcome, stored as int
         object.__setattr__(self, "stride", _pair(self.stride, "stride"))
         object.__setattr__(self, "padding", _pair(self.padding, "padding"))
         object.__setattr__(self, "dilation", _pair(self.dilation, "dilation"))

@@ -307,3 +307,13 @@ def test_a_non_integer_seed_is_rejected(seed):
 def test_dfp_tensor_rejects_a_format_that_is_not_a_dfp_format():
     with pytest.raises(DfpError, match="fmt"):
         DfpTensor(np.ones(2, np.int16), 0, "dfp16")
+
+
+def test_conv_spec_takes_numpy_integer_sizes():
+    # Sizes taken from numpy shapes / arrays (np.int64) used to fail with "must be a positive
+    # int, got 2", which reads as nonsense.
+    sp = ConvSpec(*np.array([2, 3, 9, 8, 4, 3, 3]), stride=np.int64(2))
+    assert sp == ConvSpec(2, 3, 9, 8, 4, 3, 3, 2) and type(sp.N) is int and hash(sp) == hash(ConvSpec(2, 3, 9, 8, 4, 3, 3, 2))
+    for bad in (2.0, True, "2", 0):
+        with pytest.raises(DfpError, match="ConvSpec.N must be a positive int"):
+            ConvSpec(bad, 3, 9, 8, 4, 3, 3)
