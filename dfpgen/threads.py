@@ -46,8 +46,9 @@ def _get_pool(n: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     with _lock:
         if _pool is None or _pool_size < n:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
+            # The old pool is dropped, not shut down: another Python thread may be between
+            # _get_pool and submit on it ("cannot schedule new futures after shutdown"). Its
+            # idle workers exit once the last reference goes (sizes only grow: few pools).
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="dfpgen")
             _pool_size = n
         return _pool

@@ -317,3 +317,30 @@ def test_conv_spec_takes_numpy_integer_sizes():
     for bad in (2.0, True, "2", 0):
         with pytest.raises(DfpError, match="ConvSpec.N must be a positive int"):
             ConvSpec(bad, 3, 9, 8, 4, 3, 3)
+
+
+def test_parallel_for_from_many_python_threads_with_growing_thread_counts(monkeypatch):
+    # A larger thread count replaced the shared pool with shutdown(); a Python thread that had
+    # just fetched the old pool then failed with "cannot schedule new futures after shutdown".
+    from dfpgen import threads as dthreads
+    monkeypatch.setattr(dthreads, "_pool", None)  # start small, so the pool has to grow here
+    monkeypatch.setattr(dthreads, "_pool_size", 0)
+    errors = []
+
+    def work(i):
+        try:
+            for j in range(150):
+                out = np.zeros(64)
+
+                def fn(b, e):
+                    out[b:e] += 1
+                dthreads.parallel_for(64, fn, 2 + (i * 7 + j) % 30)
+                assert (out == 1).all()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == []
