@@ -139,13 +139,25 @@ def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: D
     return config
 
 
-def _check_call(overflow: str, threads) -> None:
-    """Arguments every pass checks up front (an empty batch returns before any kernel would)."""
+def _check_call(overflow: str, threads, target=None, config=None):
+    """Arguments every pass checks up front (an empty batch returns before any kernel would).
+    Returns ``(target, config)``: a tier name such as ``"avx2"`` becomes
+    ``host_target("avx2")``, a dict becomes ``TuningConfig.from_dict``."""
     if overflow not in ("exact", "fast"):
         raise DfpError(f"overflow must be 'exact' or 'fast', got {overflow!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                 or threads < 0):
         raise DfpError(f"threads must be None or an int >= 0 (0 or None: the default count), got {threads!r}")
+    from .target import CpuTarget, host_target
+    if isinstance(target, str):
+        target = host_target(target)
+    elif target is not None and not isinstance(target, CpuTarget):
+        raise DfpError(f"target must be None, an ISA tier name or a CpuTarget, got {type(target).__name__}")
+    if isinstance(config, dict):
+        config = TuningConfig.from_dict(config)
+    elif config is not None and not isinstance(config, TuningConfig):
+        raise DfpError(f"config must be None, a TuningConfig or a dict of its fields, got {type(config).__name__}")
+    return target, config
 
 
 def _shape4(shape, what: str) -> tuple[int, int, int, int]:
@@ -200,7 +212,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
     from ``config`` (whose register blocking still applies). An empty batch gives an empty
     output.
     """
-    _check_call(overflow, threads)
+    target, config = _check_call(overflow, threads, target, config)
     xq = _quantize_act(x, fmt, seed, "conv2d input X", threads)
     wq = _quantize_weight(w, fmt, "conv2d weight W")
     (n, c, h, wd), (k, c2, r, s) = xq.shape, wq.shape
@@ -239,7 +251,7 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
     ``grad_output`` dY (N, K, P, Q), as ``torch.nn.grad.conv2d_input``. Stride > 1 runs one
     stride-1 sub-convolution per output phase. Same keywords, errors and return as
     :func:`conv2d`."""
-    _check_call(overflow, threads)
+    target, config = _check_call(overflow, threads, target, config)
     n, c, h, wd = _shape4(input_shape, "conv2d_input: input_shape (N, C, H, W)")
     dyq = _quantize_act(grad_output, fmt, seed, "conv2d_input grad_output dY", threads)
     wq = _quantize_weight(w, fmt, "conv2d_input weight W")
@@ -272,7 +284,7 @@ def conv2d_weight(x, weight_shape, grad_output, stride=1, padding=0, dilation=1,
     """DFP16 backward-weight: dW (float32 KCRS ``weight_shape``) from ``x`` (NCHW) and
     ``grad_output`` dY, as ``torch.nn.grad.conv2d_weight`` (kernel: ``dfpgen.wgrad``)."""
     from .wgrad import conv2d_weight_q
-    _check_call(overflow, threads)
+    target, config = _check_call(overflow, threads, target, config)
     xq = _quantize_act(x, fmt, seed, "conv2d_weight input X", threads)
     dyq = _quantize_act(grad_output, fmt, seed, "conv2d_weight grad_output dY", threads)
     if xq.shape[0] == 0:  # no samples: a zero gradient of weight_shape, after the shape checks
@@ -300,7 +312,7 @@ def linear(x, w, bias=None, *, overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat 
            return_info: bool = False, target=None):
     """DFP16 ``x @ w.T + bias``: x float (N, C) or a 2-D DfpTensor, w (K, C), bias (K,) or None.
     Runs as a 1x1 convolution over N pixels of one row. Returns float32 (N, K)."""
-    _check_call(overflow, threads)
+    target, config = _check_call(overflow, threads, target, config)
     if isinstance(x, DfpTensor):
         if x.mantissa.ndim != 2:
             raise DfpError(f"linear: x must be 2-D (N, C), got shape {x.shape}")

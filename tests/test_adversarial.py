@@ -344,3 +344,25 @@ def test_parallel_for_from_many_python_threads_with_growing_thread_counts(monkey
     for t in ts:
         t.join()
     assert errors == []
+
+
+def test_target_by_tier_name_and_config_by_dict():
+    # target="avx2" and config={...} used to fail with AttributeError deep in the kernel cache.
+    from dfpgen.target import host_target
+    from dfpgen.tuning import TuningConfig
+    x, w = _f32(1, 3, 5, 6), _f32(2, 3, 3, 3)
+    y, info = conv.conv2d(x, w, padding=1, target="generic", return_info=True)
+    assert info.tier == "generic" and np.array_equal(y, conv.conv2d(x, w, padding=1, target=host_target("generic")))
+    dy = _f32(*y.shape)
+    _, info = conv.conv2d_weight(x, w.shape, dy, padding=1, target="generic", return_info=True)
+    assert info.tier == "generic"
+    cfg = {"k_vecs": 1, "pixels": 3, "c_block": 4, "flush": 0, "unroll": "none", "threads": 0}
+    _, info = conv.conv2d_input(x.shape, w, dy, padding=1, config=cfg, return_info=True)
+    assert info.config["pixels"] == 3
+    assert np.array_equal(conv.conv2d(x, w, config=cfg), conv.conv2d(x, w, config=TuningConfig(**cfg)))
+    with pytest.raises(DfpError, match="unknown ISA tier"):
+        conv.conv2d(x, w, target="avx1024")
+    with pytest.raises(DfpError, match="target must be"):
+        conv.conv2d(x, w, target=5)
+    with pytest.raises(DfpError, match="config must be"):
+        conv.linear(x[:, :, 0, 0], w[:, :, 0, 0], config="kb2")
