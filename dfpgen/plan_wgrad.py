@@ -288,6 +288,9 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     (register budget exceeded, unroll other than 'none', unknown mode)."""
     if mode not in MODES:
         raise DfpError(f"overflow mode must be one of {MODES}, got {mode!r}")
+    if mode == "fast" and config.flush % 2:
+        # fast mode flushes every config.flush pixels; the exact mode only caps with it (evened)
+        raise DfpError(f"backward-weight flush interval must be even (INT16 pairs), got {config.flush}")
     if config.unroll != "none":
         # vp4dpwssd's pattern (four channel pairs against four weight registers) has no
         # counterpart here: the reduction runs along pixels and dY is a vector load per pair.

@@ -104,3 +104,14 @@ def test_tune_replaces_an_unplannable_cached_decision(tmp_path):
     assert row["decision"] != "cached" and row["config_fields"]["k_vecs"] != 99
     r = dfpgen(tmp_path, "cache", "verify")
     assert r.returncode == 0, r.stdout
+
+
+def test_show_rejects_the_odd_fast_flush_that_backward_weight_cannot_run(tmp_path):
+    # `show` printed a plan for flush=7 that conv2d_weight then refused to run.
+    layer = "n2c5h7w9k6r3s3u2p1"
+    line = one_line_error(dfpgen(tmp_path, "show", "--layer", layer, "--pass", "bwd_weight", "--config",
+                                 "flush=7", "--overflow", "fast", "--plan"))
+    assert "flush interval must be even" in line
+    r = dfpgen(tmp_path, "show", "--layer", layer, "--pass", "bwd_weight", "--config", "flush=8",
+               "--overflow", "fast", "--plan")
+    assert r.returncode == 0 and json.loads(r.stdout)["config"]["flush"] == 8
