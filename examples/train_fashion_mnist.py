@@ -81,6 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-points", type=int, default=3,
                    help="test-set evaluations spread over the run (epoch ends always evaluate)")
     p.add_argument("--out", default="runs", help="directory for CSV files and the plot")
+    p.add_argument("--numerics", type=int, nargs="?", const=10, default=0, metavar="N",
+                   help="dfp16: attach dfp.NumericsMonitor (statistics and the FP32 comparison "
+                        "every N steps, default 10); print its table, write "
+                        "fmnist_dfp16_numerics.csv/.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seeds", default=None,
                    help="with --compare: comma-separated seeds (e.g. 0,1,2); the table gives means")
@@ -155,6 +159,9 @@ def train(args) -> dict:
     xtr, ytr = data.load_split("train", args.data, args.train_subset or None)
     xte, yte = data.load_split("test", args.data, args.test_subset or None)
     model = build_model(args)
+    monitor = None
+    if args.numerics and args.precision == "dfp16":
+        monitor = dfp.NumericsMonitor(model, sample_every=args.numerics)
     steps_per_epoch = math.ceil(len(xtr) / args.batch_size)
     total = steps_per_epoch * args.epochs
     if args.max_steps:
@@ -224,6 +231,12 @@ def train(args) -> dict:
         (bar.console.print if bar is not None else print)(msg)
     if bar is not None:
         bar.stop()
+    if monitor is not None:
+        monitor.close()
+        print(monitor.table())
+        monitor.to_csv(os.path.join(args.out, "fmnist_dfp16_numerics.csv"))
+        monitor.plot(os.path.join(args.out, "fmnist_dfp16_numerics.png"))
+        print(f"wrote {args.out}/fmnist_dfp16_numerics.csv and .png")
     write_csv(os.path.join(args.out, f"fmnist_{args.precision}_steps.csv"), step_rows)
     write_csv(os.path.join(args.out, f"fmnist_{args.precision}_epochs.csv"), epoch_rows)
     write_csv(os.path.join(args.out, f"fmnist_{args.precision}_evals.csv"), eval_rows)
