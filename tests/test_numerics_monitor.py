@@ -14,7 +14,7 @@ import dfpgen
 import dfpgen.runtime as dfp
 from dfpgen import OverflowWarning
 from dfpgen.dfp import DfpFormat, exponent_for
-from dfpgen.runtime import ops
+from dfpgen.runtime import data, ops
 from dfpgen.target import TIERS
 from dfpgen.runtime.numerics import NumericsMonitor, headroom_bits, relative_error
 
@@ -212,3 +212,22 @@ def test_layer_policy_by_pattern_is_what_runs():
         set_layer_policy(model, {"fc": dict(bits=13)})
     with pytest.raises(dfpgen.DfpError, match="overflow mode"):
         set_layer_policy(model, {"fc": dict(overflow="wrap")})
+
+
+@pytest.mark.skipif(not data.available(), reason="Fashion-MNIST idx files not installed")
+def test_training_example_numerics_report(tmp_path):
+    import os
+    import subprocess
+    import sys
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "train_fashion_mnist.py")
+    r = subprocess.run([sys.executable, example, "--precision", "dfp16", "--numerics", "2",
+                        "--max-steps", "3", "--train-subset", "192", "--test-subset", "100",
+                        "--widths", "8,16,32", "--batch-size", "64", "--no-progress",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "DFP16 numerics:" in r.stdout and "layer3.2.conv2" in r.stdout
+    rows = list(csv.DictReader(open(tmp_path / "fmnist_dfp16_numerics.csv")))
+    assert {r["pass_kind"] for r in rows} == {"fwd", "bwd_data", "bwd_weight"}
+    sampled = [float(r["rel_err"]) for r in rows if r["rel_err"] != "nan"]
+    assert sampled and max(sampled) < 0.5
+    assert (tmp_path / "fmnist_dfp16_numerics.png").read_bytes()[:4] == b"\x89PNG"
