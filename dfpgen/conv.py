@@ -221,11 +221,14 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
                        "groups > 1 are not supported")
     b = None
     if bias is not None:
-        b = np.asarray(bias, np.float32)
+        b0 = np.asarray(bias)
+        with np.errstate(over="ignore"):
+            b = b0.astype(np.float32)
         if b.shape != (k,):
             raise DfpError(f"conv2d: bias shape {b.shape} != (K,) = ({k},)")
         if not np.isfinite(b).all():
-            raise DfpError("conv2d: bias contains NaN or Inf")
+            what = "contains NaN or Inf" if not np.isfinite(b0).all() else "exceeds the float32 range"
+            raise DfpError(f"conv2d: bias {what} (first at index {int(np.argmin(np.isfinite(b)))})")
     spec = ConvSpec(max(n, 1), c, h, wd, k, r, s, _pair(stride, "stride"), _pair(padding, "padding"),
                     _pair(dilation, "dilation"), "fwd")
     if n == 0:

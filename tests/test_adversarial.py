@@ -366,3 +366,14 @@ def test_target_by_tier_name_and_config_by_dict():
         conv.conv2d(x, w, target=5)
     with pytest.raises(DfpError, match="config must be"):
         conv.linear(x[:, :, 0, 0], w[:, :, 0, 0], config="kb2")
+
+
+def test_a_bias_beyond_float32_is_named_as_such():
+    x, w = _f32(1, 3, 5, 5), _f32(2, 3, 3, 3)
+    with pytest.raises(DfpError, match=r"bias exceeds the float32 range \(first at index 1\)"):
+        conv.conv2d(x, w, np.array([0.0, 1e39]))
+    with pytest.raises(DfpError, match=r"bias contains NaN or Inf \(first at index 0\)"):
+        conv.conv2d(x, w, np.array([np.nan, 1.0]))
+    b = np.array([0.5, -2.0])
+    y0, yb = conv.conv2d(x, w), conv.conv2d(x, w, b)
+    assert np.allclose(yb - y0, b[None, :, None, None], atol=1e-5)
