@@ -200,8 +200,10 @@ def main() -> None:
     hdr = [f"## ResNet-50 layers, batch {args.batch}, {threads} thread(s)", "",
            f"Machine: {target.cpu} ({platform.machine()}), ISA tier {target.tier}; torch "
            f"{torch.__version__}; measured peaks this run: vpdpwssd {peak:.1f} GMAC/s/core, "
-           f"FP32 FMA {fpeak:.1f} GMAC/s/core. dfpgen in exact overflow mode unless marked fast. Command: "
-           f"`{' '.join(['python', 'benchmarks/layers.py', *sys.argv[1:]])}`.", ""]
+           f"FP32 FMA {fpeak:.1f} GMAC/s/core. dfpgen in exact overflow mode unless marked fast. "
+           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (PASSIVE stops PyTorch's "
+           "idle OpenMP threads from spinning on the cores dfpgen's kernel threads need, and the "
+           f"other way round). Command: `{' '.join(['python', 'benchmarks/layers.py', *sys.argv[1:]])}`.", ""]
     body = "\n".join(hdr + lines + tot + extra)
     print("\n".join(tot + extra))
     if not args.no_write:
