@@ -112,7 +112,8 @@ def default_config(spec, target) -> TuningConfig:
     """The heuristic schedule of a forward / backward-data ``spec`` on ``target`` (used when
     nothing is tuned): the register block (``k_vecs`` output-channel vectors dividing the
     channels x a pixel block that splits Q evenly) with the most accumulators the register
-    budget allows, ties to 2 vectors (the paper's 2 x 14 on AVX-512), ``c_block`` 16 for 3x3 (the paper's
+    budget allows, ties to 2 vectors (the paper's 2 x 14), then on AVX-512 tiers one vector over
+    that pixel block (measured faster, see below), ``c_block`` 16 for 3x3 (the paper's
     chain of 16 input channels x R x S = 144 products; other filter sizes the largest power
     of two keeping the chain within 144),
     flush chosen by the overflow mode."""
@@ -133,6 +134,13 @@ def default_config(spec, target) -> TuningConfig:
                 k_vecs, best = kv, accs
     cap = max_pixels(k_vecs, "none", target.registers, bc)
     pixels = _pixel_block(q, cap)
+    if target.registers >= 32:
+        # Measured (benchmarks/RESULTS.md, tuning section; n32 ResNet-50 layers, 2 threads):
+        # one output-channel vector over the same pixel block beat the paper's 2 x 14 by
+        # 1.1-1.5x in both overflow modes on 9 of 10 layer-passes (exact mode flushes
+        # often, and a flush then converts half the lanes). The pixel block stays the one
+        # chosen for k_vecs above, which is within the budget of a single vector.
+        k_vecs = 1
     # The paper's chain is 16 channels x 3x3 = 144 products: keep at most that length for
     # other filter sizes with a power-of-two block, which divides the usual channel counts
     # (1x1: 128, 5x5: 4, 7x7: 2), never longer than the channels.
