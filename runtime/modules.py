@@ -43,6 +43,14 @@ class _DfpLayer:
     threads: int = 0
     dfp_name: Optional[str] = None
 
+    def __init__(self, *args, dfp_format: Optional[DfpFormat] = None,
+                 overflow: Optional[str] = None, grad_rounding: Optional[str] = None,
+                 threads: int = 0, **kwargs):
+        # Cooperative: the torch layer (nn.Conv2d / nn.Linear) follows in the MRO and takes
+        # its own constructor arguments unchanged.
+        super().__init__(*args, **kwargs)
+        self._dfp_init(dfp_format, overflow, grad_rounding, threads)
+
     def _dfp_init(self, dfp_format=None, overflow=None, grad_rounding=None, threads=0,
                   name=None):
         if dfp_format is not None and not isinstance(dfp_format, DfpFormat):
@@ -127,12 +135,6 @@ class DFPConv2d(_DfpLayer, nn.Conv2d):
     when the input or weight is.
     """
 
-    def __init__(self, *args, dfp_format: Optional[DfpFormat] = None,
-                 overflow: Optional[str] = None, grad_rounding: Optional[str] = None,
-                 threads: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._dfp_init(dfp_format, overflow, grad_rounding, threads)
-
     def unsupported_reason(self) -> Optional[str]:
         """Why the kernels cannot run this layer (None when they can)."""
         if self.groups != 1:
@@ -177,12 +179,6 @@ class DFPLinear(_DfpLayer, nn.Linear):
     """``nn.Linear`` on DFP16 kernels (a 1x1 convolution over the rows). Same arguments as
     ``nn.Linear`` plus the keyword-only DFP settings of :class:`DFPConv2d`. Input float32
     ``(..., in_features)``, output float32 ``(..., out_features)``."""
-
-    def __init__(self, *args, dfp_format: Optional[DfpFormat] = None,
-                 overflow: Optional[str] = None, grad_rounding: Optional[str] = None,
-                 threads: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._dfp_init(dfp_format, overflow, grad_rounding, threads)
 
     def unsupported_reason(self) -> Optional[str]:
         return None
