@@ -176,6 +176,12 @@ def _pointwise_on_pixels(spec: ConvSpec) -> bool:
     return (spec.H, spec.W, spec.R, spec.S, spec.padding) == (1, 1, 1, 1, (0, 0)) and spec.N > 1
 
 
+def _from_row(res: ConvResult, return_info: bool):
+    """Undo :func:`_as_row` on an output: one row of N pixels -> (N, K, 1, 1)."""
+    out = res.output[0, :, 0, :].T[:, :, None, None]
+    return ConvResult(out, res.info) if return_info else out
+
+
 def _as_row(q: DfpTensor) -> DfpTensor:
     """(N, C, 1, 1) -> (1, C, 1, N): the same NHWC memory read as one row of N pixels."""
     return DfpTensor(q.mantissa[:, :, 0, 0].T[None, :, None, :], q.exponent, q.fmt)
@@ -237,8 +243,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
         # N images of 1x1 = one row of N pixels (same NHWC memory): full register blocks
         res = conv2d(_as_row(xq), wq, b, overflow=overflow, threads=threads, config=config,
                      return_info=True, target=target)
-        out = res.output[0, :, 0, :].T[:, :, None, None]
-        return ConvResult(out, res.info) if return_info else out
+        return _from_row(res, return_info)
     cfg = _schedule(spec, overflow, config, xq, wq, target)
     kern = get_kernel(spec, cfg, overflow=overflow, target=target, bias=b is not None,
                       fma=xq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP)
@@ -271,8 +276,7 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
     if _pointwise_on_pixels(spec):
         res = conv2d_input((1, c, 1, n), wq, _as_row(dyq), overflow=overflow, threads=threads,
                            config=config, return_info=True, target=target)
-        out = res.output[0, :, 0, :].T[:, :, None, None]
-        return ConvResult(out, res.info) if return_info else out
+        return _from_row(res, return_info)
     cfg = _schedule(spec, overflow, config, dyq, wq, target)
     kern = get_kernel(spec, cfg, overflow=overflow, target=target,
                       fma=dyq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP)
