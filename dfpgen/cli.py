@@ -180,10 +180,11 @@ def cmd_info(args) -> int:
             "executable": t.executable, "features": feats, **jit.llvm_versions(), "threads": num_threads(),
             "cache_dir": str(cache.cache_dir()), "cache_enabled": cache.disk_enabled(),
             "cache_bytes": cache.size_bytes(), "cache_entries": sum(1 for _ in cache.entries())}
+    info["int16_dot"] = t.isa.dot_insn
     if t.executable:
-        vp = peak.peak_or_none(t)
-        fp = peak.fma_peak(t)
-        info.update(vnni_peak_gmacs_per_core=vp, fp32_fma_peak_gmacs_per_core=fp.gmacs)
+        dp, fp = peak.peak_or_none(t), peak.fma_peak(t).gmacs
+        info.update(int16_dot_peak_gmacs_per_core=dp, fp32_fma_peak_gmacs_per_core=fp,
+                    int16_vs_fp32=dp / fp if dp else None)
     if args.json:
         _emit_json(info)
         return 0
@@ -257,6 +258,12 @@ COMMANDS = {"info": cmd_info, "tune": cmd_tune, "show": cmd_show, "bench": cmd_b
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dfpgen`` console script; returns the exit code (2: bad arguments)."""
     args = build_parser().parse_args(argv)
+    from .kernels import verbose
+    from .target import quiet_tier_note
+    if not verbose():
+        # The tier is part of what info / tune / bench print; a stderr note would add a
+        # line to every one-line error.
+        quiet_tier_note()
     try:
         rc = COMMANDS[args.command](args)
     except (DfpError, UsageError) as exc:

@@ -28,6 +28,7 @@ def _ensure_init() -> None:
         if not _initialized:
             llvm.initialize_native_target()
             llvm.initialize_native_asmprinter()
+            llvm.initialize_native_asmparser()  # inline assembly (the AVX2 peak loop)
             _initialized = True
 
 

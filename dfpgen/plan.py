@@ -96,6 +96,8 @@ class KernelPlan:
     symbol: str
     pass_kind: str
     tier: str
+    dot: str              # the tier's dot-product spelling (dfpgen.isa.IsaTier.dot)
+    dot_intrinsic: str    # its LLVM intrinsic (VNNI: saturating in fast mode)
     mode: str
     has_bias: bool
     lanes: int
@@ -178,8 +180,7 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
     if mode not in MODES:
         raise DfpError(f"overflow mode must be one of {MODES}, got {mode!r}")
     lanes, regs = target.lanes, target.registers
-    used = accumulator_budget(config.k_vecs, config.pixels, config.unroll, regs,
-                              0 if target.tier in ("avx512_vnni", "vnni256") else 1)
+    used = accumulator_budget(config.k_vecs, config.pixels, config.unroll, target.isa)
     if used > regs:
         raise DfpError(f"config {config.short()}: {config.k_vecs} x {config.pixels} accumulators + "
                        f"weights (+ broadcast) need {used} vector registers; the {target.tier} tier "
@@ -211,7 +212,8 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
               f"_fl{config.c_block * flush_taps}{'_u4' if step == 4 else ''}"
               f"_{target.tier}_{mode}{'_b' if has_bias else ''}_{_descriptor_hash(fields)}")
     return KernelPlan(
-        symbol=symbol, pass_kind=pass_kind, tier=target.tier, mode=mode, has_bias=has_bias,
+        symbol=symbol, pass_kind=pass_kind, tier=target.tier, dot=target.isa.dot,
+        dot_intrinsic=target.isa.dot_intrinsic(mode == "fast"), mode=mode, has_bias=has_bias,
         lanes=lanes, **_vec_types(target.tier, lanes), k_vecs=kv, kvl=kvl,
         out_blocks=out_blocks, out_pad=out_pad, red_pairs=red_pairs,
         pixels=wb, q_full=q_full, wb_tail=wb_tail, po=sub.rows,

@@ -85,6 +85,8 @@ class WgradPlan:
     spec: ConvSpec
     config: TuningConfig
     tier: str
+    dot: str              # the tier's dot-product spelling (dfpgen.isa.IsaTier.dot)
+    dot_intrinsic: str    # its LLVM intrinsic (VNNI: saturating in fast mode)
     mode: str
     lanes: int            # INT32 lanes per vector
     i16_lanes: int        # 2 * lanes
@@ -179,13 +181,20 @@ class WgradPlan:
                 "mode": self.mode, "tier": self.tier, "scaled": self.scaled, "abi": 3}
 
 
-def registers_needed(kv: int, cb: int) -> int:
-    """Accumulators + dY vectors + one broadcast X pair."""
-    return kv * cb + kv + 1
+def registers_needed(kv: int, cb: int, isa=None, saturating: bool = False) -> int:
+    """Vector registers of a ``kv x cb`` block: accumulators, dY vectors, one broadcast X pair
+    and the flush scale, plus what tier ``isa`` (a ``dfpgen.isa.IsaTier``) adds: the dot
+    step's temporaries (the ``vpmaddwd`` product before ``vpaddd``) and, for a saturating
+    chain (fast mode) without a saturating instruction, the constants of the emulated
+    saturating add. Counted against LLVM's allocation by the no-spill assembly test."""
+    need = kv * cb + kv + 2
+    if isa is not None:
+        need += isa.dot_temps + (isa.sat_regs if saturating else 0)
+    return need
 
 
-def _check_budget(kv: int, cb: int, target: CpuTarget) -> None:
-    need = registers_needed(kv, cb)
+def _check_budget(kv: int, cb: int, target: CpuTarget, saturating: bool = False) -> None:
+    need = registers_needed(kv, cb, target.isa, saturating)
     if need > target.registers:
         raise DfpError(f"backward-weight register block {kv} K-vectors x {cb} channels needs {need} "
                        f"vector registers; tier {target.tier} has {target.registers}")
@@ -300,7 +309,7 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     kvecs_total = Kp // lanes
     kv = min(config.k_vecs, kvecs_total)
     cb = min(config.pixels, spec.C)
-    _check_budget(kv, cb, target)
+    _check_budget(kv, cb, target, mode == "fast")
     n_kb = -(-kvecs_total // kv)
     kv_tail = kvecs_total - (n_kb - 1) * kv
     n_cb = -(-spec.C // cb)
@@ -329,11 +338,13 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
         # The last pair of a row starts at column (2*Q2 - 2)*uw + (S-1)*dw.
         Wp, cpp, istep = (2 * Q2 - 2) * uw + (spec.S - 1) * dw + 1, 2 * uw, 1
         taps = tuple(r * dh * Wp * Cs + s * dw * Cs for r in range(spec.R) for s in range(spec.S))
-    fp32_regs = 2 * kv * cb + kv + 1 <= target.registers
+    # FP32 accumulators in registers too when twice the INT32 block fits (short flushes).
+    fp32_regs = registers_needed(kv, cb, target.isa, mode == "fast") + kv * cb <= target.registers
     sym = (f"dfp_conv_bwdw_{spec.geometry()}_kb{kv}_cb{cb}_pp{config.c_block}_{target.tier}_{mode}"
            + ("_sc" if scaled else ""))
     return WgradPlan(
-        spec=spec, config=config, tier=target.tier, mode=mode, lanes=lanes, i16_lanes=2 * lanes,
+        spec=spec, config=config, tier=target.tier, dot=target.isa.dot,
+        dot_intrinsic=target.isa.dot_intrinsic(mode == "fast"), mode=mode, lanes=lanes, i16_lanes=2 * lanes,
         vec_bytes=4 * lanes, kv=kv, kv_tail=kv_tail, n_kb=n_kb, cb=cb, cb_tail=cb_tail, n_cb=n_cb,
         n_cols=n_cols,
         C=C, K=spec.K, Kp=Kp, Ks=Ks, Cs=Cs, RS=RS, Hp=Hp, Wp=Wp, Q2=Q2, x_pair_stride=cpp * Cs,
@@ -352,15 +363,14 @@ def default_config(spec: ConvSpec, target: CpuTarget, flush: int | None = None) 
     K-vectors x 13 channels (29 zmm; 4 x 6 when K is one 64-channel block), FP32 dW in an L1
     tile. Short ones (exact mode on full-range DFP16 data: a flush every few pixels): 2 x 7,
     so 14 INT32 + 14 FP32 accumulators stay in registers and a flush is vcvtdq2ps + vaddps.
-    16-register tiers: 2 x 6 / 2 x 3. 128 pairs per cache block (dY block = 128 x 32 k x 4 B =
+    Per tier the blocks come from ``dfpgen.isa`` (16-register tiers: see there). 128 pairs per cache block (dY block = 128 x 32 k x 4 B =
     16 KiB, half of L1D)."""
     lanes = target.lanes
     kvecs_total = round_up(spec.K, K_PAD) // lanes
     short = flush is not None and flush < SHORT_FLUSH
-    if target.registers >= 32:
-        kv, cb = (2, 7) if short else ((4, 6) if kvecs_total == 4 else (2, 13))
-    else:
-        kv, cb = (2, 3) if short else (2, 6)
+    t = target.isa
+    kv, cb = t.wgrad_blocks_short if short else (
+        t.wgrad_blocks_4vec if kvecs_total == 4 else t.wgrad_blocks)
     kv = min(kv, kvecs_total)
     cb = min(cb, spec.C)
     return TuningConfig(k_vecs=kv, pixels=cb, c_block=128, flush=0, unroll="none", threads=0)
@@ -369,10 +379,8 @@ def default_config(spec: ConvSpec, target: CpuTarget, flush: int | None = None) 
 def search_space(spec: ConvSpec, target: CpuTarget) -> list[TuningConfig]:
     """Legal register blocks (budget-checked) x cache block sizes, for the autotuner."""
     out = []
-    blocks = ([(1, 28), (2, 13), (2, 14), (3, 8), (4, 6), (5, 4)] if target.registers >= 32
-              else [(1, 13), (2, 6), (3, 3)])
-    for kv, cb in blocks:
-        if registers_needed(kv, cb) > target.registers:
+    for kv, cb in target.isa.wgrad_search:
+        if registers_needed(kv, cb, target.isa, saturating=True) > target.registers:  # both modes
             continue
         for pp in (64, 256):
             out.append(TuningConfig(k_vecs=kv, pixels=cb, c_block=pp, flush=0))

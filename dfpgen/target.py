@@ -1,14 +1,7 @@
 """The CPU the kernels are generated for: LLVM's host CPU name and features, and the ISA tier.
 
-ISA tiers (DESIGN §3), best first:
-
-- ``avx512_vnni``: ``vpdpwssd`` on 512-bit vectors (AVX512_VNNI): 16 INT32 lanes, each
-  accumulating two INT16 x INT16 products per instruction.
-- ``vnni256``: ``vpdpwssd`` on 256-bit vectors (AVX512VL + AVX512_VNNI, or AVX-VNNI).
-- ``avx2``: ``vpmaddwd`` (pairwise INT16 products summed into INT32) + ``vpaddd``.
-- ``generic``: plain LLVM vector IR (sext to i32, mul, add); any target.
-
-The tier is picked from the host features, or forced with the env var ``DFPGEN_ISA``
+The ISA tiers (best first) are the records of ``dfpgen.isa``; this module only detects the
+host and binds a tier to it. The tier is picked from the host features, or forced with the env var ``DFPGEN_ISA``
 (one of the names above). Forcing a tier the host cannot execute is allowed for code
 generation (render / compile / ``dfpgen show``) but kernels refuse to run
 (:meth:`CpuTarget.require_executable`).
@@ -21,25 +14,14 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
+import threading
+
+from . import isa
 from .errors import DfpError
+from .isa import IsaTier
 
-TIERS = ("avx512_vnni", "vnni256", "avx2", "generic")
+TIERS = isa.NAMES
 ENV_ISA = "DFPGEN_ISA"
-
-# Feature sets (LLVM names) each tier needs to *execute*.
-_TIER_NEEDS = {
-    "avx512_vnni": {"avx512f", "avx512bw", "avx512vnni"},
-    "vnni256": {"avx512vl", "avx512vnni"},  # or AVX-VNNI, handled below
-    "avx2": {"avx2"},
-    "generic": set(),
-}
-
-# What the code of a tier is compiled for. Lower tiers compile for a baseline CPU so that
-# their code really runs on a machine without AVX-512 (and tests on a VNNI host prove it).
-_TIER_COMPILE = {
-    "avx2": ("x86-64-v3", ""),
-    "generic": ("x86-64-v2", ""),
-}
 
 
 def _features_set(flat: str) -> frozenset[str]:
@@ -48,9 +30,7 @@ def _features_set(flat: str) -> frozenset[str]:
 
 def tier_supported(tier: str, features: frozenset[str]) -> bool:
     """Whether a CPU with LLVM ``features`` can execute code of ``tier``."""
-    if tier == "vnni256":
-        return _TIER_NEEDS["vnni256"] <= features or "avxvnni" in features
-    return _TIER_NEEDS[tier] <= features
+    return isa.tier(tier).supported(features)
 
 
 @dataclass(frozen=True)
@@ -75,48 +55,56 @@ class CpuTarget:
         return self.triple.startswith(("x86_64", "i386", "i686"))
 
     @property
+    def isa(self) -> IsaTier:
+        """The tier's record in the ISA table (``dfpgen.isa``)."""
+        return isa.tier(self.tier)
+
+    @property
     def vector_bits(self) -> int:
-        return {"avx512_vnni": 512, "vnni256": 256, "avx2": 256, "generic": 256}[self.tier]
+        return self.isa.vector_bits
 
     @property
     def lanes(self) -> int:
         """INT32 accumulator lanes per vector register (16 for zmm, 8 for ymm)."""
-        return self.vector_bits // 32
+        return self.isa.lanes
 
     @property
     def registers(self) -> int:
         """Architectural vector registers (32 zmm/ymm with AVX-512, 16 ymm with AVX2)."""
-        if self.tier in ("avx512_vnni", "vnni256"):
-            return 32
-        return 16
+        return self.isa.registers
 
     @property
     def executable(self) -> bool:
-        if self.tier == "generic":
+        if not self.isa.needs and self.isa.needs_alt is None:
             return True
-        return self.is_x86 and tier_supported(self.tier, self.feature_set)
+        return self.is_x86 and self.isa.supported(self.feature_set)
 
     @property
     def compile_cpu(self) -> str:
-        if self.is_x86 and self.tier in _TIER_COMPILE:
-            return _TIER_COMPILE[self.tier][0]
+        if self.is_x86 and self.isa.compile_cpu:
+            return self.isa.compile_cpu
+        if self.is_x86 and not self.executable:
+            # Code of a tier the host lacks is compiled for a CPU that has it (assembly to
+            # read, never to run: require_executable refuses that).
+            return self.isa.foreign_cpu[0]
         return self.cpu
 
     @property
     def compile_features(self) -> str:
-        if self.is_x86 and self.tier in _TIER_COMPILE:
-            return _TIER_COMPILE[self.tier][1]
+        if self.is_x86 and self.isa.compile_cpu:
+            return ""
+        if self.is_x86 and not self.executable:
+            return self.isa.foreign_cpu[1]
         return self.features
 
     def require_executable(self) -> None:
         """Raise :class:`DfpError` if this host cannot run the tier's code."""
         if not self.executable:
             raise DfpError(f"ISA tier {self.tier!r} (from {ENV_ISA}) cannot run on this CPU "
-                           f"({self.cpu}); it lacks {sorted(_TIER_NEEDS[self.tier] - self.feature_set)}")
+                           f"({self.cpu}); it lacks {self.isa.missing(self.feature_set)}")
 
     def with_tier(self, tier: str) -> "CpuTarget":
-        if tier not in TIERS:
-            raise DfpError(f"unknown ISA tier {tier!r}; choose one of {', '.join(TIERS)}")
+        isa.tier(tier)  # DfpError for an unknown name
         return CpuTarget(self.triple, self.cpu, self.features, tier, forced=True)
 
     def key(self) -> dict:
@@ -148,6 +136,12 @@ def _host(isa: str | None) -> CpuTarget:
     return base
 
 
+def native_target() -> CpuTarget:
+    """The host with its best tier, ignoring ``$DFPGEN_ISA`` (what a subprocess started
+    without that variable runs)."""
+    return _host(None)
+
+
 def host_target(tier: str | None = None) -> CpuTarget:
     """The host target; ``tier`` (or ``$DFPGEN_ISA``) forces an ISA tier.
 
@@ -160,11 +154,27 @@ def host_target(tier: str | None = None) -> CpuTarget:
     return target
 
 
-@lru_cache(maxsize=None)
+_announced: set = set()
+_announce_lock = threading.Lock()
+_quiet = False
+
+
+def quiet_tier_note() -> None:
+    """Suppress the stderr tier note (the CLI prints the tier where it belongs: ``dfpgen info``
+    and the headers of ``tune`` / ``bench``, so the note never adds a line to an error)."""
+    global _quiet
+    _quiet = True
+
+
 def _announce(tier: str, forced: bool) -> None:
     # One stderr line per process when the kernels do not use VNNI, or a tier was forced:
-    # a silent fallback would look like a slow machine.
+    # a silent fallback would look like a slow machine. Locked: two threads making their
+    # first call at once print it once.
+    with _announce_lock:
+        if _quiet or (tier, forced) in _announced:
+            return
+        _announced.add((tier, forced))
     if forced:
         print(f"dfpgen: ISA tier {tier} (forced by {ENV_ISA})", file=sys.stderr)
-    elif tier not in ("avx512_vnni", "vnni256"):
+    elif not isa.tier(tier).vnni:
         print(f"dfpgen: ISA tier {tier} (this CPU has no AVX512_VNNI / AVX-VNNI)", file=sys.stderr)

@@ -82,23 +82,19 @@ def _reduction_and_output(spec) -> tuple[int, int, int]:
     return spec.C, spec.K, spec.Q
 
 
-def _broadcast_regs(target) -> int:
-    # AVX-512 tiers fold the X broadcast into vpdpwssd's memory operand ({1toN}); the AVX2
-    # and generic tiers hold it in a register.
-    return 0 if target.tier in ("avx512_vnni", "vnni256") else 1
-
-
-def accumulator_budget(k_vecs: int, pixels: int, unroll: str, registers: int, broadcast: int = 1) -> int:
-    """Vector registers a block needs: ``k_vecs x pixels`` accumulators, the weight vectors
-    (``k_vecs``, or ``4 k_vecs`` with the 4VNNI unroll: four channel pairs in flight) and
-    ``broadcast`` registers for the X pair (0 where it folds into the instruction). The
-    planner rejects blocks over ``registers``."""
+def accumulator_budget(k_vecs: int, pixels: int, unroll: str, isa) -> int:
+    """Vector registers a forward-family block needs on tier ``isa`` (a ``dfpgen.isa.IsaTier``):
+    ``k_vecs x pixels`` accumulators, the weight vectors (``k_vecs``, or ``4 k_vecs`` with the
+    4VNNI unroll: four channel pairs in flight), the X-pair broadcast (0 registers where it
+    folds into the instruction) and the dot step's temporaries (the ``vpmaddwd`` product).
+    The planner rejects blocks over ``isa.registers``."""
     weights = k_vecs * (4 if unroll == "4vnni" else 1)
-    return k_vecs * pixels + weights + broadcast
+    return k_vecs * pixels + weights + isa.broadcast_regs + isa.dot_temps
 
 
-def max_pixels(k_vecs: int, unroll: str, registers: int, broadcast: int = 1) -> int:
-    return (registers - broadcast - k_vecs * (4 if unroll == "4vnni" else 1)) // k_vecs
+def max_pixels(k_vecs: int, unroll: str, isa) -> int:
+    """The widest pixel block of ``k_vecs`` vectors within ``isa``'s register budget."""
+    return (isa.registers - accumulator_budget(k_vecs, 0, unroll, isa)) // k_vecs
 
 
 def _pixel_block(q: int, cap: int) -> int:
@@ -124,17 +120,16 @@ def default_config(spec, target) -> TuningConfig:
     vecs = -(-outc // lanes)
     # The most accumulators (k_vecs x pixel block) without padded lanes; ties go to the
     # paper's 2 vectors (Q=14 -> 2 x 14, Q=56 -> 2 x 14, Q=7 -> 4 x 7).
-    bc = _broadcast_regs(target)
     k_vecs, best = 1, 0
     for kv in (2, 1, 3, 4):
-        cap_kv = max_pixels(kv, "none", target.registers, bc)
+        cap_kv = max_pixels(kv, "none", target.isa)
         if vecs % kv == 0 and cap_kv >= 1:
             accs = kv * _pixel_block(q, cap_kv)
             if accs > best:
                 k_vecs, best = kv, accs
-    cap = max_pixels(k_vecs, "none", target.registers, bc)
+    cap = max_pixels(k_vecs, "none", target.isa)
     pixels = _pixel_block(q, cap)
-    if target.registers >= 32:
+    if target.isa.fwd_single_vector:
         # Measured (benchmarks/RESULTS.md, tuning section; n32 ResNet-50 layers, 2 threads):
         # one output-channel vector over the same pixel block beat the paper's 2 x 14 by
         # 1.1-1.5x in both overflow modes on 9 of 10 layer-passes (exact mode flushes
@@ -164,7 +159,7 @@ def search_space(spec, target) -> list[TuningConfig]:
         for kv in (1, 2, 4):
             if kv > max(1, vecs):
                 continue
-            cap = max_pixels(kv, unroll, target.registers, _broadcast_regs(target))
+            cap = max_pixels(kv, unroll, target.isa)
             if cap < 1:
                 continue
             for pix in sorted({_pixel_block(q, cap), min(q, cap), min(q, max(1, cap // 2))}):

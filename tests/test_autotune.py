@@ -62,7 +62,7 @@ def test_search_space_is_pruned_by_the_register_budget():
     t = host_target()
     space = tuning.search_space(SPEC, t)
     assert space[0] == tuning.default_config(SPEC, t)
-    assert all(tuning.accumulator_budget(c.k_vecs, c.pixels, c.unroll, t.registers) <= t.registers for c in space)
+    assert all(tuning.accumulator_budget(c.k_vecs, c.pixels, c.unroll, t.isa) <= t.registers for c in space)
     stage1, around = autotune.staged_candidates(SPEC, t, space[0], space)
     assert stage1 and all((c.c_block, c.unroll) == (space[0].c_block, space[0].unroll) for c in stage1)
     assert all((c.k_vecs, c.pixels) == (stage1[0].k_vecs, stage1[0].pixels) for c in around(stage1[0]))

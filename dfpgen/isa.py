@@ -1,0 +1,132 @@
+"""The ISA tier table: one frozen record per tier, everything the planners, templates, peak
+loops and CLI need to know about an instruction set, in one place.
+
+A tier is how the INT16 dot product ``acc[l] += a[2l]*b[2l] + a[2l+1]*b[2l+1]`` is issued:
+
+- ``avx512_vnni``: ``vpdpwssd`` on zmm (AVX512_VNNI), 16 INT32 lanes, 32 registers; the X pair
+  broadcast folds into the instruction's memory operand (``{1to16}``).
+- ``vnni256``: ``vpdpwssd`` on ymm (AVX512VL + AVX512_VNNI, or AVX-VNNI), 8 lanes; 32 registers
+  with AVX512VL (the AVX-VNNI-only case has 16, which the planner does not exploit).
+- ``avx2``: ``vpmaddwd`` (pairwise products summed into INT32) then ``vpaddd``, 8 lanes, 16 ymm
+  registers; the broadcast needs its own register and the product a temporary before the add.
+- ``generic``: plain LLVM vector IR (sign-extend, multiply, add of even and odd lanes), any target.
+
+Intel's instruction-set reference (vol. 2: VPDPWSSD, PMADDWD, PADDD) defines the operations;
+the register counts are the architectural vector register files. Adding a tier means adding
+a record here (and its intrinsic spelling to ``templates/isa.ll.j2``); host detection lives in
+``dfpgen.target``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import DfpError
+
+
+@dataclass(frozen=True)
+class IsaTier:
+    """What one ISA tier is.
+
+    - ``needs`` / ``needs_alt``: LLVM feature names the host must have to execute the tier's
+      code (either set suffices).
+    - ``vector_bits``, ``registers``: vector width and architectural vector registers.
+    - ``dot``: the template's dot-product spelling: ``"vnni"`` (``llvm.x86.avx512.vpdpwssd[s]``),
+      ``"pmaddwd"`` (``llvm.x86.avx2.pmadd.wd`` + add) or ``"generic"`` (sext/mul/add).
+    - ``dot_insn``: the instruction(s) as a kernel engineer reads them in the assembly;
+      ``dot_mnemonic``: the mnemonic that must appear in a kernel's assembly.
+    - ``broadcast_regs``: registers an X broadcast occupies in the forward register block
+      (0 where it folds into the instruction); ``dot_temps``: temporaries a dot step needs
+      (the ``vpmaddwd`` product before ``vpaddd``); ``sat_regs``: constants a saturating
+      chain (fast mode) holds where the tier has no saturating dot instruction.
+    - ``compile_cpu``: the CPU LLVM compiles this tier for when the host has it (``None``: the
+      host CPU itself). Lower tiers compile for a baseline so their code runs on any machine
+      of the tier. ``foreign_cpu``: the CPU (with features) to compile for when the host lacks
+      the tier, so that ``dfpgen show --asm`` can print another machine's code.
+    - ``fwd_single_vector``: the forward default uses one output-channel vector over the pixel
+      block (measured faster on Zen 4, benchmarks/RESULTS.md, tuning section).
+    - ``wgrad_blocks`` / ``wgrad_blocks_short``: backward-weight default register block
+      (K-vectors, channels) for long and for short (< 64 pixels) flush intervals, and
+      ``wgrad_search`` the blocks the tuner tries.
+    - ``peak_accumulators``: independent accumulators of the peak loops (enough to hide the
+      latency, few enough to stay in registers with the two operands).
+    """
+    name: str
+    needs: frozenset
+    needs_alt: frozenset | None
+    vector_bits: int
+    registers: int
+    dot: str
+    dot_insn: str
+    dot_mnemonic: str
+    broadcast_regs: int
+    dot_temps: int
+    sat_regs: int
+    compile_cpu: str | None
+    foreign_cpu: tuple[str, str]
+    fwd_single_vector: bool
+    wgrad_blocks: tuple[int, int]
+    wgrad_blocks_4vec: tuple[int, int]
+    wgrad_blocks_short: tuple[int, int]
+    wgrad_search: tuple[tuple[int, int], ...]
+    peak_accumulators: int
+
+    @property
+    def lanes(self) -> int:
+        """INT32 lanes per vector (16 for zmm, 8 for ymm)."""
+        return self.vector_bits // 32
+
+    @property
+    def vnni(self) -> bool:
+        return self.dot == "vnni"
+
+    def supported(self, features: frozenset) -> bool:
+        """Whether a CPU with LLVM ``features`` can execute this tier's code."""
+        return self.needs <= features or (self.needs_alt is not None and self.needs_alt <= features)
+
+    def missing(self, features: frozenset) -> list[str]:
+        return sorted(self.needs - features)
+
+    def dot_intrinsic(self, saturating: bool) -> str:
+        """The LLVM intrinsic of one dot step (VNNI tiers) or of its product (``pmaddwd``)."""
+        if self.dot == "vnni":
+            return f"llvm.x86.avx512.vpdpwssd{'s' if saturating else ''}.{self.vector_bits}"
+        if self.dot == "pmaddwd":
+            return "llvm.x86.avx2.pmadd.wd"
+        return ""
+
+
+TIERS: dict[str, IsaTier] = {t.name: t for t in (
+    IsaTier("avx512_vnni", frozenset({"avx512f", "avx512bw", "avx512vnni"}), None, 512, 32,
+            "vnni", "vpdpwssd zmm", "vpdpwssd", 0, 0, 0, None,
+            ("znver4", ""), True,
+            (2, 13), (4, 6), (2, 7),
+            ((1, 28), (2, 13), (2, 14), (3, 8), (4, 6), (5, 4)), 24),
+    IsaTier("vnni256", frozenset({"avx512vl", "avx512vnni"}), frozenset({"avxvnni"}), 256, 32,
+            "vnni", "vpdpwssd ymm", "vpdpwssd", 0, 0, 0, None,
+            ("znver4", ""), True,
+            (2, 13), (4, 6), (2, 7),
+            ((1, 28), (2, 13), (2, 14), (3, 8), (4, 6), (5, 4)), 24),
+    # 16 ymm, backward-weight: kv x cb accumulators + kv dY vectors + broadcast + flush scale
+    # + the vpmaddwd product (+ 2 saturation constants in fast mode): 2 x 4 (14 exact, 16 fast)
+    # and, with short flushes (FP32 accumulators in registers too), 2 x 2 (13).
+    IsaTier("avx2", frozenset({"avx2"}), None, 256, 16,
+            "pmaddwd", "vpmaddwd + vpaddd ymm", "vpmaddwd", 1, 1, 2, "x86-64-v3",
+            ("x86-64-v3", ""), False,
+            (2, 4), (2, 4), (2, 2),
+            ((1, 10), (1, 8), (2, 4), (1, 5), (2, 2)), 10),
+    IsaTier("generic", frozenset(), None, 256, 16,
+            "generic", "LLVM vector IR (sext, mul, add)", "", 1, 1, 2, "x86-64-v2",
+            ("x86-64-v2", ""), False,
+            (2, 4), (2, 4), (2, 2),
+            ((1, 10), (1, 8), (2, 4), (1, 5), (2, 2)), 10),
+)}
+
+NAMES = tuple(TIERS)
+
+
+def tier(name: str) -> IsaTier:
+    """The record of tier ``name``; :class:`DfpError` for an unknown name."""
+    try:
+        return TIERS[name]
+    except KeyError:
+        raise DfpError(f"unknown ISA tier {name!r}; choose one of {', '.join(NAMES)}") from None

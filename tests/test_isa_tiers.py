@@ -1,0 +1,68 @@
+"""The ISA tier table (``dfpgen.isa``) drives planning and code generation for every tier,
+on any host: each tier's default kernels, for all three passes and both overflow modes,
+compile for that tier's CPU, use the tier's dot-product instruction and keep every value in
+vector registers (no spill to the stack), which is what the planners' register budgets
+promise. Compiling needs no execution, so the AVX-512 tiers are checked on an AVX2 host too."""
+from __future__ import annotations
+
+import pytest
+
+from dfpgen import isa
+from dfpgen.measure import kernel_sources
+from dfpgen.jit import emit_assembly
+from dfpgen.spec import ConvSpec
+from dfpgen.target import host_target
+from dfpgen import plan_wgrad, tuning
+
+# A 3x3 stride-1 layer, a 1x1 layer and a stride-2 3x3 layer (phase split in backward-data).
+GEOMETRIES = [(2, 64, 14, 14, 64, 3, 3, 1, 1), (2, 128, 7, 7, 256, 1, 1, 1, 0),
+              (2, 32, 14, 14, 32, 3, 3, 2, 1)]
+
+
+def _default(spec, target, mode):
+    if spec.pass_kind == "bwd_weight":
+        return plan_wgrad.default_config(spec, target, None if mode == "fast" else 8)
+    return tuning.default_config(spec, target)
+
+
+def _spills(asm: str) -> list[str]:
+    return [ln for ln in asm.splitlines() if "(%rsp)" in ln and "mm" in ln]
+
+
+# Known spills, kept visible: strict xfail, so the fix that removes one fails here until the
+# mark goes too. The forward-family AVX2 kernels spill their 16 ymm registers (the block
+# budget does not count what the flush and tap addressing hold); fast mode's saturation
+# check costs registers the budgets do not count on any tier.
+KNOWN_SPILLS = {("avx2", "fwd", "exact"), ("avx2", "fwd", "fast"), ("avx2", "bwd_data", "exact"),
+                ("avx2", "bwd_data", "fast"),
+                ("avx512_vnni", "bwd_weight", "fast"),
+                *((t, p, "fast") for t in ("avx512_vnni", "vnni256") for p in ("fwd", "bwd_data"))}
+# The generic tier is plain vector IR compiled for a 128-bit baseline, where LLVM splits each
+# 256-bit value over two registers: it makes no register promise (a portable fallback).
+CASES = [pytest.param(t, p, m, marks=[pytest.mark.xfail(strict=True, reason="known spill")]
+                      if (t, p, m) in KNOWN_SPILLS else [])
+         for t in isa.NAMES if t != "generic" for p in ("fwd", "bwd_data", "bwd_weight")
+         for m in ("exact", "fast")]
+
+
+@pytest.mark.parametrize("tier,pass_kind,mode", CASES)
+def test_default_kernels_of_every_tier_use_its_instruction_and_do_not_spill(tier, pass_kind, mode):
+    t = host_target(tier)
+    for g in GEOMETRIES:
+        N, C, H, W, K, R, S, u, p = g
+        spec = ConvSpec(N, C, H, W, K, R, S, stride=(u, u), padding=(p, p), pass_kind=pass_kind)
+        for symbol, _, ir in kernel_sources(spec, _default(spec, t, mode), t, mode):
+            asm = emit_assembly(ir, cpu=t.compile_cpu, features=t.compile_features, name=symbol)
+            assert t.isa.dot_mnemonic in asm, (symbol, t.compile_cpu)
+            assert not _spills(asm), (symbol, _spills(asm)[:4])
+
+
+def test_tier_records_are_consistent():
+    for t in isa.TIERS.values():
+        assert t.lanes * 32 == t.vector_bits and t.registers in (16, 32)
+        assert t.dot in ("vnni", "pmaddwd", "generic")
+        assert (t.dot == "vnni") == t.vnni and (t.dot_intrinsic(False) != "") == (t.dot != "generic")
+        for kv, cb in (t.wgrad_blocks, t.wgrad_blocks_4vec, t.wgrad_blocks_short, *t.wgrad_search):
+            assert plan_wgrad.registers_needed(kv, cb, t, saturating=True) <= t.registers, (t.name, kv, cb)
+    with pytest.raises(Exception, match="unknown ISA tier"):
+        isa.tier("avx1024")
