@@ -30,7 +30,7 @@ import torch
 import dfpgen
 from dfpgen import threads as dthreads
 from dfpgen.baseline import torch_seconds
-from dfpgen.models import model_table
+from dfpgen.layer_tables import model_table
 from dfpgen.pack import quantize_pack
 from dfpgen.peak import fma_peak, vnni_peak
 from dfpgen.spec import parse_full

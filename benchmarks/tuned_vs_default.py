@@ -32,7 +32,7 @@ def main() -> None:
     os.environ["DFPGEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="dfpgen-tune-bench-")
 
     from dfpgen import autotune
-    from dfpgen.models import find_layer
+    from dfpgen.layer_tables import find_layer
     from dfpgen.spec import parse_full
     from dfpgen.target import host_target
     from dfpgen.threads import num_threads

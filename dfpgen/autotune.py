@@ -44,7 +44,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import cache
+from . import cache, decisions, plan_wgrad, tuning
 from .errors import CacheWarning, DfpError, OverflowWarning
 from .measure import kernel_sources, kernel_timer, make_runner, random_operands, time_runner  # noqa: F401
 from .spec import PASSES, ConvSpec
@@ -54,90 +54,11 @@ from .tuning import TuningConfig
 
 ENV_CORRUPT = "DFPGEN_TUNE_CORRUPT"
 DEFAULT_BUDGET_S = 30.0
-TUNING_ABI = 1
 
-_memo: dict[tuple, TuningConfig | None] = {}
-_memo_lock = threading.Lock()
-
-
-# ----------------------------------------------------------------------------- decisions
-def tuning_fields(spec: ConvSpec, target: CpuTarget, overflow: str = "exact") -> dict:
-    """What a decision depends on: the spec (pass included), the target, the overflow mode,
-    the thread count it was timed with (DESIGN §4: the kernel key minus the config)."""
-    return {"kind": "tuning", "abi": TUNING_ABI, "spec": str(spec), "target": target.key(),
-            "overflow": overflow, "threads": num_threads()}
-
-
-def any_batch_fields(spec: ConvSpec, target: CpuTarget, overflow: str = "exact") -> dict:
-    """The decision's second key, without the batch: kernels serve any N, so a layer tuned at
-    batch 32 also schedules batch 64 until that batch is tuned itself."""
-    geo = spec.geometry()
-    return {**tuning_fields(spec, target, overflow), "spec": f"{spec.pass_kind}:{geo[geo.index('c'):]}",
-            "batch": "any"}
-
-
-def lookup(spec: ConvSpec, target: CpuTarget | None = None, overflow: str = "exact") -> TuningConfig | None:
-    """The tuned config of ``spec`` on ``target`` or ``None``: the decision for this exact
-    spec, else one tuned for the same layer at another batch size. A memory dict sits in
-    front of the disk cache, so ``get_kernel`` may call it on every call."""
-    target = target or host_target()
-    mkey = (spec, target, overflow, num_threads())
-    with _memo_lock:
-        if mkey in _memo:
-            return _memo[mkey]
-    t0 = time.perf_counter()
-    value = cache.load_tuning(tuning_fields(spec, target, overflow))
-    if value is None:
-        value = cache.load_tuning(any_batch_fields(spec, target, overflow))
-    cfg = None
-    if value is not None:
-        try:
-            cfg = TuningConfig.from_dict(value["config"])
-            _check_plannable(spec, cfg, target, overflow)
-        except (DfpError, KeyError, TypeError) as exc:
-            # A corrupt or hand-edited decision must not break every call of the layer.
-            warnings.warn(f"dfpgen tuning decision for {spec} ignored ({exc}); using the default config",
-                          CacheWarning, stacklevel=2)
-            cfg = None
-    with _memo_lock:
-        _memo[mkey] = cfg
-    from .kernels import verbose
-    if verbose():  # ONEDNN_VERBOSE style, next to the kernel lines of kernels.load_kernel
-        import sys
-        print(f"dfpgen_verbose,tuning,{'hit' if cfg else 'none'},{spec},{cfg.short() if cfg else 'default'},"
-              f"{(time.perf_counter() - t0) * 1e3:.2f}ms", file=sys.stderr)
-    return cfg
-
-
-def _check_plannable(spec: ConvSpec, cfg: TuningConfig, target: CpuTarget, overflow: str) -> None:
-    """Raise :class:`DfpError` if ``cfg`` cannot be planned for ``spec`` (register budget,
-    unroll), as ``kernels.get_kernel`` would plan it."""
-    if spec.pass_kind == "bwd_weight":
-        from .plan_wgrad import plan as plan_wgrad
-        plan_wgrad(spec, cfg, target, overflow)
-        return
-    from .kernels import resolve_config
-    cfg, _ = resolve_config(spec, cfg, overflow=overflow, target=target)
-    if spec.pass_kind == "fwd":
-        from .plan import plan_fwd
-        plan_fwd(spec, cfg, target, mode=overflow)
-    else:
-        from .plan_bwd import plan_bwd_data
-        plan_bwd_data(spec, cfg, target, mode=overflow)
-
-
-def annotate(spec: ConvSpec, target: CpuTarget, overflow: str = "exact", **extra) -> None:
-    """Add fields (e.g. ``torch_fp32_seconds``, measured by the CLI) to a stored decision."""
-    for fields in (tuning_fields(spec, target, overflow), any_batch_fields(spec, target, overflow)):
-        v = cache.load_tuning(fields)
-        if v is not None:
-            cache.store_tuning(fields, {**v, **extra})
-
-
-def forget_lookups() -> None:
-    """Drop the memory dict (after ``cache clear``, or in tests)."""
-    with _memo_lock:
-        _memo.clear()
+# The stored decisions (lookup / store / resolve) live in dfpgen.decisions, below both the
+# kernel cache and this tuner; re-exported here as the tuner's public API.
+from .decisions import (annotate, any_batch_fields, check_plannable, forget_lookups,  # noqa: E402,F401
+                        lookup, tuning_fields)
 
 
 # ----------------------------------------------------------------------------- results
@@ -205,16 +126,7 @@ class TuneResult:
 # ----------------------------------------------------------------------------- search space
 def _pass_api(spec: ConvSpec):
     """``(default_config, search_space)`` of the planner that owns ``spec``'s pass."""
-    if spec.pass_kind == "bwd_weight":
-        try:
-            from . import plan_wgrad as mod
-        except ImportError:
-            from . import tuning as mod
-    else:
-        from . import tuning as mod
-    for name in ("default_config", "search_space"):
-        if not hasattr(mod, name):
-            raise DfpError(f"the {spec.pass_kind} planner ({mod.__name__}) has no {name}() yet")
+    mod = plan_wgrad if spec.pass_kind == "bwd_weight" else tuning
     return mod.default_config, mod.search_space
 
 
@@ -298,7 +210,7 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
         if v is not None:
             try:
                 res = TuneResult.from_value(spec, v)
-                _check_plannable(spec, res.config, target, overflow)
+                check_plannable(spec, res.config, target, overflow)
                 return res
             except (KeyError, TypeError, DfpError):
                 pass  # unreadable or unplannable decision: tune again
@@ -386,10 +298,7 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
                         elapsed=time.perf_counter() - t0, candidates=cands, timing=timing)
     best = next(c for c in cands if c.config == chosen)
     assert best.status == "ok"
-    cache.store_tuning(fields, result.to_value())
-    cache.store_tuning(any_batch_fields(spec, target, overflow), {**result.to_value(), "any_batch": True})
-    with _memo_lock:
-        _memo[(spec, target, overflow, num_threads())] = best.config
+    decisions.store(spec, target, overflow, best.config, result.to_value())
     return result
 
 
@@ -428,7 +337,7 @@ def tune_model(model: str = "resnet50", budget: float = 600.0, *, batch: int = 3
     Each layer gets a share of what is left, weighted by its MACs x occurrence count (big,
     frequent layers get more time); already-tuned layers cost nothing unless ``force``.
     """
-    from .models import model_specs
+    from .spec import model_specs
     layers = [(count, spec.with_pass(p)) for _, count, spec in model_specs(model, batch=batch) for p in passes]
     weights = [count * spec.macs for count, spec in layers]
     t0, results = time.perf_counter(), []

@@ -208,7 +208,7 @@ def cmd_tune(args) -> int:
         specs = _specs(args)
         _check_fits(specs, "--batch or --hw")
     else:
-        from .models import model_specs
+        from .spec import model_specs
         specs = None
         _check_fits([sp for _, _, sp in model_specs(args.model, batch=args.batch or 32)], "--batch")
     return run_tune(args, specs, _console(args.json))
@@ -258,7 +258,7 @@ COMMANDS = {"info": cmd_info, "tune": cmd_tune, "show": cmd_show, "bench": cmd_b
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dfpgen`` console script; returns the exit code (2: bad arguments)."""
     args = build_parser().parse_args(argv)
-    from .kernels import verbose
+    from .log import verbose
     from .target import quiet_tier_note
     if not verbose():
         # The tier is part of what info / tune / bench print; a stderr note would add a

@@ -125,7 +125,7 @@ def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: D
     if overflow not in ("exact", "fast"):
         raise DfpError(f"overflow must be 'exact' or 'fast', got {overflow!r}")
     if overflow == "exact":
-        from .kernels import resolve_config
+        from .decisions import resolve_config
         base, _ = resolve_config(spec, config, overflow="exact", target=target)
         density = 1.0 / (spec.stride[0] * spec.stride[1]) if spec.pass_kind == "bwd_data" else 1.0
         amax = _channel_max(act.mantissa)

@@ -6,7 +6,6 @@ live in one place.
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -15,9 +14,10 @@ from functools import lru_cache
 from typing import Callable
 
 from . import cache, jit
+from .decisions import resolve_config
+from .log import ENV_VERBOSE, verbose  # noqa: F401  (kernels.verbose: the switch every module reads)
 from .target import CpuTarget
 
-ENV_VERBOSE = "DFPGEN_VERBOSE"
 OPT_LEVEL = 3
 
 
@@ -32,10 +32,6 @@ class LoadedKernel:
 
 _loaded: dict[tuple, LoadedKernel] = {}
 _lock = threading.RLock()
-
-
-def verbose() -> bool:
-    return os.environ.get(ENV_VERBOSE, "") not in ("", "0")
 
 
 def load_kernel(symbol: str, key_fields: dict, ir_builder: Callable[[], str],
@@ -97,33 +93,6 @@ def _builder(pass_kind: str):
         raise DfpError(f"no kernel builder registered for pass {pass_kind!r}")
     mod, name = path.split(":")
     return getattr(import_module(mod), name)
-
-
-def resolve_config(spec, config=None, *, overflow: str = "fast", target: CpuTarget | None = None):
-    """The schedule ``get_kernel`` uses: ``config`` if given, else the tuned decision
-    (``dfpgen.autotune.lookup``, when that module is present), else the heuristic default.
-    In exact mode with ``flush == 0`` the flush becomes one pair per partial (``c_block`` 2,
-    one tap), provably exact for any DFP16 operands; ``dfpgen.conv`` picks a longer one
-    from the operands instead (``dfpgen.plan_exact``)."""
-    from .target import host_target
-    from .tuning import default_config
-    target = target or host_target()
-    if config is None:
-        try:
-            from .autotune import lookup
-        except ImportError:
-            lookup = None
-        if lookup is not None:
-            config = lookup(spec, target, overflow)
-    if config is None:
-        if spec.pass_kind == "bwd_weight":
-            from .plan_wgrad import default_config as wdefault
-            config = wdefault(spec, target)
-        else:
-            config = default_config(spec, target)
-    if overflow == "exact" and config.flush == 0 and spec.pass_kind != "bwd_weight":
-        config = config.replace(c_block=2, flush=2)
-    return config, target
 
 
 def get_kernel(spec, config=None, *, overflow: str = "fast", target: CpuTarget | None = None,

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, replace
 
 from .errors import DfpError
+from .layer_tables import DEFAULT_BATCH, MODELS, RESNET50, find_layer, model_table
 
 PASSES = ("fwd", "bwd_data", "bwd_weight")
 
@@ -178,7 +179,6 @@ def _short_match(R: int, S: int, C: int):
     """The ResNet-50 layer a short ``RxSxC`` stands for: among rows with that R, S and C,
     prefer K == C and stride 1 (the repeated block layer: 3x3x256 -> res4_branch2b, 14x14),
     then stride 1, then the first row. ``None`` when no row has that R, S, C."""
-    from .models import RESNET50
     rows = []
     for name, _, geo in RESNET50:
         s = parse_full(geo)
@@ -208,7 +208,6 @@ def parse_layer(text: str, *, batch: int | None = None, hw=None, k: int | None =
     the parsed values when given. Raises :class:`DfpError` naming what was wrong, with a
     valid example.
     """
-    from .models import DEFAULT_BATCH, MODELS, find_layer
     if not isinstance(text, str) or not text.strip():
         raise DfpError(f"layer string is empty; examples: {LAYER_EXAMPLES}")
     raw, body = text, text.strip().lower()
@@ -253,3 +252,10 @@ def parse_layer(text: str, *, batch: int | None = None, hw=None, k: int | None =
     if pad is not None:
         over["padding"] = pad
     return replace(spec, **over) if over else spec
+
+
+def model_specs(model: str, *, batch: int = DEFAULT_BATCH, pass_kind: str = "fwd") -> list:
+    """``[(name, count, ConvSpec)]`` for every layer of ``model`` (``dfpgen.layer_tables``) at
+    batch ``batch``; :class:`DfpError` for an unknown model."""
+    return [(name, count, parse_full(f"n{batch}{geo}", pass_kind))
+            for name, count, geo in model_table(model)]

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import plan_wgrad as pw
 from . import wgrad_schedule as ws
+from .decisions import lookup
 from .errors import DfpError
 from .kernels import load_kernel
 from .render import render
@@ -275,7 +276,6 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     target = target or host_target()
     if config is None:
         # A decision of `dfpgen tune` (same lookup as kernels.get_kernel for the other passes).
-        from .autotune import lookup
         config = lookup(spec, target, overflow)
     scale_exp = int(xq.exponent) + int(dyq.exponent)
     scaled = not pw.unscaled_ok(scale_exp)

@@ -187,7 +187,7 @@ def test_real_kernels_tune_exactly(fresh, pass_kind):
 
 
 def test_tune_model_tunes_every_layer_within_the_total_budget(fresh, monkeypatch):
-    from dfpgen import models
+    from dfpgen import layer_tables as models
     fake = Fake()
     install(monkeypatch, fake)
     clock = [0.0]

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dfpgen import DfpError
-from dfpgen.models import RESNET50, find_layer, model_specs
+from dfpgen.layer_tables import RESNET50, find_layer
+from dfpgen.spec import model_specs
 from dfpgen.spec import PASSES, ConvSpec, parse_full, parse_layer
 
 

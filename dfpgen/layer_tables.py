@@ -3,7 +3,8 @@ not shipped). ResNet-50 as in torchvision v1.5 (stride on the 3x3 conv), 224x224
 
 Each row: ``(name, count, geometry)`` where ``count`` is how many times that exact shape
 occurs in the network (for end-to-end weighting) and ``geometry`` the full layer form
-without the batch (``c256h14w14k256r3s3u1p1``, see :func:`dfpgen.spec.parse_full`).
+without the batch (``c256h14w14k256r3s3u1p1``, see :func:`dfpgen.spec.parse_full`; this module
+holds data only, so the layer grammar in ``dfpgen.spec`` can import it).
 The fully connected layer is a 1x1 convolution over 1x1 pixels.
 """
 from __future__ import annotations
@@ -62,10 +63,3 @@ def find_layer(model: str, name: str) -> tuple[str, int, str]:
     close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"known layers: {', '.join(names)}"
     raise DfpError(f"no layer {name!r} in {model}; {hint}")
-
-
-def model_specs(model: str, *, batch: int = DEFAULT_BATCH, pass_kind: str = "fwd") -> list:
-    """``[(name, count, ConvSpec)]`` for every layer of ``model`` at batch ``batch``."""
-    from .spec import parse_full
-    return [(name, count, parse_full(f"n{batch}{geo}", pass_kind))
-            for name, count, geo in model_table(model)]
