@@ -1,5 +1,5 @@
 """ResNet-50 layer benchmark: dfpgen DFP16 kernels vs PyTorch FP32 and bf16 (oneDNN,
-channels_last), all three passes, measured in the same run (issue 3).
+channels_last), all three passes, measured in the same run.
 
 For each layer of the case file and each pass it reports GMAC/s of dfpgen with pre-quantized
 operands ("kernel": weight packing included, activation quantization not) and from FP32

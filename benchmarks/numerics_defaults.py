@@ -47,7 +47,7 @@ from dfpgen.runtime import data, models  # noqa: E402
 BITS = (15, 14, 13, 12)
 MODES = ("exact", "fast")
 PASSES = ("fwd", "bwd_data", "bwd_weight")
-# ResNet-50 module -> layer name of ../shared/cases/resnet50_layers.txt (channels and kernel
+# ResNet-50 module -> layer name of dfpgen/layer_tables.py (channels and kernel
 # as there; spatial size scaled by --input / 224).
 LAYERS = {
     "conv1": "conv1",

@@ -1,4 +1,4 @@
-"""Quantize-and-pack bandwidth against np.copyto of the same float32 tensor (issue 3 goal:
+"""Quantize-and-pack bandwidth against np.copyto of the same float32 tensor (goal:
 >= 60% of the copy bandwidth measured in the same run).
 
 GB/s counts the bytes each operation must move: copy = read + write of the FP32 tensor

@@ -1,4 +1,4 @@
-"""Tuned vs default heuristic on ResNet-50 layers, all three passes (issue 5 benchmark).
+"""Tuned vs default heuristic on ResNet-50 layers, all three passes.
 
 Each layer is tuned from scratch (a temporary tuning cache, ``force=True``) within
 ``--budget`` seconds per pass; the table gives the default config's and the tuned config's

@@ -1,4 +1,4 @@
-"""Kernel and tuning cache: in memory, then on disk, content-addressed (DESIGN §4).
+"""Kernel and tuning cache: in memory, then on disk, content-addressed (docs/ARCHITECTURE.md §4).
 
 Interface used by the rest of dfpgen (stable):
 

@@ -7,7 +7,7 @@ mirrors ``torch.nn.functional.linear``. Float operands are quantized to DFP16 in
 operands are used as they are. Outputs are float32 NCHW arrays (views of the kernels' NHWC
 buffers: channels_last memory).
 
-Overflow modes (issue 3, item 3):
+Overflow modes:
 
 - ``"exact"`` (the default): non-saturating ``vpdpwssd`` with the longest flush schedule
   that a bound on the actual operands proves safe (``dfpgen.plan_exact``); bit-exact with

@@ -4,7 +4,7 @@ Source: Das et al., *Mixed Precision Training of Convolutional Neural Networks u
 Operations* (ICLR 2018), §3 (dynamic fixed point). A DFP tensor holds INT16 mantissas ``I``
 and one exponent ``E``; the value of an element is ``I * 2**E``.
 
-Shared exponent rule (implemented here; DESIGN §1 writes ``E = e - (P-1)``, which would put
+Shared exponent rule (implemented here; the usual statement ``E = e - (P-1)`` would put
 the largest element in ``[2**(P-2), 2**(P-1))`` and waste a bit, so the rule below is the one
 matching the stated range):
 

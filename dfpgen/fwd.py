@@ -1,6 +1,6 @@
 """Forward and backward-data execution: buffers, weight packing, kernel calls over threads.
 
-Layouts (DESIGN §3): activations NHWC INT16 with the reduction channels padded to even and
+Layouts (docs/ARCHITECTURE.md §3): activations NHWC INT16 with the reduction channels padded to even and
 the spatial padding materialised as zeros (the kernel then needs no boundary tests; a
 strided forward pass reads phase images instead, see ``plan.fwd_subconv``); weights packed
 per call from the KRSC buffer as ``[out block][tap][channel pair][k_vecs * lanes][2]`` so one

@@ -3,7 +3,7 @@
 Input: float32 (N, C, H, W) whose memory is NCHW (C-contiguous) or NHWC (torch
 ``channels_last``: ``x.transpose(0, 2, 3, 1)`` is C-contiguous); or (N, C) for Linear inputs
 (treated as (N, C, 1, 1)). Output buffer: NHWC int16 with C padded to even,
-``Cp = C + C % 2`` (pad channel = 0), so that VNNI reads INT16 pairs along C (DESIGN §3).
+``Cp = C + C % 2`` (pad channel = 0), so that VNNI reads INT16 pairs along C (docs/ARCHITECTURE.md §3).
 
 Two passes over memory, both generated LLVM IR (``templates/quantize_pack.ll.j2``), split
 over threads with :func:`dfpgen.threads.parallel_for`:

@@ -1,6 +1,6 @@
 """Pure planner of the backward-weight pass: ``(spec, config, target, mode) -> WgradPlan``.
 
-GEMM view per filter tap (r, s) (DESIGN §3, issue 3):
+GEMM view per filter tap (r, s) (docs/ARCHITECTURE.md §3):
 
     dW[k, c, r, s] = sum_m dY[m, k] * X_rs[m, c],   m = (n*P + p)*Q + q
     X_rs[m, c]     = X[n, c, p*uh + r*dh - ph, q*uw + s*dw - pw]   (0 in the padding)

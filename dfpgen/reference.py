@@ -13,7 +13,7 @@ Exact results (int64, no flushing):
 
 (X outside the image, i.e. in the padding, is 0.)
 
-Flush model (what the kernels compute; DESIGN §1 "flush interval", §3 "Flush"). Every output
+Flush model (what the kernels compute; docs/ARCHITECTURE.md §1 "flush interval", §3 "Flush"). Every output
 element owns one INT32 lane; its reduction runs in the order below, split into *chunks*; each
 chunk's INT32 *partial* is flushed into an FP32 accumulator, then the lane restarts at 0:
 

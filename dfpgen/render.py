@@ -49,7 +49,7 @@ def generator_hash() -> str:
     """sha256 over the code-generating sources (``dfpgen/*.py`` but ``NOT_GENERATOR``, and
     ``templates/*``).
 
-    Part of every cache key (DESIGN §4): any change to the generator invalidates kernels.
+    Part of every cache key (docs/ARCHITECTURE.md §4): any change to the generator invalidates kernels.
     """
     h = hashlib.sha256()
     pkg = resources.files("dfpgen")

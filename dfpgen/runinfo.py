@@ -1,7 +1,7 @@
 """``RunInfo``: what one convolution pass actually ran (every pass reports it).
 
 The caller always learns the overflow mode, the flush interval, how many INT32 lanes were
-found saturated (fast mode), the ISA tier and the kernel symbol(s) (issue 3, item 3).
+found saturated (fast mode), the ISA tier and the kernel symbol(s).
 """
 from __future__ import annotations
 

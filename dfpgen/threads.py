@@ -1,7 +1,7 @@
 """Work splitting over threads. Kernels take a work range [begin, end); ctypes releases the GIL
 during the call, so a Python thread pool runs them in parallel. Each work item writes a
 disjoint part of the output and sums in a fixed order, so results are bit-identical for any
-thread count (DESIGN §3)."""
+thread count (docs/ARCHITECTURE.md §3)."""
 from __future__ import annotations
 
 import os

@@ -1,7 +1,7 @@
 """Backward-weight convolution on DFP16 operands: FP32 dW (KCRS) from DFP16 X and DFP16 dY.
 
 ``dW[k, c, r, s] = 2**(Ex + Edy) * sum_m dY[n, k, p, q] * X[n, c, p*uh + r*dh - ph, q*uw + s*dw - pw]``
-over pixels m = (n*P + p)*Q + q (DESIGN §3, issue 3). The reduction runs in INT32 lanes with
+over pixels m = (n*P + p)*Q + q (docs/ARCHITECTURE.md §3). The reduction runs in INT32 lanes with
 VNNI (``vpdpwssd``, INT16 pairs along the pixel dimension) and is flushed to FP32 every
 ``flush`` pixels, in the order of :func:`dfpgen.reference.conv2d_bwd_weight`.
 

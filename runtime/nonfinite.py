@@ -1,6 +1,6 @@
 """NaN / Inf in a DFP16 layer: raise an error naming the layer and pass, or skip the step.
 
-DFP16 has no encoding for NaN or Inf (one shared exponent, INT16 mantissas: DESIGN §1), so a
+DFP16 has no encoding for NaN or Inf (one shared exponent, INT16 mantissas: docs/ARCHITECTURE.md §1), so a
 non-finite operand can never be quantized. What happens is the user's choice,
 :func:`dfpgen.runtime.set_nonfinite_policy`:
 

@@ -2,7 +2,7 @@
 their backward ops, with autograd (``register_autograd``) and fake (meta) implementations so
 ``torch.compile`` and ``torch.library.opcheck`` work.
 
-Training recipe (Das et al., ICLR 2018, §3-4; DESIGN §1): FP32 master weights; every pass
+Training recipe (Das et al., ICLR 2018, §3-4; docs/ARCHITECTURE.md §1): FP32 master weights; every pass
 quantizes its two inputs to DFP16 and writes FP32 —
 
 - forward ``Y = X * W``: X and W quantized (the format's rounding, nearest by default);
@@ -293,7 +293,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, p
     return y
 
 
-# --- linear: a 1x1 convolution over the N rows as pixels (DESIGN §2) -------------------
+# --- linear: a 1x1 convolution over the N rows as pixels (docs/ARCHITECTURE.md §2) -------------------
 
 
 def _as_pixels(x2d: Tensor) -> Tensor:

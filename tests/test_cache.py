@@ -1,4 +1,4 @@
-"""On-disk kernel and tuning cache (DESIGN §4): key sensitivity, one build for N calls,
+"""On-disk kernel and tuning cache (docs/ARCHITECTURE.md §4): key sensitivity, one build for N calls,
 loading from disk in a fresh process, corrupt/partial entries, unusable directories, and
 concurrent processes. Uses a one-instruction IR function, not conv kernels, to stay fast."""
 from __future__ import annotations
