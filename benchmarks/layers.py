@@ -3,7 +3,7 @@ channels_last), all three passes, measured in the same run.
 
 For each layer of the case file and each pass it reports GMAC/s of dfpgen with pre-quantized
 operands ("kernel": weight packing included, activation quantization not) and from FP32
-operands ("+quant": what a training step pays), % of the VNNI peak measured in this run by a
+operands ("+quant": what a training step pays), % of the INT16 dot peak (the tier's instruction) measured in this run by a
 generated register-only ``vpdpwssd`` loop (times the thread count), and ratios to FP32 and
 bf16. The main columns run exact mode (the default: flush interval proven from the operands,
 bit-exact with the reference); "fast" is the paper-length saturating chain (kernel only). It also measures quantize-and-pack bandwidth against
@@ -32,7 +32,7 @@ from dfpgen import threads as dthreads
 from dfpgen.baseline import torch_seconds
 from dfpgen.layer_tables import model_table
 from dfpgen.pack import quantize_pack
-from dfpgen.peak import fma_peak, vnni_peak
+from dfpgen.peak import dot_peak, fma_peak
 from dfpgen.spec import parse_full
 from dfpgen.target import host_target
 
@@ -140,7 +140,8 @@ def main() -> None:
     dthreads.set_num_threads(threads)
     torch.set_num_threads(threads)
     target = host_target()
-    peak = vnni_peak(target).gmacs
+    dpeak = dot_peak(target)
+    peak = dpeak.gmacs
     fpeak = fma_peak(target).gmacs
     rows = read_cases(args.cases)
     if args.layers:
@@ -149,7 +150,7 @@ def main() -> None:
     passes = [p for p in args.passes.split(",") if p]
 
     lines = []
-    head = ("| layer | pass | GMAC | dfp kernel GMAC/s | % VNNI peak | dfp +quant GMAC/s | FP32 GMAC/s | "
+    head = ("| layer | pass | GMAC | dfp kernel GMAC/s | % INT16 peak | dfp +quant GMAC/s | FP32 GMAC/s | "
             "bf16 GMAC/s | kernel / FP32 | +quant / FP32 | kernel / bf16 |"
             + " fast kernel GMAC/s | fast / FP32 |")
     lines.append(head)
@@ -199,7 +200,7 @@ def main() -> None:
              f"{load_ms:.2f} ms (goal < 5 ms)."]
     hdr = [f"## ResNet-50 layers, batch {args.batch}, {threads} thread(s)", "",
            f"Machine: {target.cpu} ({platform.machine()}), ISA tier {target.tier}; torch "
-           f"{torch.__version__}; measured peaks this run: vpdpwssd {peak:.1f} GMAC/s/core, "
+           f"{torch.__version__}; measured peaks this run: {dpeak.instruction} {peak:.1f} GMAC/s/core, "
            f"FP32 FMA {fpeak:.1f} GMAC/s/core. dfpgen in exact overflow mode unless marked fast. "
            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (PASSIVE stops PyTorch's "
            "idle OpenMP threads from spinning on the cores dfpgen's kernel threads need, and the "
