@@ -78,6 +78,8 @@ def parse_args(argv=None):
                    help="layer name/glob kept in FP32 under dfp16 (repeatable), e.g. conv1")
     p.add_argument("--overflow", choices=("exact", "fast"), default="exact")
     p.add_argument("--grad-rounding", choices=("nearest", "stochastic"), default="nearest")
+    p.add_argument("--bits", type=int, default=15, choices=range(8, 16), metavar="{8..15}",
+                   help="DFP16 mantissa magnitude bits (15: full INT16; fewer leave INT32 headroom)")
     p.add_argument("--eval-points", type=int, default=3,
                    help="test-set evaluations spread over the run (epoch ends always evaluate)")
     p.add_argument("--out", default="runs", help="directory for CSV files and the plot")
@@ -99,8 +101,11 @@ def build_model(args) -> torch.nn.Module:
     widths = tuple(int(w) for w in args.widths.split(","))
     model = models.resnet20(widths=widths)
     if args.precision == "dfp16":
+        from dfpgen.dfp import DfpFormat
         dfp.convert(model, skip=args.skip or None, overflow=args.overflow,
                     grad_rounding=args.grad_rounding)
+        if args.bits != 15:
+            dfp.set_default_format(DfpFormat(bits=args.bits))
     return model.to(memory_format=torch.channels_last)
 
 
