@@ -6,7 +6,7 @@ the PyTorch binding is ``dfpgen.runtime``.
 """
 from importlib import import_module as _import_module
 
-from .errors import CacheWarning, DfpError, KernelBuildError, OverflowWarning
+from .errors import CacheWarning, DfpError, KernelBuildError, OverflowWarning, UnderflowWarning
 
 __version__ = "0.1.0"
 
@@ -33,7 +33,8 @@ _LAZY = {
     "RunInfo": "runinfo",
 }
 
-__all__ = ["CacheWarning", "DfpError", "KernelBuildError", "OverflowWarning", "__version__", *_LAZY]
+__all__ = ["CacheWarning", "DfpError", "KernelBuildError", "OverflowWarning", "UnderflowWarning",
+           "__version__", *_LAZY]
 
 
 def __getattr__(name):

@@ -58,7 +58,8 @@ _disk_warned = False
 # ----------------------------------------------------------------------------- location
 def cache_dir() -> Path:
     """The cache root: ``$DFPGEN_CACHE_DIR`` or ``platformdirs.user_cache_dir("dfpgen")``."""
-    env = os.environ.get(ENV_DIR)
+    from .env import raw
+    env = raw(ENV_DIR)
     if env:
         return Path(env).expanduser()
     import platformdirs
@@ -66,8 +67,11 @@ def cache_dir() -> Path:
 
 
 def disk_enabled() -> bool:
-    """False when ``$DFPGEN_CACHE`` is ``0``, ``off``, ``no`` or ``false``."""
-    return os.environ.get(ENV_CACHE, "1").strip().lower() not in ("0", "off", "no", "false")
+    """False when ``$DFPGEN_CACHE`` is ``0``, ``off``, ``no`` or ``false``; True when it is
+    unset, empty, ``1``, ``on``, ``yes`` or ``true``. Raises :class:`dfpgen.DfpError` naming
+    the variable for any other value."""
+    from .env import flag
+    return flag(ENV_CACHE, True)
 
 
 def counters() -> dict:

@@ -19,10 +19,13 @@ Rounding may lift the largest element to ``2**P``; every mantissa is clamped to
 Exponent range: the format promises an int8 exponent, ``-128 <= E <= 127``.
 
 - ``e - P > 127`` (only float64 input can be that large) raises :class:`DfpError`.
-- ``e - P < -128`` (max |x| < 2**-113: only deep float32 subnormals or tiny float64) uses
-  ``E = -128``: the mantissas keep the values' multiples of ``2**-128`` and everything below
-  half of that resolution rounds to zero (a tensor of float32 subnormals quantizes to all
-  zeros, with ``E = -128``).
+- ``e - P < -128`` (max |x| < 2**-114, about 4.8e-35, for P = 15: tiny float32 values and
+  subnormals, or tiny float64) uses ``E = -128`` and warns :class:`dfpgen.UnderflowWarning`
+  naming the tensor: the mantissas keep the values' multiples of ``2**-128`` (fewer than P
+  bits) and everything below half of that resolution rounds to zero (float32 values below
+  2**-129, about 1.5e-39, quantize to zero). The range is not widened: the kernels scale
+  their INT32 partials by ``2**(Ea+Eb)``, which must stay a float32, and the format promises
+  an int8 exponent.
 - An all-zero tensor gets mantissas 0 and ``E = 0``; an empty tensor an empty mantissa
   array and ``E = 0``.
 
@@ -54,12 +57,13 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .errors import DfpError
+from .errors import DfpError, UnderflowWarning
 
 ROUNDINGS = ("nearest", "stochastic")
 EXP_MIN, EXP_MAX = -128, 127  # int8, as the format promises
@@ -180,7 +184,8 @@ def random_bits24(index: np.ndarray, seed: int) -> np.ndarray:
 
 def exponent_for(max_abs: float, fmt: DfpFormat = DFP16, name: str = "tensor") -> int:
     """The shared exponent ``E = e - P`` for a tensor whose largest magnitude is ``max_abs``
-    (``max_abs = f * 2**e``, ``0.5 <= f < 1``), clamped below at -128; 0 when ``max_abs == 0``.
+    (``max_abs = f * 2**e``, ``0.5 <= f < 1``), clamped below at -128 with an
+    :class:`dfpgen.UnderflowWarning` naming ``name``; 0 when ``max_abs == 0``.
 
     Raises :class:`DfpError` if ``max_abs`` is negative or not finite, or ``E > 127``.
     """
@@ -194,7 +199,15 @@ def exponent_for(max_abs: float, fmt: DfpFormat = DFP16, name: str = "tensor") -
     if E > EXP_MAX:
         raise DfpError(f"{name}: max |x| = {max_abs:.6g} needs shared exponent {E} > {EXP_MAX}: outside the "
                        f"int8 exponent range of the DFP format (P={fmt.bits})")
-    return max(E, EXP_MIN)
+    if E < EXP_MIN:
+        # One message per tensor name (no value in it), so the default warning filter shows
+        # it once per name rather than at every step of a run with tiny gradients.
+        warnings.warn(f"{name}: max |x| < 2**{EXP_MIN + fmt.bits - 1} is below the DFP format's range: "
+                      f"the shared exponent is clamped at {EXP_MIN} (int8), so its mantissas keep "
+                      f"fewer than {fmt.bits} bits and values below 2**{EXP_MIN - 1} quantize to zero",
+                      UnderflowWarning, stacklevel=3)
+        return EXP_MIN
+    return E
 
 
 def scale_factors(exponent: int) -> tuple[float, float]:

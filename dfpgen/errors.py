@@ -10,6 +10,12 @@ class OverflowWarning(RuntimeWarning):
     """INT32 lanes saturated in a fast-mode (``vpdpwssds``) kernel; the message gives the count."""
 
 
+class UnderflowWarning(RuntimeWarning):
+    """A tensor is so small (max |x| < 2**-114 for DFP16) that its shared exponent had to be
+    clamped at the format's minimum -128: its mantissas keep fewer than the format's bits,
+    and values below 2**-129 quantize to zero."""
+
+
 class KernelBuildError(RuntimeError):
     """Generated IR failed to parse, verify or compile (a generator bug, never a user error)."""
 

@@ -3,15 +3,17 @@ with its time, in the spirit of oneDNN's ``ONEDNN_VERBOSE``
 (``dfpgen_verbose,<what>,<source>,<name>,<detail>``)."""
 from __future__ import annotations
 
-import os
 import sys
+
+from .env import flag
 
 ENV_VERBOSE = "DFPGEN_VERBOSE"
 
 
 def verbose() -> bool:
-    """Whether ``$DFPGEN_VERBOSE`` asks for the lines (unset, empty or ``0``: no)."""
-    return os.environ.get(ENV_VERBOSE, "") not in ("", "0")
+    """``$DFPGEN_VERBOSE``: 1/on/yes/true or 0/off/no/false (default off); another value
+    raises :class:`dfpgen.DfpError` naming the variable."""
+    return flag(ENV_VERBOSE, False)
 
 
 def line(*fields) -> None:

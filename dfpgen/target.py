@@ -8,15 +8,16 @@ generation (render / compile / ``dfpgen show``) but kernels refuse to run
 """
 from __future__ import annotations
 
-import os
 import platform
 import sys
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
 import threading
 
 from . import isa
+from .env import choice
 from .errors import DfpError
 from .isa import IsaTier
 
@@ -78,6 +79,15 @@ class CpuTarget:
         if not self.isa.needs and self.isa.needs_alt is None:
             return True
         return self.is_x86 and self.isa.supported(self.feature_set)
+
+    def _compile_for(self) -> tuple[str, str] | None:
+        if not self.is_x86:
+            return None
+        if self.tier in _TIER_COMPILE:
+            return _TIER_COMPILE[self.tier]
+        if self.tier in _TIER_FOREIGN_COMPILE and not self.executable:
+            return _TIER_FOREIGN_COMPILE[self.tier]
+        return None
 
     @property
     def compile_cpu(self) -> str:
@@ -147,7 +157,7 @@ def host_target(tier: str | None = None) -> CpuTarget:
 
     Raises :class:`DfpError` for an unknown tier name.
     """
-    env = os.environ.get(ENV_ISA) or None
+    env = None if tier is not None else choice(ENV_ISA, TIERS)
     target = _host(tier or env)
     if tier is None:
         _announce(target.tier, bool(env))

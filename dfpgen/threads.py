@@ -4,11 +4,13 @@ disjoint part of the output and sums in a fixed order, so results are bit-identi
 thread count (docs/ARCHITECTURE.md §3)."""
 from __future__ import annotations
 
+import operator
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from . import env
 from .errors import DfpError
 
 ENV_THREADS = "DFPGEN_NUM_THREADS"
@@ -19,23 +21,32 @@ _override: int | None = None
 
 
 def set_num_threads(n: int | None) -> None:
-    """Force the thread count (``None`` returns to the default)."""
+    """Force the thread count; ``None`` or 0 returns to the default (as ``threads=0`` of the
+    passes and ``$DFPGEN_NUM_THREADS=0``). Raises :class:`DfpError` for a negative or
+    non-integer count."""
     global _override
-    if n is not None and n < 1:
-        raise ValueError(f"thread count must be >= 1, got {n}")
-    _override = n
+    if n is not None:
+        try:
+            if isinstance(n, bool):
+                raise TypeError
+            n = operator.index(n)
+        except TypeError:
+            raise DfpError(f"thread count must be an integer >= 0 (0: the default), got {n!r}") from None
+        if n < 0:
+            raise DfpError(f"thread count must be an integer >= 0 (0: the default), got {n}")
+    _override = n or None
 
 
 def num_threads() -> int:
-    """``set_num_threads`` > ``$DFPGEN_NUM_THREADS`` > the CPUs this process may use."""
+    """``set_num_threads`` > ``$DFPGEN_NUM_THREADS`` > the CPUs this process may use.
+
+    ``$DFPGEN_NUM_THREADS`` takes what the API takes: an integer >= 0, 0 (or empty) meaning
+    the default; anything else raises :class:`DfpError` naming the variable."""
     if _override:
         return _override
-    env = os.environ.get(ENV_THREADS)
-    if env and env.strip():
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise DfpError(f"${ENV_THREADS} must be an integer thread count, got {env!r}") from None
+    n = env.integer(ENV_THREADS, 0, what="a thread count (an integer; 0: the default)")
+    if n:
+        return n
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -5,7 +5,6 @@ default overflow mode and gradient rounding. Per-layer settings on ``DFPConv2d``
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 
 from dfpgen.dfp import DFP16, DfpFormat
@@ -30,10 +29,12 @@ _nonfinite = "raise"
 def is_enabled() -> bool:
     """True when DFP16 layers run on dfpgen's kernels; False makes every DFP layer run the
     FP32 PyTorch op (same module, same parameters). Default: on unless ``$DFPGEN_DISABLE`` is
-    set to something other than ``""``/``"0"``; :func:`set_enabled` / :func:`enabled` win."""
+    1/on/yes/true (0/off/no/false or empty: on; another value raises :class:`DfpError`
+    naming the variable); :func:`set_enabled` / :func:`enabled` win."""
     if _enabled is not None:
         return _enabled
-    return os.environ.get(ENV_DISABLE, "") in ("", "0")
+    from dfpgen.env import flag
+    return not flag(ENV_DISABLE, False)
 
 
 def set_enabled(flag: bool | None) -> None:
