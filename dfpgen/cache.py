@@ -74,6 +74,28 @@ def disk_enabled() -> bool:
     return flag(ENV_CACHE, True)
 
 
+def disk_status() -> tuple[bool, str]:
+    """Whether kernels will really be kept on disk, and why not: ``(True, "")`` when the disk
+    cache is enabled and a file can be written in :func:`cache_dir` (created if missing),
+    ``(False, reason)`` otherwise (``$DFPGEN_CACHE`` off, or the directory not usable: a
+    file, read-only, full). Used by ``dfpgen info``, which must not report a cache that the
+    kernels would silently bypass."""
+    if not disk_enabled():
+        return False, f"disabled by ${ENV_CACHE}"
+    root = cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".probe.", suffix=".tmp")
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        return False, f"{root} is not usable ({type(exc).__name__}: {exc.strerror or exc})"
+    return True, ""
+
+
 def counters() -> dict:
     """Kernel objects obtained in this process: ``{"built", "disk", "memory"}`` counts."""
     with _lock:

@@ -176,9 +176,11 @@ def cmd_info(args) -> int:
     from .threads import num_threads
     t = host_target()
     feats = sorted(f for f in RELEVANT_FEATURES if f in t.feature_set)
+    usable, why = cache.disk_status()
     info = {"cpu": t.cpu, "triple": t.triple, "tier": t.tier, "tier_forced": t.forced,
             "executable": t.executable, "features": feats, **jit.llvm_versions(), "threads": num_threads(),
-            "cache_dir": str(cache.cache_dir()), "cache_enabled": cache.disk_enabled(),
+            "cache_dir": str(cache.cache_dir()), "cache_enabled": usable,
+            **({} if usable else {"cache_note": why + "; kernels are kept in memory only"}),
             "cache_bytes": cache.size_bytes(), "cache_entries": sum(1 for _ in cache.entries())}
     info["int16_dot"] = t.isa.dot_insn
     if t.executable:

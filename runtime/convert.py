@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import re
+import warnings
 from typing import Callable, Iterable, Optional, Union
 
 from torch import nn
@@ -17,7 +18,7 @@ from torch import nn
 from dfpgen.dfp import DfpFormat
 
 from . import config
-from .modules import DFPConv2d, DFPLinear, _DfpLayer
+from .modules import DfpFallbackWarning, DFPConv2d, DFPLinear, _DfpLayer
 
 Skip = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 _TO_DFP = {nn.Conv2d: DFPConv2d, nn.Linear: DFPLinear}
@@ -57,9 +58,11 @@ def convert(model: nn.Module, *, skip: Skip = None, dfp_format: Optional[DfpForm
     (``"re:layer[12]\\..*"``), a list of those, or a predicate ``(name, module) -> bool``.
     ``dfp_format`` / ``overflow`` / ``grad_rounding`` / ``threads`` are set on every swapped
     layer (None: the process default at call time). Only exact ``nn.Conv2d`` / ``nn.Linear``
-    instances are swapped (not subclasses such as ``nn.LazyLinear`` or already-DFP layers).
-    A swapped layer whose configuration the kernels do not cover runs in FP32 with one
-    warning naming it. Raises ``TypeError`` for a bad ``skip``.
+    instances are swapped: a subclass (``nn.LazyLinear``, a library's own conv class) may
+    compute something else in its ``forward``, so it stays as it is. A swapped layer whose
+    configuration the kernels do not cover (groups > 1, depthwise, ...) runs in FP32.
+    One :class:`DfpFallbackWarning` lists every layer left in FP32 this way and why (layers
+    named by ``skip`` are not listed). Raises ``TypeError`` for a bad ``skip``.
     """
     if overflow is not None:
         config.check_overflow(overflow)
@@ -72,12 +75,35 @@ def convert(model: nn.Module, *, skip: Skip = None, dfp_format: Optional[DfpForm
     if type(model) in _TO_DFP and not skipped("", model):
         raise TypeError("convert() swaps layers inside a model; wrap a single layer with "
                         "DFPConv2d/DFPLinear instead")
+    left = [(name, _subclass_reason(m)) for name, m in model.named_modules()
+            if name and _subclass_reason(m) and (linear or not isinstance(m, nn.Linear))
+            and not skipped(name, m)]
     for name, m in targets:
         new = copy.copy(m)
         new.__class__ = _TO_DFP[type(m)]
         new._dfp_init(dfp_format, overflow, grad_rounding, threads, name=name)
+        reason = new.unsupported_reason()
+        if reason is not None:
+            new._dfp_announced = reason  # the layer does not warn again at its first call
+            left.append((name, reason))
         _set_child(model, name, new)
+    if left:
+        listing = "; ".join(f"{name!r}: {why}" for name, why in left)
+        warnings.warn(f"dfpgen.convert: {len(left)} layer(s) stay in FP32: {listing}",
+                      DfpFallbackWarning, stacklevel=2)
     return model
+
+
+def _subclass_reason(m: nn.Module) -> Optional[str]:
+    """Why ``convert`` leaves a subclass of ``nn.Conv2d`` / ``nn.Linear`` alone (None for
+    any other module)."""
+    if isinstance(m, _DfpLayer) or type(m) in _TO_DFP:
+        return None
+    for base in _TO_DFP:
+        if isinstance(m, base):
+            return (f"{type(m).__name__} is a subclass of nn.{base.__name__}, whose forward "
+                    "may differ from it, so it is not swapped")
+    return None
 
 
 def revert(model: nn.Module) -> nn.Module:

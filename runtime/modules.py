@@ -10,8 +10,10 @@ A configuration the kernels do not cover runs the FP32 PyTorch op, with one
 :class:`DfpFallbackWarning` per layer naming it and the reason — never a wrong result:
 groups > 1, ``padding_mode`` other than ``"zeros"``, ``padding="same"`` whose total padding
 is odd in a dimension (an even kernel at dilation 1), inputs that are not float32 / bfloat16 /
-float16 or not on the CPU. float16 / bfloat16 inputs (e.g. under autocast) are computed in
-DFP16 and returned as float32, like an FP32 master-weight layer.
+float16 or not on the CPU. float16 / bfloat16 inputs and parameters (autocast, or a model
+cast with ``.bfloat16()`` / ``.half()`` after ``convert``) are computed in DFP16 like float32
+ones (quantized from their float32 value) and the output has the input's dtype, as the
+PyTorch layer's would; gradients come back in the dtypes of the input and parameters.
 """
 from __future__ import annotations
 
@@ -96,7 +98,18 @@ class _DfpLayer:
             return f"input on {x.device} (dfpgen's kernels run on the CPU)"
         return None
 
+    def _params32(self):
+        """Weight and bias as float32 (the ops' operands): a no-op for a float32 layer; for a
+        bf16 / fp16 one a cast, whose backward casts the gradients back to the parameters'
+        dtype."""
+        w, b = self.weight, self.bias
+        return (w if w.dtype == torch.float32 else w.float(),
+                b if b is None or b.dtype == torch.float32 else b.float())
+
     def _fallback(self, reason: str) -> None:
+        # A reason ``convert`` already named in its warning is not repeated at the first call.
+        if reason == getattr(self, "_dfp_announced", None):
+            return
         if not getattr(self, "_dfp_warned", False):
             self._dfp_warned = True
             name = self.dfp_name or f"{type(self).__name__}({self.extra_repr()})"
@@ -130,9 +143,9 @@ class DFPConv2d(_DfpLayer, nn.Conv2d):
 
     Same arguments as ``nn.Conv2d`` plus keyword-only ``dfp_format``
     (:class:`dfpgen.DfpFormat`), ``overflow`` (``"exact"``/``"fast"``), ``grad_rounding``
-    (``"nearest"``/``"stochastic"``), ``threads`` (0: dfpgen's default). Input float32
-    ``(N, C, H, W)`` or ``(C, H, W)``, NCHW or channels_last; output float32, channels_last
-    when the input or weight is.
+    (``"nearest"``/``"stochastic"``), ``threads`` (0: dfpgen's default). Input float32,
+    bfloat16 or float16 ``(N, C, H, W)`` or ``(C, H, W)``, NCHW or channels_last; output of
+    the input's dtype, channels_last when the input or weight is.
     """
 
     def unsupported_reason(self) -> Optional[str]:
@@ -164,11 +177,14 @@ class DFPConv2d(_DfpLayer, nn.Conv2d):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
+        w, b = self._params32()
         y = nonfinite.guarded_forward(
-            self, x, lambda: ops.conv2d(x.float(), self.weight, self.bias, list(self.stride),
+            self, x, lambda: ops.conv2d(x.float(), w, b, list(self.stride),
                                         self._explicit_padding(), list(self.dilation),
                                         **self._settings()),
             lambda: self._conv_forward(x, self.weight, self.bias))
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
@@ -177,8 +193,9 @@ class DFPConv2d(_DfpLayer, nn.Conv2d):
 
 class DFPLinear(_DfpLayer, nn.Linear):
     """``nn.Linear`` on DFP16 kernels (a 1x1 convolution over the rows). Same arguments as
-    ``nn.Linear`` plus the keyword-only DFP settings of :class:`DFPConv2d`. Input float32
-    ``(..., in_features)``, output float32 ``(..., out_features)``."""
+    ``nn.Linear`` plus the keyword-only DFP settings of :class:`DFPConv2d`. Input float32,
+    bfloat16 or float16 ``(..., in_features)``, output ``(..., out_features)`` of the input's
+    dtype."""
 
     def unsupported_reason(self) -> Optional[str]:
         return None
@@ -190,9 +207,11 @@ class DFPLinear(_DfpLayer, nn.Linear):
         if reason is not None:
             self._fallback(reason)
             return F.linear(x, self.weight, self.bias)
-        return nonfinite.guarded_forward(
-            self, x, lambda: ops.linear(x.float(), self.weight, self.bias, **self._settings()),
+        w, b = self._params32()
+        y = nonfinite.guarded_forward(
+            self, x, lambda: ops.linear(x.float(), w, b, **self._settings()),
             lambda: F.linear(x, self.weight, self.bias))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._dfp_repr()

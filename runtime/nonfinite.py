@@ -104,9 +104,19 @@ def guarded_forward(layer, x: Tensor, run_dfp: Callable[[], Tensor],
     output gets a gradient hook that checks dY before the backward passes quantize it.
     """
     if torch.compiler.is_compiling():
-        # Under torch.compile the ops still raise DfpError on NaN/Inf; the layer-named
+        if config.nonfinite_policy() == "skip":
+            # "skip" needs Python around the op (catch the error, run FP32 instead, a hook on
+            # dY): run this layer eagerly, a graph break. Dynamo guards on the policy, so a
+            # model compiled under "raise" is recompiled when the policy changes.
+            return _guarded_eager(layer, x, run_dfp, run_fp32)
+        # "raise": the ops still raise DfpError on NaN/Inf inside the graph; the layer-named
         # message and the dY hook are eager-only (Dynamo cannot trace the name's f-string).
         return run_dfp()
+    return _guarded(layer, x, run_dfp, run_fp32)
+
+
+def _guarded(layer, x: Tensor, run_dfp: Callable[[], Tensor],
+             run_fp32: Callable[[], Tensor]) -> Tensor:
     name = layer_name(layer)
     try:
         y = run_dfp()
@@ -120,6 +130,9 @@ def guarded_forward(layer, x: Tensor, run_dfp: Callable[[], Tensor],
     if y.requires_grad and not torch.compiler.is_compiling():
         y.register_hook(lambda g: _check_grad(name, g))
     return y
+
+
+_guarded_eager = torch.compiler.disable(_guarded, recursive=True)
 
 
 def _check_grad(name: str, g: Tensor):

@@ -98,9 +98,9 @@ def test_unsupported_config_falls_back_with_one_warning_naming_the_layer(kwargs,
     ref = nn.Conv2d(**args)
     model = nn.Sequential(nn.Identity(), nn.Conv2d(**args))
     model[1].load_state_dict(ref.state_dict())
-    dfp.convert(model)
     x = torch.randn(2, 4, 7, 7)
-    (y1, y2), w = _with_warnings(lambda: (model(x), model(x)))
+    # convert names the layer once; the calls do not repeat it
+    (_, y1, y2), w = _with_warnings(lambda: (dfp.convert(model), model(x), model(x)))
     assert len(w) == 1
     assert "'1'" in str(w[0].message) and reason in str(w[0].message)
     assert torch.equal(y1, ref(x)) and torch.equal(y2, ref(x))
@@ -151,9 +151,9 @@ def test_linear_module_and_bf16_autocast_input():
     x = torch.randn(3, 10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = lin(x.bfloat16())
-    assert y.dtype == torch.float32
+    assert y.dtype == torch.bfloat16  # the input's dtype, as nn.Linear under autocast
     ref_y = ref(x.bfloat16().float())
-    assert (y - ref_y).abs().max() < 1e-3 * ref_y.abs().max()
+    assert (y.float() - ref_y).abs().max() < 1e-2 * ref_y.abs().max()
     xd = torch.randn(3, 10, dtype=torch.float64)  # float64: not a DFP dtype -> FP32 path
     lin.double()
     yd, w = _with_warnings(lambda: lin(xd))
