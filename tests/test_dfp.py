@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dfpgen
 from dfpgen import DfpError
 from dfpgen.dfp import (DFP16, DfpFormat, DfpTensor, _quantize_with_exponent, dequantize,
                         exponent_for, fmix32, quantize, random_bits24)
@@ -101,13 +102,15 @@ def test_all_zero_and_empty():
 def test_subnormal_float32_clamps_exponent():
     tiny = np.float32(2.0 ** -140)  # subnormal; would need E = -139 - 15 < -128
     x = np.array([tiny, -tiny, 0], np.float32)
-    q = quantize(x)
+    with pytest.warns(dfpgen.UnderflowWarning, match="clamped at -128"):
+        q = quantize(x)
     assert q.exponent == -128
     # 2**-140 * 2**128 = 2**-12: rounds to zero, documented.
     assert not q.mantissa.any()
     # A value just representable at E=-128 keeps its multiple of 2**-128.
     x = np.array([np.float32(2.0 ** -120), np.float32(3 * 2.0 ** -128)], np.float32)
-    q = quantize(x)
+    with pytest.warns(dfpgen.UnderflowWarning):
+        q = quantize(x)
     assert q.exponent == -128
     assert np.array_equal(q.mantissa, [256, 3])
     assert np.array_equal(dequantize(q), x)
