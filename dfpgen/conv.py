@@ -195,9 +195,10 @@ def _empty(shape, spec: ConvSpec, overflow: str, return_info: bool):
 
 
 def _finish(y_nhwc: np.ndarray, info: RunInfo, return_info: bool):
-    if info.saturated:
-        warnings.warn(f"DFP16 {info.pass_kind}: {info.saturated} INT32 lanes saturated in fast mode "
-                      f"(flush interval {info.flush}); use overflow='exact' for a proven result",
+    if info.saturated or info.possibly_saturated:
+        warnings.warn(f"DFP16 {info.pass_kind}: {info.saturated} INT32 lanes saturated at a flush in fast "
+                      f"mode, up to {info.possibly_saturated} output partials at some step (flush "
+                      f"interval {info.flush}); use overflow='exact' for a proven result",
                       OverflowWarning, stacklevel=3)
     out = y_nhwc.transpose(0, 3, 1, 2)
     return ConvResult(out, info) if return_info else out

@@ -10,7 +10,8 @@ the output and K the reduction); output FP32 NHWC with the channels padded to th
 
 The kernel ABI (``_PROTO``): ``(x, w, y, bias, scale, begin, end, rows, sat)`` where work
 items ``[begin, end)`` enumerate (output-channel block, image row) as ``block * rows + row``
-and ``sat`` receives the saturated-lane count (fast mode).
+and ``sat`` (two int64) receives, in fast mode, the lanes found saturated at a flush and an
+upper bound on the output partials that saturated at any pair step (see :class:`RunInfo`).
 
 Every work item (output-channel block x output row) writes its own part of the output and
 sums its reduction in one fixed order, so any thread count gives the same bits.
@@ -32,7 +33,7 @@ from .runinfo import RunInfo
 from .threads import num_threads, parallel_for
 from .tuning import TuningConfig
 
-KERNEL_ABI = 1
+KERNEL_ABI = 2
 TEMPLATE = "conv_fwd.ll.j2"
 _PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                           ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -87,24 +88,25 @@ class SubKernel:
         return packed.view(np.int16).reshape(p.out_blocks, ntaps, p.red_pairs, p.kvl, 2)
 
     def run(self, xbuf: np.ndarray, wpack: np.ndarray, ybuf: np.ndarray, bias: np.ndarray | None,
-            scale: float, batch: int, threads: int) -> int:
-        """Run every work item; returns the saturated-lane count (fast mode)."""
+            scale: float, batch: int, threads: int) -> tuple[int, int]:
+        """Run every work item; returns (lanes saturated at a flush, bound on partials that
+        saturated at any step), both 0 in exact mode."""
         rows = batch * self.plan.po
         total = rows * self.plan.out_blocks
         if total == 0:
-            return 0
+            return 0, 0
         b = bias if bias is not None else ybuf
         ptrs = (xbuf.ctypes.data, wpack.ctypes.data, ybuf.ctypes.data, b.ctypes.data)
         counts, lock = [], threading.Lock()
 
         def chunk(begin: int, end: int) -> None:
-            sat = np.zeros(1, np.int64)
+            sat = np.zeros(2, np.int64)
             self.fn(*ptrs, ctypes.c_float(scale), begin, end, rows, sat.ctypes.data)
             with lock:
-                counts.append(int(sat[0]))
+                counts.append((int(sat[0]), int(sat[1])))
 
         parallel_for(total, chunk, threads)
-        return sum(counts)
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 class ConvKernel:
@@ -191,10 +193,12 @@ def check_scale(scale_exp: int, what: str) -> float:
     return float(2.0 ** scale_exp)
 
 
-def run_info(kernel: ConvKernel, saturated: int, threads: int, scale_exp: int) -> RunInfo:
+def run_info(kernel: ConvKernel, saturated: int, threads: int, scale_exp: int,
+             possibly_saturated: int = 0) -> RunInfo:
     cfg = kernel.config
     return RunInfo(pass_kind=kernel.spec.pass_kind, overflow=kernel.mode,
                    flush=cfg.c_block * kernel.flush_taps, saturated=saturated,
+                   possibly_saturated=possibly_saturated,
                    tier=kernel.target.tier, symbol=kernel.symbols[0] if kernel.symbols else "",
                    symbols=kernel.symbols, config=cfg.to_dict(), c_block=cfg.c_block,
                    flush_taps=kernel.flush_taps, threads=threads, scale_exp=scale_exp)
@@ -237,8 +241,10 @@ def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int
     if bias is not None:
         bpad = np.zeros(first.out_pad, np.float32)
         bpad[:out] = bias
-    saturated = 0
+    saturated = possibly = 0
     w_ktc = weights_krsc(wq)
     for part in kernel.parts:
-        saturated += part.run(xbuf, part.pack_weights(w_ktc), ybuf, bpad, scale, n, threads)
-    return ybuf[..., :out], run_info(kernel, saturated, threads, scale_exp)
+        seen, bound = part.run(xbuf, part.pack_weights(w_ktc), ybuf, bpad, scale, n, threads)
+        saturated += seen
+        possibly += bound
+    return ybuf[..., :out], run_info(kernel, saturated, threads, scale_exp, possibly)

@@ -58,7 +58,8 @@ pairs are consecutive channels c, c+1 within a block, or pixels m, m+1 for backw
 2**32, which is what ``fp32`` then uses. With ``saturate=True`` (fast mode, ``vpdpwssds``) the
 lane clips to the INT32 range after each pair step and ``saturated`` counts the flushed
 partials equal to ``+/-limit`` (what a kernel can see at the flush; a lane that clipped and
-came back into range is invisible to it).
+came back into range is invisible to it) and ``clipped`` the partials that reached a limit at
+any pair step, pulled back or not (what the kernels' sticky check bounds from above).
 """
 from __future__ import annotations
 
@@ -78,14 +79,16 @@ class RefResult:
     """Reference result of one pass: ``exact`` (int64, the unflushed integer sum, no bias),
     ``scale_exp`` (Ea + Eb: value = exact * 2**scale_exp), ``fp32`` (float32, the flushed
     kernel result, bias included), ``overflowed`` (a running INT32 partial left the range),
-    ``saturated`` (flushed partials at +/-2**31 limits; 0 unless saturate=True) and
-    ``partials`` (chunks flushed per output element)."""
+    ``saturated`` (flushed partials at +/-2**31 limits; 0 unless saturate=True),
+    ``partials`` (chunks flushed per output element) and ``clipped`` (partials at a limit
+    after any pair step; 0 unless saturate=True)."""
     exact: np.ndarray
     scale_exp: int
     fp32: np.ndarray
     overflowed: bool
     saturated: int
     partials: int
+    clipped: int = 0
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -248,7 +251,7 @@ def _run_chunks(a: np.ndarray, b: np.ndarray, chunks, scale_exp: int, saturate: 
     bz = np.concatenate([b, np.zeros((1, b.shape[1]), np.int64)], axis=0)
     acc = np.zeros((a.shape[0], b.shape[1]), np.float32)
     scale = 2.0 ** scale_exp
-    overflowed, saturated = False, 0
+    overflowed, saturated, clipped = False, 0, 0
     for idx in chunks:
         idx = np.where(idx < 0, L, idx)
         ac, bc = az[:, idx], bz[idx, :]
@@ -256,19 +259,22 @@ def _run_chunks(a: np.ndarray, b: np.ndarray, chunks, scale_exp: int, saturate: 
             part = _matmul(ac, bc)  # no prefix can leave the INT32 range
         else:
             part = np.zeros_like(acc, dtype=np.int64)
+            hit = np.zeros(part.shape, bool)
             for j in range(0, len(idx), 2):
                 part += np.outer(ac[:, j], bc[j]) + np.outer(ac[:, j + 1], bc[j + 1])
                 if saturate:
                     np.clip(part, INT32_MIN, INT32_MAX, out=part)
+                    hit |= (part == INT32_MIN) | (part == INT32_MAX)
                 elif not overflowed:
                     overflowed = bool(((part < INT32_MIN) | (part > INT32_MAX)).any())
             if saturate:
                 saturated += int(((part == INT32_MIN) | (part == INT32_MAX)).sum())
+                clipped += int(hit.sum())
             else:
                 part = (part - INT32_MIN) % (2 ** 32) + INT32_MIN  # what a wrapping lane holds
         p32 = part.astype(np.float64).astype(np.float32)  # int32 -> float64 exact; one RNE rounding
         acc = acc + (p32.astype(np.float64) * scale).astype(np.float32)
-    return acc, overflowed, saturated
+    return acc, overflowed, saturated, clipped
 
 
 def fp32_error_bound(abs_sum, scale_exp: int, partials: int, fp32=None) -> np.ndarray:
@@ -306,7 +312,7 @@ def conv2d_fwd(xq: DfpTensor, wq: DfpTensor, bias=None, stride=1, padding=0, dil
     N, K, P, Q = exact.shape
     sp = _spec(*xm.shape, K, *wm.shape[2:], stride, padding, dilation, "fwd")
     chunks = _channel_tap_chunks(sp.C, sp.R, sp.S, c_block, flush_taps)
-    acc, ovf, sat = _run_chunks(_im2col(xm.astype(np.int64), sp), wm.astype(np.int64).reshape(K, -1).T,
+    acc, ovf, sat, clip = _run_chunks(_im2col(xm.astype(np.int64), sp), wm.astype(np.int64).reshape(K, -1).T,
                                 chunks, ex + ew, saturate)
     if bias is not None:
         b = np.asarray(bias, np.float32)
@@ -314,7 +320,7 @@ def conv2d_fwd(xq: DfpTensor, wq: DfpTensor, bias=None, stride=1, padding=0, dil
             raise DfpError(f"forward: bias shape {b.shape} != (K,) = ({K},)")
         acc = acc + b[None, :]
     fp32 = acc.reshape(N, P, Q, K).transpose(0, 3, 1, 2).copy()
-    return RefResult(exact, ex + ew, fp32, ovf, sat, len(chunks))
+    return RefResult(exact, ex + ew, fp32, ovf, sat, len(chunks), clip)
 
 
 def conv2d_bwd_data(dyq: DfpTensor, wq: DfpTensor, input_hw, stride=1, padding=0, dilation=1, *,
@@ -326,9 +332,9 @@ def conv2d_bwd_data(dyq: DfpTensor, wq: DfpTensor, input_hw, stride=1, padding=0
     sp = _bwd_data_spec(dym, wm, input_hw, stride, padding, dilation)
     chunks = _channel_tap_chunks(sp.K, sp.R, sp.S, k_block, flush_taps)
     b = wm.astype(np.int64).transpose(0, 2, 3, 1).reshape(sp.K * sp.R * sp.S, sp.C)
-    acc, ovf, sat = _run_chunks(_gather_dy(dym.astype(np.int64), sp), b, chunks, ey + ew, saturate)
+    acc, ovf, sat, clip = _run_chunks(_gather_dy(dym.astype(np.int64), sp), b, chunks, ey + ew, saturate)
     fp32 = acc.reshape(sp.N, sp.H, sp.W, sp.C).transpose(0, 3, 1, 2).copy()
-    return RefResult(exact, ey + ew, fp32, ovf, sat, len(chunks))
+    return RefResult(exact, ey + ew, fp32, ovf, sat, len(chunks), clip)
 
 
 def _pixel_chunks(M: int, flush_pixels, what: str = "flush_pixels") -> list[np.ndarray]:
@@ -358,8 +364,8 @@ def conv2d_bwd_weight(xq: DfpTensor, dyq: DfpTensor, kernel_rs, stride=1, paddin
     sp = _bwd_weight_spec(xm, dym, kernel_rs, stride, padding, dilation)
     chunks = _pixel_chunks(sp.N * sp.P * sp.Q, flush_pixels)
     a = dym.astype(np.int64).transpose(1, 0, 2, 3).reshape(sp.K, -1)
-    acc, ovf, sat = _run_chunks(a, _im2col(xm.astype(np.int64), sp), chunks, ex + ey, saturate)
-    return RefResult(exact, ex + ey, acc.reshape(sp.K, sp.C, sp.R, sp.S), ovf, sat, len(chunks))
+    acc, ovf, sat, clip = _run_chunks(a, _im2col(xm.astype(np.int64), sp), chunks, ex + ey, saturate)
+    return RefResult(exact, ex + ey, acc.reshape(sp.K, sp.C, sp.R, sp.S), ovf, sat, len(chunks), clip)
 
 
 def gemm(aq: DfpTensor, bq: DfpTensor, *, k_block: int | None = None, saturate: bool = False) -> RefResult:
@@ -368,5 +374,5 @@ def gemm(aq: DfpTensor, bq: DfpTensor, *, k_block: int | None = None, saturate: 
     (am, ea), (bm, eb) = _operands(aq, "A"), _operands(bq, "B")
     exact = gemm_int(am, bm)
     chunks = _pixel_chunks(am.shape[1], k_block, "k_block")
-    acc, ovf, sat = _run_chunks(am.astype(np.int64), bm.astype(np.int64), chunks, ea + eb, saturate)
-    return RefResult(exact, ea + eb, acc, ovf, sat, len(chunks))
+    acc, ovf, sat, clip = _run_chunks(am.astype(np.int64), bm.astype(np.int64), chunks, ea + eb, saturate)
+    return RefResult(exact, ea + eb, acc, ovf, sat, len(chunks), clip)

@@ -20,7 +20,15 @@ class RunInfo:
       before it is converted to FP32 (``c_block x flush_taps`` for forward / backward-data,
       pixels for backward-weight).
     - ``saturated``: INT32 lanes equal to INT32_MAX or INT32_MIN at a flush (fast mode); 0 in
-      exact mode. A lane that saturates and is later pulled back into range is not counted.
+      exact mode. A lane that saturates and is later pulled back into range is not counted
+      here (it is in ``possibly_saturated``).
+    - ``possibly_saturated``: forward / backward-data in fast mode: an upper bound on the
+      output partials (one output channel x pixel x flush) that reached INT32_MAX or
+      INT32_MIN at *any* pair step, pulled back before the flush or not. The kernel tracks,
+      per output channel of a register tile, the largest |partial| of every step (a sticky
+      check); a flagged channel counts all pixels of its tile. 0 proves no partial
+      saturated, so the result equals the non-saturating computation of the same flush
+      schedule. 0 in exact mode; ``None`` where a pass does not track it (backward-weight).
     - ``tier``: ISA tier that ran (``avx512_vnni | vnni256 | avx2 | generic``).
     - ``symbol``: the kernel symbol; ``symbols`` all of them when a pass runs several kernels
       (backward-data with stride > 1 runs one per output phase).
@@ -40,3 +48,4 @@ class RunInfo:
     flush_taps: int = 0
     threads: int = 1
     scale_exp: int = 0
+    possibly_saturated: int | None = 0

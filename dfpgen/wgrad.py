@@ -334,5 +334,6 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     info = RunInfo(pass_kind="bwd_weight", overflow=overflow, flush=flush, saturated=int(sat.sum()),
                    tier=target.tier, symbol=p.symbol, symbols=(p.symbol,), config=dict(config.__dict__),
                    c_block=config.c_block, threads=min(nthreads, split.items),
-                   scale_exp=int(xq.exponent) + int(dyq.exponent))
+                   scale_exp=int(xq.exponent) + int(dyq.exponent),
+                   possibly_saturated=None if overflow == "fast" else 0)  # not tracked here
     return dw, info

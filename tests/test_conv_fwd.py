@@ -85,13 +85,27 @@ def test_fast_mode_counts_saturation_and_warns():
     assert np.array_equal(y, ref.fp32)
 
 
+def test_fast_mode_reports_lanes_pulled_back_before_the_flush():
+    # Gaussian data: no lane is at a limit at the flush, yet two partials clipped on the way
+    # (two outputs off by up to 1.8): the sticky check reports them.
+    shape = (1, 20, 6, 7, 18, 3, 3, 1, 1, 1)
+    xq, wq, _ = operands(shape, seed=5)
+    with pytest.warns(dfpgen.OverflowWarning, match="0 INT32 lanes saturated at a flush"):
+        y, info = conv.conv2d(xq, wq, padding=1, overflow="fast", return_info=True)
+    ref = _ref(xq, wq, shape, info)
+    assert np.array_equal(y, ref.fp32) and info.flush == 16 * 9
+    assert info.saturated == ref.saturated == 0
+    assert 0 < ref.clipped <= info.possibly_saturated
+
+
 def test_fast_mode_small_data_no_warning():
     shape = (1, 20, 6, 7, 18, 3, 3, 1, 1, 1)
     xq, wq, _ = operands(shape, seed=5)
+    small = dfpgen.DfpTensor((xq.mantissa // 8).astype(np.int16), xq.exponent)
     with warnings.catch_warnings():
         warnings.simplefilter("error", dfpgen.OverflowWarning)
-        _, info = conv.conv2d(xq, wq, padding=1, overflow="fast", return_info=True)
-    assert info.saturated == 0 and info.flush == 16 * 9
+        _, info = conv.conv2d(small, wq, padding=1, overflow="fast", return_info=True)
+    assert info.saturated == info.possibly_saturated == 0 and info.flush == 16 * 9
 
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[6]], ids=ids([SHAPES[0], SHAPES[3], SHAPES[6]]))

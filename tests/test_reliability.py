@@ -403,3 +403,92 @@ def test_magnitudes_below_the_exponent_range_warn(dtype):
     with pytest.warns(UnderflowWarning):
         q = dfpgen.quantize(np.array([2.0 ** -115], np.float64))
     assert q.mantissa[0] == 2 ** 13  # one bit lost, as warned
+
+
+# --- 5. fast mode: a lane that saturates and is pulled back is still reported ------------
+
+from dfpgen import conv, reference  # noqa: E402
+from dfpgen.target import TIERS, host_target  # noqa: E402
+from dfpgen.tuning import TuningConfig  # noqa: E402
+
+RUNNABLE = [t for t in TIERS if host_target(t).executable]
+
+
+def _pull_back_operands():
+    # C = 4 (two pairs) x 2 taps, all mantissas at 32767: the first tap adds 2 * 2 * 32767**2
+    # (clips at INT32_MAX), the second subtracts as much; the true partial is 0.
+    x = np.full((1, 4, 1, 2), 32767, np.int16)
+    w = np.zeros((1, 4, 1, 2), np.int16)
+    w[:, :, 0, 0], w[:, :, 0, 1] = 32767, -32767
+    return dfpgen.DfpTensor(x, -10), dfpgen.DfpTensor(w, -10)
+
+
+@pytest.mark.parametrize("tier", RUNNABLE)
+def test_fast_mode_reports_a_lane_saturated_then_pulled_back(tier):
+    xq, wq = _pull_back_operands()
+    cfg = TuningConfig(k_vecs=1, pixels=1, c_block=4, flush=8)
+    with pytest.warns(dfpgen.OverflowWarning, match="up to 1 output partials"):
+        y, info = conv.conv2d(xq, wq, overflow="fast", config=cfg, target=tier, return_info=True)
+    ref = reference.conv2d_fwd(xq, wq, None, (1, 1), (0, 0), (1, 1), c_block=info.c_block,
+                               flush_taps=info.flush_taps, saturate=True)
+    assert np.array_equal(y, ref.fp32)  # still bit-exact with the saturating reference
+    assert y.ravel()[0] != 0 and ref.exact.ravel()[0] == 0  # ...which is wrong
+    assert info.saturated == ref.saturated == 0  # invisible at the flush
+    assert ref.clipped == 1 and info.possibly_saturated >= 1  # but reported
+
+
+def _relu_signed(shape, seed):
+    """Post-ReLU activations x signed weights at full DFP16 scale (the case fast mode
+    undercounted on): many X mantissas near 2**15, half of them zero."""
+    n, c, h, w, k, r, s = shape
+    rng = np.random.default_rng(seed)
+    x = np.maximum(rng.standard_normal((n, c, h, w)), 0).astype(np.float32) ** 0.25
+    wt = rng.standard_normal((k, c, r, s)).astype(np.float32)
+    return dfpgen.quantize(x), dfpgen.quantize(wt)
+
+
+@pytest.mark.parametrize("tier", RUNNABLE)
+@pytest.mark.parametrize("pass_kind", ["fwd", "bwd_data"])
+def test_fast_mode_bound_covers_every_clipped_partial(tier, pass_kind):
+    shape = (2, 64, 6, 6, 32, 3, 3)
+    xq, wq = _relu_signed(shape, seed=11)
+    cfg = TuningConfig(k_vecs=1, pixels=6, c_block=64, flush=64 * 9)  # long chains: clips
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dfpgen.OverflowWarning)
+        if pass_kind == "fwd":
+            y, info = conv.conv2d(xq, wq, padding=1, overflow="fast", config=cfg, target=tier,
+                                  return_info=True)
+            ref = reference.conv2d_fwd(xq, wq, None, (1, 1), (1, 1), (1, 1), c_block=info.c_block,
+                                       flush_taps=info.flush_taps, saturate=True)
+        else:
+            dyq = dfpgen.quantize(np.abs(np.random.default_rng(3).standard_normal(
+                (2, 32, 6, 6))).astype(np.float32) ** 0.25)
+            y, info = conv.conv2d_input((2, 64, 6, 6), wq, dyq, 1, 1, 1, overflow="fast",
+                                        config=cfg, target=tier, return_info=True)
+            ref = reference.conv2d_bwd_data(dyq, wq, (6, 6), (1, 1), (1, 1), (1, 1),
+                                            k_block=info.c_block, flush_taps=info.flush_taps,
+                                            saturate=True)
+    assert np.array_equal(y, ref.fp32)
+    assert ref.clipped > ref.saturated  # the blind spot is real on this data
+    assert info.saturated == ref.saturated
+    assert ref.clipped <= info.possibly_saturated <= y.size * ref.partials
+
+
+@pytest.mark.parametrize("tier", RUNNABLE)
+def test_fast_mode_without_clipping_reports_zero_and_is_the_unsaturated_result(tier):
+    shape = (1, 16, 5, 5, 16, 3, 3)
+    xq, wq = _relu_signed(shape, seed=2)
+    small = dfpgen.DfpTensor((xq.mantissa // 64).astype(np.int16), xq.exponent)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dfpgen.OverflowWarning)
+        y, info = conv.conv2d(small, wq, padding=1, overflow="fast", target=tier, return_info=True)
+    assert info.saturated == info.possibly_saturated == 0
+    ref = reference.conv2d_fwd(small, wq, None, (1, 1), (1, 1), (1, 1), c_block=info.c_block,
+                               flush_taps=info.flush_taps, saturate=False)
+    assert not ref.overflowed and np.array_equal(y, ref.fp32)
+
+
+def test_exact_mode_reports_no_possible_saturation():
+    xq, wq = _relu_signed((1, 16, 5, 5, 16, 3, 3), seed=2)
+    _, info = conv.conv2d(xq, wq, padding=1, overflow="exact", return_info=True)
+    assert info.saturated == info.possibly_saturated == 0
