@@ -25,7 +25,9 @@ import os
 import sys
 
 from .errors import DfpError
+from .log import verbose
 from .spec import PASSES
+from .target import quiet_tier_note
 
 RELEVANT_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni",
                      "avx512bf16", "amx-int8")
@@ -260,13 +262,11 @@ COMMANDS = {"info": cmd_info, "tune": cmd_tune, "show": cmd_show, "bench": cmd_b
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dfpgen`` console script; returns the exit code (2: bad arguments)."""
     args = build_parser().parse_args(argv)
-    from .log import verbose
-    from .target import quiet_tier_note
-    if not verbose():
-        # The tier is part of what info / tune / bench print; a stderr note would add a
-        # line to every one-line error.
-        quiet_tier_note()
     try:
+        if not verbose():
+            # The tier is part of what info / tune / bench print; a stderr note would add a
+            # line to every one-line error.
+            quiet_tier_note()
         rc = COMMANDS[args.command](args)
     except (DfpError, UsageError) as exc:
         msg = " ".join(str(exc).split())
