@@ -1,0 +1,431 @@
+"""Fused BatchNorm + ReLU (+ residual add) on NHWC float32 activations, writing DFP16.
+
+Das et al. (ICLR 2018, §4) ran BatchNorm with ReLU and the residual add fused into one pass
+and moved activations between layers as DFP16. Here, for an activation X viewed as (M, C)
+rows (M = N*H*W pixels of an NHWC tensor), generated kernels (``templates/bn_act.ll.j2``):
+
+- ``stats``: per channel sum, sum of squares (float64), min and max (float32) in one read of
+  X. Chunks of ``CHUNK`` pixels are summed in pixel order inside the kernel and the chunks'
+  partials are added in chunk order here, so the bits do not depend on the thread count.
+  (The statistics come from their own read of the conv output, not from the conv kernel's
+  epilogue: ``templates/conv_fwd.ll.j2`` is left as it is.)
+- ``fwd``: X -> its DFP16 mantissas Q (exponent Ex from the statistics' min/max: the same
+  exponent and bits as :func:`dfpgen.dfp.quantize`), a = Q*sc + sh with
+  ``sc = gamma*invstd*2**Ex`` and ``sh = beta - mean*gamma*invstd`` (float32, no fused
+  multiply-add), optionally + R (the residual operand), ReLU, then the output's mantissas
+  with an exponent Ey fixed *before* the pass (see :func:`output_bound`), written as INT16
+  (the next conv's padded NHWC layout) and/or float32 (the same values).
+- ``bwd_reduce`` / ``bwd_dx``: BatchNorm backward and ReLU backward from Q alone (the ReLU
+  mask is the sign of a, recomputed bit for bit; with a residual add it is a saved bit mask):
+  ``dX = g*invstd*(dY' - mean(dY') - xhat*mean(dY'*xhat))``, ``dY' = dY * [a > 0]``.
+
+Exponent of the output (no max-abs pass):
+
+- without residual: a is monotone in Q per channel (float32 multiply and add round
+  monotonically), so the channel's extreme values of a are the images of its extreme
+  mantissas ``Q(min_c)``, ``Q(max_c)``: the bound is exact, Ey equals what a max-abs pass
+  over the output would give.
+- with residual: ``fl(a + r)`` is monotone in both operands, so ``fl(hi_c + rhi_c)`` bounds
+  channel c from above (and ``fl(lo_c + rlo_c)`` from below), from the residual's per-channel
+  range. This is a bound, not the maximum: it costs ``floor(log2(bound)) -
+  floor(log2(max))`` bits of the output's 15. When the residual is a ReLU output
+  (``rlo >= 0``) and the BN branch's channel maximum is at least the residual's, the true
+  maximum is at least ``hi_c``, so the bound is at most twice it: at most 1 bit.
+
+Shapes: X, R, dY float32 (M, C) C-contiguous; per-channel arrays (C,). Threads split pixels
+(elementwise passes) or chunks (reductions) with :func:`dfpgen.threads.parallel_for`.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import threads as _threads
+from .dfp import DFP16, DfpFormat, EXP_MIN, exponent_for, scale_factors
+from .errors import DfpError
+from .kernels import load_kernel
+from .render import render
+from .target import CpuTarget, host_target
+
+ABI_VERSION = 1
+CHUNK = 64  # pixels per statistics chunk: fixed by the shape only, never by the thread count
+KINDS = ("stats", "fwd", "bwd_reduce", "bwd_dx")
+MIN_ELEMS_PER_THREAD = 1 << 15
+
+_P, _I, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
+_PROTOS = {
+    "stats": ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I),
+    "fwd": ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _F, _F, _F, _F),
+    "bwd_reduce": ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _D),
+    "bwd_dx": ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I),
+}
+_funcs: dict[tuple, object] = {}
+_lock = threading.Lock()
+
+
+def _llvm_float(v: float) -> str:
+    import struct
+    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", float(v)))[0]
+
+
+def kernel_plan(kind: str, target: CpuTarget, *, relu: bool = True, residual: bool = False,
+                save_x: bool = True, write_q: bool = True, write_f: bool = True,
+                fmt: DfpFormat = DFP16) -> dict:
+    """Every field ``templates/bn_act.ll.j2`` prints for one kernel ``kind`` (see :data:`KINDS`)."""
+    if kind not in KINDS:
+        raise DfpError(f"unknown BatchNorm kernel kind {kind!r}; one of {KINDS}")
+    lanes = target.lanes
+    flags = ""
+    if kind != "stats":
+        flags = ("_relu" if relu else "_id") + ("_res" if residual else "")
+    if kind == "fwd":
+        flags += ("_x" if save_x else "") + ("_q" if write_q else "") + ("_f" if write_f else "") + f"_p{fmt.bits}"
+    return {
+        "kind": kind, "symbol": f"dfp_bn_{kind}{flags}_v{lanes}_{target.tier}", "tier": target.tier,
+        "lanes": lanes, "lanes_m1": lanes - 1, "neg_lanes": -lanes, "chunk": CHUNK,
+        "relu": bool(relu), "residual": bool(residual), "save_x": bool(save_x),
+        "write_q": bool(write_q), "write_f": bool(write_f), "max_mantissa": fmt.max_mantissa,
+        "max_f": _llvm_float(fmt.max_mantissa), "neg_max_f": _llvm_float(-fmt.max_mantissa),
+        "lane_ids_i32": ", ".join(f"i32 {i}" for i in range(lanes)),
+    }
+
+
+def render_kernel(kind: str, target: CpuTarget | None = None, **flags) -> str:
+    """LLVM IR of one BatchNorm kernel (for tests and reading)."""
+    return render("bn_act.ll.j2", p=kernel_plan(kind, target or host_target(), **flags))
+
+
+def _kernel(kind: str, target: CpuTarget, **flags):
+    plan = kernel_plan(kind, target, **flags)
+    fields = {"kernel": "bn_act", "abi": ABI_VERSION, "chunk": CHUNK,
+              **{k: plan[k] for k in ("kind", "lanes", "relu", "residual", "save_x", "write_q",
+                                      "write_f", "max_mantissa")}}
+    k = load_kernel(plan["symbol"], fields, lambda: render("bn_act.ll.j2", p=plan), target)
+    key = (k.symbol, k.address)
+    with _lock:
+        fn = _funcs.get(key)
+        if fn is None:
+            fn = _funcs[key] = _PROTOS[kind](k.address)
+    return fn
+
+
+def _nthreads(threads: int | None, items: int, elems_per_item: int) -> int:
+    n = threads or _threads.num_threads()
+    if threads is None:
+        n = min(n, max(1, items * elems_per_item // MIN_ELEMS_PER_THREAD))
+    return max(1, min(n, items))
+
+
+def _rows(a, name: str, dtype=np.float32) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype != dtype or not a.flags.c_contiguous:
+        raise DfpError(f"{name}: expected a C-contiguous {np.dtype(dtype).name} (M, C) array (NHWC rows), got "
+                       f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+    return a
+
+
+def _channels(a, C: int, name: str, dtype=np.float32) -> np.ndarray:
+    """(C,) per-channel array -> zero-padded (Cv,) of ``dtype`` (the kernels' vector loads)."""
+    a = np.asarray(a, dtype=np.float64 if dtype == np.float64 else None)
+    if a.shape != (C,):
+        raise DfpError(f"{name}: expected shape ({C},), got {a.shape}")
+    if not np.isfinite(a).all():
+        raise DfpError(f"{name}: per-channel values must be finite")
+    return a.astype(dtype)
+
+
+def _pad(a: np.ndarray, Cv: int) -> np.ndarray:
+    out = np.zeros(Cv, a.dtype)
+    out[:a.shape[0]] = a
+    return out
+
+
+def _cv(C: int, lanes: int) -> int:
+    return -(-C // lanes) * lanes
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class BnStats:
+    """Per-channel statistics of an (M, C) activation: ``sum``, ``sumsq`` float64 (C,),
+    ``min``, ``max`` float32 (C,), ``count`` = M."""
+    count: int
+    sum: np.ndarray
+    sumsq: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / self.count
+
+    @property
+    def var(self) -> np.ndarray:
+        """Biased variance (float64 (C,), clipped at 0), as BatchNorm normalizes with."""
+        m = self.mean
+        return np.maximum(self.sumsq / self.count - m * m, 0.0)
+
+    @property
+    def max_abs(self) -> float:
+        return float(max(np.max(np.abs(self.min)), np.max(np.abs(self.max)))) if self.count else 0.0
+
+
+def combine_partials(psum, psq, pmin, pmax, C: int, M: int) -> BnStats:
+    """Add the chunks' partials (nchunks, Cv) in chunk order: the same bits for any split."""
+    s = np.zeros(psum.shape[1]); q = np.zeros(psq.shape[1])
+    for i in range(psum.shape[0]):
+        s += psum[i]
+        q += psq[i]
+    return BnStats(M, s[:C], q[:C], pmin.min(axis=0)[:C], pmax.max(axis=0)[:C])
+
+
+def batch_stats(x: np.ndarray, *, name: str = "BatchNorm input", threads: int | None = None,
+                target: CpuTarget | None = None) -> BnStats:
+    """Per-channel sum, sum of squares, min and max of ``x`` float32 (M, C) in one read.
+
+    Bits are independent of ``threads``. Raises :class:`DfpError` naming ``name`` for a bad
+    array or a NaN/Inf in ``x`` (count and first index), or M == 0.
+    """
+    x = _rows(x, name)
+    M, C = x.shape
+    if M == 0 or C == 0:
+        raise DfpError(f"{name}: BatchNorm statistics of an empty activation ({M} pixels, {C} channels)")
+    target = target or host_target()
+    Cv = _cv(C, target.lanes)
+    nch = -(-M // CHUNK)
+    psum = np.empty((nch, Cv)); psq = np.empty((nch, Cv))
+    pmin = np.empty((nch, Cv), np.float32); pmax = np.empty((nch, Cv), np.float32)
+    fn = _kernel("stats", target)
+    ptrs = [a.ctypes.data for a in (x, psum, psq, pmin, pmax)]
+    _threads.parallel_for(nch, lambda b, e: fn(*ptrs, b, e, M, C, Cv), _nthreads(threads, nch, CHUNK * C))
+    st = combine_partials(psum, psq, pmin, pmax, C, M)
+    if not (np.isfinite(st.sum).all() and np.isfinite(st.sumsq).all()):
+        from .dfp import raise_nonfinite
+        if not np.isfinite(x).all():
+            raise_nonfinite(x, name=name)
+        raise DfpError(f"{name}: the sum of squares overflows float64 (values too large for BatchNorm)")
+    return st
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def affine_params(mean, var, gamma, beta, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(invstd float64, scale float32, shift float32)`` (C,): y = x*scale + shift is
+    BatchNorm's normalize with weight ``gamma`` and bias ``beta``."""
+    mean = np.asarray(mean, np.float64); var = np.asarray(var, np.float64)
+    invstd = 1.0 / np.sqrt(var + float(eps))
+    scale = np.asarray(gamma, np.float64) * invstd
+    shift = np.asarray(beta, np.float64) - mean * scale
+    return invstd, scale.astype(np.float32), shift.astype(np.float32)
+
+
+def mantissa_f32(v: np.ndarray, exponent: int, fmt: DfpFormat = DFP16) -> np.ndarray:
+    """The kernels' mantissa of float32 ``v``: ``clamp(roundeven((v*s1)*s2))`` as float32."""
+    s1, s2 = scale_factors(exponent)
+    with np.errstate(over="ignore"):
+        t = (np.asarray(v, np.float32) * np.float32(s1)) * np.float32(s2)
+    m = np.float32(fmt.max_mantissa)
+    return np.clip(np.rint(t), -m, m).astype(np.float32)
+
+
+def dequant_scale(exponent: int) -> np.float32:
+    """``2**E`` as float32 (a subnormal below 2**-126; exact down to 2**-149)."""
+    return np.float32(np.ldexp(1.0, exponent))
+
+
+def mantissa_scale(scale: np.ndarray, x_exp: int) -> np.ndarray:
+    """sc = scale * 2**Ex (float32; the float64 product is exact), the factor the kernels
+    apply to X's mantissas."""
+    with np.errstate(over="ignore", under="ignore"):
+        return (np.asarray(scale, np.float32).astype(np.float64) * np.ldexp(1.0, x_exp)).astype(np.float32)
+
+
+def affine_range(qmin: np.ndarray, qmax: np.ndarray, sc: np.ndarray, sh: np.ndarray):
+    """Per-channel [lo, hi] of ``a = q*sc + sh`` (float32, two roundings) over q in
+    [qmin, qmax]: a is monotone in q, so the ends are the images of the ends."""
+    a1 = (qmin * sc) + sh
+    a2 = (qmax * sc) + sh
+    return np.minimum(a1, a2).astype(np.float32), np.maximum(a1, a2).astype(np.float32)
+
+
+def output_bound(lo: np.ndarray, hi: np.ndarray, *, relu: bool, res_lo=None, res_hi=None):
+    """Per-channel [lo, hi] of the output before quantization and the max |value| over all
+    channels. ``res_lo``/``res_hi``: the residual's per-channel range (a bound: see the module
+    docstring); ReLU clips at 0."""
+    lo = np.asarray(lo, np.float32); hi = np.asarray(hi, np.float32)
+    if res_lo is not None:
+        lo = (lo + np.asarray(res_lo, np.float32)).astype(np.float32)
+        hi = (hi + np.asarray(res_hi, np.float32)).astype(np.float32)
+    if relu:
+        lo = np.maximum(lo, np.float32(0)); hi = np.maximum(hi, np.float32(0))
+    m = float(max(np.max(np.abs(lo)), np.max(np.abs(hi)))) if lo.size else 0.0
+    return lo, hi, m
+
+
+@dataclass
+class BnForward:
+    """Result of :func:`forward`. ``y_q`` int16 (M, Cp) (the next conv's padded NHWC rows,
+    Cp = C + C % 2, pad channel 0) or None; ``y_f`` float32 (M, C) or None (the same values);
+    ``y_exp`` their exponent; ``x_q`` int16 (M, C) mantissas of X with ``x_exp`` (None unless
+    ``save_x``); ``mask`` uint8 (M, nvec * lanes / 8) ReLU bits (residual + ReLU only);
+    ``lo``/``hi`` float32 (C,): per-channel range of the output values (exact without
+    residual, a bound with); ``sc``/``sh`` the float32 (C,) affine the kernel applied."""
+    y_q: np.ndarray | None
+    y_f: np.ndarray | None
+    y_exp: int
+    x_q: np.ndarray | None
+    x_exp: int
+    mask: np.ndarray | None
+    lo: np.ndarray
+    hi: np.ndarray
+    sc: np.ndarray
+    sh: np.ndarray
+
+
+def forward(x: np.ndarray, stats: BnStats, scale, shift, *, relu: bool = True,
+            residual: np.ndarray | None = None, residual_range=None, save_x: bool = True,
+            write_q: bool = True, write_f: bool = True, fmt: DfpFormat = DFP16,
+            threads: int | None = None, target: CpuTarget | None = None,
+            name: str = "BatchNorm input") -> BnForward:
+    """One pass: X (M, C) float32 -> DFP16 output of ReLU(X*scale + shift [+ residual]).
+
+    ``stats``: :func:`batch_stats` of ``x`` (its min/max fix X's exponent and, with
+    ``scale``/``shift`` float32 (C,), the output's; see the module docstring).
+    ``residual``: float32 (M, C) or None; ``residual_range``: ``(lo, hi)`` float32 (C,)
+    containing every residual value of each channel (required with ``residual``).
+    Raises :class:`DfpError` for bad shapes, stochastic rounding (activations round to
+    nearest), non-finite parameters, or an exponent outside the format's range.
+    """
+    x = _rows(x, name)
+    M, C = x.shape
+    if fmt.rounding != "nearest":
+        raise DfpError("fused BatchNorm writes activations with round-to-nearest; got rounding "
+                       f"{fmt.rounding!r}")
+    if stats.count != M or stats.min.shape != (C,):
+        raise DfpError(f"{name}: statistics of {stats.count} x {stats.min.shape} do not match ({M}, {C})")
+    target = target or host_target()
+    lanes = target.lanes
+    Cv = _cv(C, lanes)
+    scale = _channels(scale, C, "BatchNorm scale"); shift = _channels(shift, C, "BatchNorm shift")
+    x_exp = exponent_for(stats.max_abs, fmt, name)
+    sc = mantissa_scale(scale, x_exp)
+    qmin = mantissa_f32(stats.min, x_exp, fmt); qmax = mantissa_f32(stats.max, x_exp, fmt)
+    lo, hi = affine_range(qmin, qmax, sc, shift)
+    rlo = rhi = None
+    if residual is not None:
+        residual = _rows(residual, "residual operand")
+        if residual.shape != x.shape:
+            raise DfpError(f"residual operand: shape {residual.shape} does not match the BatchNorm input {x.shape}")
+        if residual_range is None:
+            raise DfpError("residual operand: its per-channel range (lo, hi) is needed to bound the output exponent")
+        rlo = _channels(residual_range[0], C, "residual range lo"); rhi = _channels(residual_range[1], C, "residual range hi")
+    lo, hi, mx = output_bound(lo, hi, relu=relu, res_lo=rlo, res_hi=rhi)
+    y_exp = exponent_for(mx, fmt, "BatchNorm output")
+    s1x, s2x = scale_factors(x_exp); s1y, s2y = scale_factors(y_exp)
+    dqy = float(dequant_scale(y_exp))
+    Cp = C + C % 2
+    from .pack import empty_aligned
+    x_q = empty_aligned((M, C)) if save_x else None
+    y_q = empty_aligned((M, Cp)) if write_q else None
+    y_f = empty_aligned((M, C), np.float32) if write_f else None
+    has_mask = relu and residual is not None
+    nvec = Cv // lanes
+    mask = np.empty((M, nvec * lanes // 8), np.uint8) if has_mask else None
+    fn = _kernel("fwd", target, relu=relu, residual=residual is not None, save_x=save_x,
+                 write_q=write_q, write_f=write_f, fmt=fmt)
+    scp, shp = _pad(sc, Cv), _pad(shift, Cv)
+    ptr = lambda a: 0 if a is None else a.ctypes.data  # noqa: E731
+    args = [ptr(x), ptr(residual), ptr(scp), ptr(shp), ptr(x_q), ptr(y_q), ptr(y_f), ptr(mask)]
+    _threads.parallel_for(M, lambda b, e: fn(*args, b, e, C, s1x, s2x, s1y, s2y, dqy),
+                          _nthreads(threads, M, C))
+    # The output values' range: the quantized images of the bound (exact without residual).
+    out_lo = (mantissa_f32(lo, y_exp, fmt) * np.float32(dqy)).astype(np.float32)
+    out_hi = (mantissa_f32(hi, y_exp, fmt) * np.float32(dqy)).astype(np.float32)
+    return BnForward(y_q, y_f, y_exp, x_q, x_exp, mask, out_lo, out_hi, sc, shift)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@dataclass
+class BnBackward:
+    """Result of :func:`backward`: ``dx`` float32 (M, C) (BN's input gradient, the dY of the
+    conv before it), ``dgamma``/``dbeta`` float64 (C,), ``dres`` float32 (M, C) (gradient of
+    the residual operand) or None."""
+    dx: np.ndarray
+    dgamma: np.ndarray
+    dbeta: np.ndarray
+    dres: np.ndarray | None
+
+
+def backward(dy: np.ndarray, x_q: np.ndarray, x_exp: int, sc, sh, mean, invstd, gamma, *,
+             relu: bool = True, mask: np.ndarray | None = None, residual: bool = False,
+             batch_stats_used: bool = True, threads: int | None = None,
+             target: CpuTarget | None = None) -> BnBackward:
+    """BatchNorm backward + ReLU backward from the saved INT16 ``x_q`` (M, C) alone.
+
+    ``sc``/``sh``: the forward's :attr:`BnForward.sc`/``sh`` (the ReLU mask is recomputed from
+    them bit for bit); ``mask``: the forward's bit mask (required with ``relu`` and
+    ``residual``). ``mean``/``invstd`` float64 (C,) the statistics BN normalized with,
+    ``gamma`` (C,). ``batch_stats_used=False`` (eval mode: running statistics are constants)
+    gives ``dX = gamma*invstd*dY'``. Bits are independent of ``threads``.
+    """
+    dy = _rows(dy, "BatchNorm grad_output")
+    x_q = _rows(x_q, "saved BatchNorm input", np.int16)
+    if dy.shape != x_q.shape:
+        raise DfpError(f"BatchNorm grad_output {dy.shape} does not match the saved input {x_q.shape}")
+    M, C = dy.shape
+    target = target or host_target()
+    lanes = target.lanes
+    Cv = _cv(C, lanes)
+    if relu and residual and (mask is None or mask.shape != (M, Cv // 8) or mask.dtype != np.uint8):
+        raise DfpError("BatchNorm backward with ReLU after a residual add needs the forward's bit mask")
+    flags = dict(relu=relu, residual=residual)
+    scp = _pad(_channels(sc, C, "BatchNorm sc"), Cv); shp = _pad(_channels(sh, C, "BatchNorm sh"), Cv)
+    mean = _channels(mean, C, "BatchNorm mean", np.float64)
+    invstd = _channels(invstd, C, "BatchNorm invstd", np.float64)
+    gamma = _channels(gamma, C, "BatchNorm weight", np.float64)
+    exs = float(np.ldexp(1.0, x_exp))
+    nch = -(-M // CHUNK)
+    p1 = np.empty((nch, Cv)); p2 = np.empty((nch, Cv))
+    ptr = lambda a: 0 if a is None else a.ctypes.data  # noqa: E731
+    meanp = _pad(mean, Cv)
+    red = _kernel("bwd_reduce", target, **flags)
+    rargs = [ptr(dy), ptr(x_q), ptr(mask), ptr(scp), ptr(shp), ptr(meanp), ptr(p1), ptr(p2)]
+    _threads.parallel_for(nch, lambda b, e: red(*rargs, b, e, M, C, Cv, exs), _nthreads(threads, nch, CHUNK * C))
+    s1 = np.zeros(Cv); s2 = np.zeros(Cv)
+    for i in range(nch):  # chunk order: bit-identical for any split
+        s1 += p1[i]
+        s2 += p2[i]
+    dbeta, sxc = s1[:C], s2[:C]
+    dgamma = sxc * invstd
+    k = gamma * invstd
+    if batch_stats_used:
+        k2x = -k * invstd * invstd * sxc / M          # coefficient of x
+        k3 = -k * dbeta / M - k2x * mean
+    else:
+        k2x = np.zeros(C); k3 = np.zeros(C)
+    k1 = _pad(k.astype(np.float32), Cv)
+    k2 = _pad((k2x * exs).astype(np.float32), Cv)
+    k3 = _pad(k3.astype(np.float32), Cv)
+    from .pack import empty_aligned
+    dx = empty_aligned((M, C), np.float32)
+    dres = empty_aligned((M, C), np.float32) if residual else None
+    dxk = _kernel("bwd_dx", target, **flags)
+    dargs = [ptr(dy), ptr(x_q), ptr(mask), ptr(scp), ptr(shp), ptr(k1), ptr(k2), ptr(k3), ptr(dx), ptr(dres)]
+    _threads.parallel_for(M, lambda b, e: dxk(*dargs, b, e, C), _nthreads(threads, M, C))
+    return BnBackward(dx, dgamma, dbeta, dres)
+
+
+def dequantize_rows(q: np.ndarray, exponent: int) -> np.ndarray:
+    """float32 values ``q * 2**exponent`` of an int16 rows array (exact unless subnormal)."""
+    return (q.astype(np.float32) * dequant_scale(exponent)).astype(np.float32)
+
+
+__all__ = ["BnStats", "BnForward", "BnBackward", "batch_stats", "forward", "backward",
+           "affine_params", "output_bound", "kernel_plan", "render_kernel", "CHUNK", "EXP_MIN"]
