@@ -50,7 +50,7 @@ def _skip_fn(skip: Skip) -> Callable[[str, nn.Module], bool]:
 
 def convert(model: nn.Module, *, skip: Skip = None, dfp_format: Optional[DfpFormat] = None,
             overflow: Optional[str] = None, grad_rounding: Optional[str] = None,
-            threads: int = 0, linear: bool = True) -> nn.Module:
+            threads: int = 0, linear: bool = True, fuse: bool = True) -> nn.Module:
     """Swap every ``nn.Conv2d`` (and ``nn.Linear`` when ``linear``) of ``model`` for its DFP16
     version, in place, and return ``model``.
 
@@ -63,6 +63,11 @@ def convert(model: nn.Module, *, skip: Skip = None, dfp_format: Optional[DfpForm
     configuration the kernels do not cover (groups > 1, depthwise, ...) runs in FP32.
     One :class:`DfpFallbackWarning` lists every layer left in FP32 this way and why (layers
     named by ``skip`` are not listed). Raises ``TypeError`` for a bad ``skip``.
+
+    ``fuse`` (default on): conv -> BatchNorm -> ReLU and conv -> BatchNorm -> add -> ReLU
+    found by ``torch.fx`` tracing run as one DFP16 pass (``dfpgen.runtime.fuse``); a block
+    that does not trace stays unfused with one ``FusionWarning`` naming it. ``state_dict``
+    keys do not change. ``fuse=False`` keeps BatchNorm, ReLU and the add in FP32 PyTorch.
     """
     if overflow is not None:
         config.check_overflow(overflow)
@@ -91,6 +96,9 @@ def convert(model: nn.Module, *, skip: Skip = None, dfp_format: Optional[DfpForm
         listing = "; ".join(f"{name!r}: {why}" for name, why in left)
         warnings.warn(f"dfpgen.convert: {len(left)} layer(s) stay in FP32: {listing}",
                       DfpFallbackWarning, stacklevel=2)
+    if fuse:
+        from .fuse import fuse_batchnorm
+        fuse_batchnorm(model)
     return model
 
 
@@ -107,7 +115,10 @@ def _subclass_reason(m: nn.Module) -> Optional[str]:
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Swap every ``DFPConv2d`` / ``DFPLinear`` back to the PyTorch layer, in place."""
+    """Swap every ``DFPConv2d`` / ``DFPLinear`` back to the PyTorch layer, in place (and
+    undo BatchNorm fusion)."""
+    from .fuse import unfuse_batchnorm
+    unfuse_batchnorm(model)
     for name, m in list(model.named_modules()):
         if name and type(m) in _TO_TORCH:
             new = copy.copy(m)
