@@ -98,7 +98,19 @@ def render_kernel(kind: str, target: CpuTarget | None = None, **flags) -> str:
     return render("bn_act.ll.j2", p=kernel_plan(kind, target or host_target(), **flags))
 
 
+_by_flags: dict[tuple, object] = {}
+
+
 def _kernel(kind: str, target: CpuTarget, **flags):
+    # Per call only a dict lookup: the cache key (JSON + sha256 of the target) is built once.
+    memo = (kind, target, tuple(sorted(flags.items())))
+    fn = _by_flags.get(memo)
+    if fn is None:
+        fn = _by_flags.setdefault(memo, _load(kind, target, **flags))
+    return fn
+
+
+def _load(kind: str, target: CpuTarget, **flags):
     plan = kernel_plan(kind, target, **flags)
     fields = {"kernel": "bn_act", "abi": ABI_VERSION, "chunk": CHUNK,
               **{k: plan[k] for k in ("kind", "lanes", "relu", "residual", "save_x", "write_q",
