@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import dfpgen.runtime as dfp
 from dfpgen.runtime import models
 
-PRECISIONS = ("fp32", "dfp16", "bf16")
+PRECISIONS = ("fp32", "dfp16", "bf16")  # also "dfp16_unfused": convert(fuse=False)
 
 
 def build(name: str, precision: str):
@@ -37,8 +37,8 @@ def build(name: str, precision: str):
         m, shape, classes = models.resnet50(), (3, 224, 224), 1000
     else:
         m, shape, classes = models.resnet20(), (1, 28, 28), 10
-    if precision == "dfp16":
-        dfp.convert(m)
+    if precision.startswith("dfp16"):
+        dfp.convert(m, fuse=precision == "dfp16")
     return m.to(memory_format=torch.channels_last), shape, classes
 
 
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
             # One process per run: its own peak memory and kernel state, and the OpenMP wait
             # policy that suits it (DFP16: PASSIVE, see examples/train_fashion_mnist.py).
             env = dict(os.environ)
-            if prec == "dfp16" and "OMP_WAIT_POLICY" not in os.environ:
+            if prec.startswith("dfp16") and "OMP_WAIT_POLICY" not in os.environ:
                 env["OMP_WAIT_POLICY"] = "PASSIVE"
             with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
                 subprocess.run([sys.executable, os.path.abspath(__file__), *child_argv,

@@ -188,10 +188,9 @@ class BnStats:
 
 def combine_partials(psum, psq, pmin, pmax, C: int, M: int) -> BnStats:
     """Add the chunks' partials (nchunks, Cv) in chunk order: the same bits for any split."""
-    s = np.zeros(psum.shape[1]); q = np.zeros(psq.shape[1])
-    for i in range(psum.shape[0]):
-        s += psum[i]
-        q += psq[i]
+    # numpy reduces axis 0 of a C-contiguous array row after row: chunk order, as the golden
+    # model's explicit loop (tests compare the bits).
+    s = psum.sum(axis=0); q = psq.sum(axis=0)
     return BnStats(M, s[:C], q[:C], pmin.min(axis=0)[:C], pmax.max(axis=0)[:C])
 
 
@@ -410,10 +409,7 @@ def backward(dy: np.ndarray, x_q: np.ndarray, x_exp: int, sc, sh, mean, invstd, 
     red = _kernel("bwd_reduce", target, **flags)
     rargs = [ptr(dy), ptr(x_q), ptr(mask), ptr(scp), ptr(shp), ptr(meanp), ptr(p1), ptr(p2)]
     _threads.parallel_for(nch, lambda b, e: red(*rargs, b, e, M, C, Cv, exs), _nthreads(threads, nch, CHUNK * C))
-    s1 = np.zeros(Cv); s2 = np.zeros(Cv)
-    for i in range(nch):  # chunk order: bit-identical for any split
-        s1 += p1[i]
-        s2 += p2[i]
+    s1 = p1.sum(axis=0); s2 = p2.sum(axis=0)  # chunk order: bit-identical for any split
     dbeta, sxc = s1[:C], s2[:C]
     dgamma = sxc * invstd
     k = gamma * invstd

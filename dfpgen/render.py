@@ -38,7 +38,8 @@ def template_names() -> list[str]:
 # is assumed to generate code until listed here (a stale kernel is worse than a rebuild).
 NOT_GENERATOR = frozenset({
     "__init__.py", "autotune.py", "baseline.py", "cache.py", "cli.py", "cli_commands.py",
-    "conv.py", "decisions.py", "env.py", "errors.py", "layer_tables.py", "log.py", "measure.py",
+    "bn_reference.py", "conv.py", "decisions.py", "env.py", "errors.py", "layer_tables.py", "log.py",
+    "measure.py",
     "reference.py", "runinfo.py", "spec.py",
     "threads.py",
 })
