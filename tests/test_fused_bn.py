@@ -273,3 +273,19 @@ def test_golden_model_mask_agrees_with_module_output():
     live = _kernel_mask(m, x)
     ypos = (y.permute(0, 2, 3, 1).reshape(-1, 12) > 0).numpy()
     assert not (ypos & ~live).any() and live.any() and not live.all()
+
+
+def test_int16_output_is_the_next_convs_dfp16_input():
+    # emit_int16: the output's mantissas in the conv kernels' padded NHWC layout, with the
+    # exponent fixed before the pass; quantizing the float32 output gives the same bits.
+    from dfpgen import pack
+    m, _ = _pair(C=13)
+    m.emit_int16 = True
+    x = _x((2, 13, 5, 6))
+    with torch.no_grad():
+        y = m(x)
+    buf, exp = y._dfp16
+    assert buf.shape == (2, 5, 6, 14) and not buf[..., 13].any()
+    q = pack.quantize_pack(y.numpy())
+    assert q.exponent == exp
+    assert np.array_equal(pack.nhwc_buffer(q), buf.numpy())
