@@ -55,6 +55,19 @@ def _hw(text: str):
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (``--batch 0`` must not mean the default)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return v
+    return parse
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -70,11 +83,11 @@ def _layer_args(p: argparse.ArgumentParser, passes_all: bool, required: bool = T
     choices = (*PASSES, "all") if passes_all else PASSES
     p.add_argument("--pass", dest="pass_kind", choices=choices, default="fwd",
                    help="forward, backward-data or backward-weight (a pass: prefix in --layer wins)")
-    p.add_argument("--batch", type=int, help="batch size N (default 32 for short and named layers)")
+    p.add_argument("--batch", type=_int_at_least(1), help="batch size N (default 32 for short and named layers)")
     p.add_argument("--hw", type=_hw, help="input size H or HxW")
-    p.add_argument("--k", type=int, help="output channels K")
-    p.add_argument("--stride", type=int, help="stride u (both axes)")
-    p.add_argument("--pad", type=int, help="padding p (both axes)")
+    p.add_argument("--k", type=_int_at_least(1), help="output channels K")
+    p.add_argument("--stride", type=_int_at_least(1), help="stride u (both axes)")
+    p.add_argument("--pad", type=_int_at_least(0), help="padding p (both axes)")
     p.add_argument("--overflow", choices=("exact", "fast"), default="exact",
                    help="exact: proven flush interval, bit-exact (the runtime's default); fast: "
                         "saturating vpdpwssds with long chains")
@@ -105,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="quick benchmark against PyTorch FP32 and bf16")
     _layer_args(p, passes_all=True)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=_int_at_least(1), default=5,
+                   help="timed calls per measurement (at most about 2 s of them)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("cache", help="list, clear or verify cached kernels and tuning decisions")
@@ -149,10 +163,14 @@ def _check_fits(specs, hint: str) -> None:
 def _parse_config(text: str, default):
     from .tuning import TuningConfig
     kw = default.to_dict()
+    seen = set()
     for part in filter(None, (t.strip() for t in text.split(","))):
         name, sep, val = part.partition("=")
         if not sep or name not in kw:
             raise UsageError(f"--config: {part!r} is not field=value with a field of {', '.join(kw)}")
+        if name in seen:
+            raise UsageError(f"--config: {name} is given twice")
+        seen.add(name)
         kw[name] = val if name == "unroll" else int(val) if val.isdigit() else None
         if kw[name] is None:
             raise UsageError(f"--config: {name} needs a non-negative integer, got {val!r}")

@@ -57,7 +57,7 @@ def _quantize_act(a, fmt: DfpFormat, seed: int, name: str, threads) -> DfpTensor
         if a.mantissa.ndim != 4:
             raise DfpError(f"{name}: expected 4-D NCHW, got shape {a.shape}")
         return a
-    arr = np.asarray(a)
+    arr = _as_array(a, name)
     if arr.ndim != 4:
         raise DfpError(f"{name}: expected a 4-D NCHW array, got shape {arr.shape}")
     try:
@@ -69,11 +69,21 @@ def _quantize_act(a, fmt: DfpFormat, seed: int, name: str, threads) -> DfpTensor
     return quantize_pack(arr, fmt, seed=seed, name=name, threads=threads)
 
 
+def _as_array(a, name: str) -> np.ndarray:
+    """``np.asarray(a)``; an object numpy cannot read (e.g. a torch tensor that requires
+    grad) is a :class:`DfpError` naming the operand instead of the object's own error."""
+    try:
+        return np.asarray(a)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DfpError(f"{name}: cannot read {type(a).__name__} as a numpy array "
+                       f"({' '.join(str(exc).split())})") from None
+
+
 def _quantize_weight(w, fmt: DfpFormat, name: str) -> DfpTensor:
     if isinstance(w, DfpTensor):
         q = w
     else:
-        arr = np.asarray(w)
+        arr = _as_array(w, name)
         try:
             from .pack import quantize_pack
         except ImportError:

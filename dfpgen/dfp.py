@@ -299,7 +299,13 @@ def quantize(x: Any, fmt: DfpFormat = DFP16, *, seed: int = 0, name: str = "tens
     if exponent is None:
         exponent = exponent_for(float(np.max(np.abs(a))) if a.size else 0.0, fmt, name)
     else:
-        exponent = int(exponent)
+        forced = exponent
+        try:  # 1.5 must not become 1
+            if isinstance(forced, bool):
+                raise TypeError
+            exponent = operator.index(forced)
+        except TypeError:
+            raise DfpError(f"{name}: forced exponent must be an integer, got {forced!r}") from None
         if not EXP_MIN <= exponent <= EXP_MAX:
             raise DfpError(f"{name}: forced exponent {exponent} outside [{EXP_MIN}, {EXP_MAX}]")
     if a.size == 0:

@@ -60,7 +60,7 @@ class _DfpLayer:
         self.dfp_format = dfp_format
         self.overflow = None if overflow is None else config.check_overflow(overflow)
         self.grad_rounding = None if grad_rounding is None else config.check_rounding(grad_rounding)
-        self.threads = int(threads)
+        self.threads = ops.check_threads(threads)
         self.dfp_name = name
         # Stochastic rounding of dY is keyed on (layer seed, call count): runs that build the
         # model in the same order and take the same steps round identically.

@@ -245,6 +245,34 @@ def _conv2d_backward(ctx, grad_y, _gbuf, _gexp):
 conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
 
 
+_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_threads(threads) -> int:
+    """``threads`` as an int >= 0 (0: dfpgen's default count); raises DfpError otherwise,
+    as ``dfpgen.conv2d`` does (a negative count is a mistake, not the default)."""
+    import operator
+
+    from dfpgen.errors import DfpError
+    try:
+        if isinstance(threads, bool):
+            raise TypeError
+        n = operator.index(threads)
+    except TypeError:
+        n = -1
+    if n < 0:
+        raise DfpError(f"threads must be an int >= 0 (0: the default count), got {threads!r}")
+    return n
+
+
+def _check_operands(*named):
+    from dfpgen.errors import DfpError
+    for what, t in named:
+        if t is not None and t.dtype not in _OP_DTYPES:
+            raise DfpError(f"{what} has dtype {t.dtype}; the DFP16 ops take float32, bfloat16 or "
+                           "float16 (use torch.nn.functional for other dtypes)")
+
+
 def _defaults(fmt, overflow, grad_rounding):
     from . import config
     if fmt is not None and not isinstance(fmt, DfpFormat):
@@ -285,6 +313,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, p
     Raises :class:`dfpgen.DfpError` on NaN/Inf operands (naming the tensor) or bad shapes.
     """
     fmt, overflow, grad_rounding = _defaults(fmt, overflow, grad_rounding)
+    threads = check_threads(threads)
+    _check_operands(("conv2d input x", x), ("conv2d weight", weight), ("conv2d bias", bias))
     if x.numel() == 0:  # an empty batch has nothing to quantize; PyTorch gives its shape
         return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation)
     y, _, _ = conv2d_op(x, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
@@ -387,6 +417,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     (O, F), bias (O,) or None -> float32 (..., O). Leading dims are flattened into rows,
     which the kernels treat as pixels of a 1x1 convolution. Arguments as :func:`conv2d`."""
     fmt, overflow, grad_rounding = _defaults(fmt, overflow, grad_rounding)
+    threads = check_threads(threads)
+    _check_operands(("linear input x", x), ("linear weight", weight), ("linear bias", bias))
     if x.numel() == 0:
         return torch.nn.functional.linear(x, weight, bias)
     lead = x.shape[:-1]

@@ -492,3 +492,61 @@ def test_exact_mode_reports_no_possible_saturation():
     xq, wq = _relu_signed((1, 16, 5, 5, 16, 3, 3), seed=2)
     _, info = conv.conv2d(xq, wq, padding=1, overflow="exact", return_info=True)
     assert info.saturated == info.possibly_saturated == 0
+
+
+# --- the rest of the surface, tried as a user would --------------------------------------
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["tune", "--model", "resnet50", "--batch", "0"], "--batch"),  # used to tune batch 32
+    (["show", "--layer", "3x3x64", "--batch", "-1", "--plan"], "--batch"),
+    (["show", "--layer", "3x3x64", "--k", "0", "--plan"], "--k"),
+    (["show", "--layer", "3x3x64", "--stride", "x", "--plan"], "--stride"),
+    (["show", "--layer", "3x3x64", "--pad", "-1", "--plan"], "--pad"),
+    (["bench", "--layer", "n1c3h5w5k2r3s3", "--repeats", "0"], "--repeats"),
+])
+def test_cli_integer_flags_are_checked_against_their_range(tmp_path, args, flag):
+    line = error_line(cli(tmp_path, *args, timeout=60))
+    assert f"argument {flag}: expected an integer >=" in line
+
+
+def test_cli_config_field_given_twice_is_an_error(tmp_path):
+    # the last one used to win silently
+    line = error_line(cli(tmp_path, "show", "--layer", "n1c3h5w5k2r3s3", "--config", "k_vecs=2,k_vecs=3"))
+    assert "k_vecs is given twice" in line
+
+
+def test_forced_exponent_must_be_an_integer():
+    x = np.ones(3, np.float32)
+    with pytest.raises(DfpError, match="forced exponent must be an integer, got 1.5"):
+        dfpgen.quantize(x, exponent=1.5)  # used to truncate to 1
+    assert dfpgen.quantize(x, exponent=np.int8(-3)).exponent == -3
+
+
+def test_numpy_api_names_an_operand_it_cannot_read():
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    with pytest.raises(DfpError, match="conv2d input X: cannot read Tensor as a numpy array"):
+        dfpgen.conv2d(x, np.ones((2, 2, 3, 3), np.float32))
+    with pytest.raises(DfpError, match="conv2d weight W: cannot read"):
+        dfpgen.conv2d(np.ones((1, 2, 4, 4), np.float32), torch.ones(2, 2, 3, 3, requires_grad=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+def test_runtime_functionals_refuse_dtypes_they_do_not_compute_in(dtype):
+    # float64 used to come back float32 (silently less precise), int32 as float32 results
+    x = torch.ones(1, 4, 5, 5, dtype=dtype)
+    with pytest.raises(DfpError, match=f"conv2d input x has dtype {dtype}"):
+        dfp.conv2d(x, torch.randn(3, 4, 3, 3))
+    with pytest.raises(DfpError, match=f"linear weight has dtype {dtype}"):
+        dfp.linear(torch.randn(2, 4), torch.ones(3, 4, dtype=dtype))
+
+
+@pytest.mark.parametrize("threads", [-1, "2", 1.5, True])
+def test_runtime_thread_counts_are_checked_like_the_numpy_api(threads):
+    # -1 used to mean the default silently; "2" was int()-ed
+    with pytest.raises(DfpError, match="threads must be an int >= 0"):
+        dfp.conv2d(torch.randn(1, 4, 5, 5), torch.randn(3, 4, 3, 3), threads=threads)
+    with pytest.raises(DfpError, match="threads must be an int >= 0"):
+        dfp.DFPConv2d(4, 3, 3, threads=threads)
+    with pytest.raises(DfpError, match="threads must be an int >= 0"):
+        dfp.convert(nn.Sequential(nn.Conv2d(1, 1, 1)), threads=threads)
