@@ -17,7 +17,9 @@ Overflow modes:
   INT32_MAX / INT32_MIN are counted and a :class:`dfpgen.OverflowWarning` reports them.
   When the count is 0 the result equals the exact computation of that flush schedule
   (``dfpgen.reference`` with ``saturate=True`` gives the same bits in every case). A lane that
-  saturates and is later pulled back into range is not visible at the flush.
+  saturates and is pulled back into range before the flush is not among them; a sticky
+  check in the forward / backward-data kernels reports it in ``RunInfo.possibly_saturated``
+  (an upper bound on the partials that clipped at any step; 0 proves none did).
 
 Exact is the default because it is never silently wrong and costs little: on ResNet-50
 layers (batch 8, one thread) it took 1.1-1.6x the time of fast mode (the per-call bound
