@@ -91,8 +91,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", default=None,
-                   help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; bf16 only "
-                        "where the CPU has native bf16)")
+                   help=f"comma-separated, from {', '.join(VARIANTS)}; unset: all of them, bf16 only "
+                        "where the CPU has native bf16")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (the same for every variant)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--train-subset", type=int, default=0, help="first N training images (0: all 60000)")
