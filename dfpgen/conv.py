@@ -31,16 +31,19 @@ pixels clips). ``overflow="fast"`` is one keyword away and reports every saturat
 from __future__ import annotations
 
 import operator
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
 
 from .dfp import DFP16, DfpFormat, DfpTensor, quantize
 from .errors import DfpError, OverflowWarning
-from .fwd import FMA_MIN_SCALE_EXP, execute, weights_krsc
+from .fwd import FMA_MIN_SCALE_EXP, PackedWeight, execute, weights_krsc
 from .kernels import get_kernel
-from .plan_exact import exact_schedule
+from .plan_exact import exact_blocks, exact_schedule
 from .runinfo import RunInfo
 from .spec import ConvSpec, _pair
 from .tuning import TuningConfig
@@ -82,6 +85,8 @@ def _as_array(a, name: str) -> np.ndarray:
 
 
 def _quantize_weight(w, fmt: DfpFormat, name: str) -> DfpTensor:
+    if isinstance(w, PackedWeight):
+        return w
     if isinstance(w, DfpTensor):
         q = w
     else:
@@ -131,24 +136,102 @@ def _check_no_int16_min(amax: np.ndarray, what: str) -> None:
                        "-32768 x -32768 pair overflows the pair sum), build operands with dfpgen.quantize")
 
 
+# Exact mode's kernels per layer shape: one per reduction block of ``plan_exact.exact_blocks``
+# (the flush interval is a run-time kernel argument), all loaded on the first call of a shape
+# (built in parallel when not on disk), so a training run loads kernels only in its first
+# step however the operands' bound moves. Keyed without the batch size (kernels serve any N).
+_families: set[tuple] = set()
+_families_lock = threading.Lock()
+
+
+def _exact_config(spec: ConvSpec, base: TuningConfig, c_block: int) -> TuningConfig:
+    """The kernel config of an exact-mode block: planned with all R*S taps per partial; the
+    actual flush interval is passed at run time."""
+    key = (base, c_block, spec.R * spec.S)
+    hit = _exact_configs.get(key)
+    if hit is None:
+        hit = _exact_configs[key] = base.replace(c_block=c_block, flush=c_block * spec.R * spec.S)
+    return hit
+
+
+_exact_configs: dict[tuple, TuningConfig] = {}
+_seen: set[tuple] = set()  # (spec with its batch, ...) already checked by load_exact_family
+
+
+def load_exact_family(spec: ConvSpec, base: TuningConfig, target, bias: bool, fma: bool) -> None:
+    """Load every exact-mode kernel ``spec`` can be given (one per block of
+    :func:`plan_exact.exact_blocks`, register blocking of ``base``); a no-op after the first
+    call for a shape."""
+    fast_key = (spec, base, bias, fma, target)
+    if fast_key in _seen:
+        return
+    red = spec.C if spec.pass_kind == "fwd" else spec.K
+    key = (replace(spec, N=1), base, bias, fma, target)
+    if key in _families:
+        _seen.add(fast_key)
+        return
+    from .threads import num_threads
+    cfgs = [_exact_config(spec, base, cb) for cb in exact_blocks(red)]
+
+    def load(cfg):
+        return get_kernel(spec, cfg, overflow="exact", target=target, bias=bias, fma=fma)
+
+    # LLVM compiles without the GIL (llvmlite's ctypes calls release it)
+    with ThreadPoolExecutor(max(1, min(num_threads(), len(cfgs)))) as pool:
+        list(pool.map(load, cfgs))
+    with _families_lock:
+        _families.add(key)
+        _seen.add(fast_key)
+
+
+_kernels: dict[tuple, object] = {}
+_specs: dict[tuple, ConvSpec] = {}
+
+
+def _kernel(spec: ConvSpec, cfg: TuningConfig, overflow: str, target, bias: bool, fma: bool):
+    """``kernels.get_kernel`` behind a dict keyed by a tuple (no per-call key hashing)."""
+    if cfg is None:  # the tuned decision may change (dfpgen tune): resolved every call
+        return get_kernel(spec, cfg, overflow=overflow, target=target, bias=bias, fma=fma)
+    key = (spec, cfg, overflow, target, bias, fma)
+    hit = _kernels.get(key)
+    if hit is None:
+        hit = _kernels[key] = get_kernel(spec, cfg, overflow=overflow, target=target, bias=bias, fma=fma)
+    return hit
+
+
+def _spec(n, c, h, w, k, r, s, stride, padding, dilation, pass_kind: str) -> ConvSpec:
+    """A validated ConvSpec, memoised on its arguments (validation costs more than the
+    kernels of a small layer)."""
+    # repr: True and 1 hash alike, but only one of them is a valid stride
+    key = (n, c, h, w, k, r, s, repr(stride), repr(padding), repr(dilation), pass_kind)
+    hit = _specs.get(key)
+    if hit is None:
+        hit = ConvSpec(n, c, h, w, k, r, s, _pair(stride, "stride"), _pair(padding, "padding"),
+                       _pair(dilation, "dilation"), pass_kind)
+        _specs[key] = hit
+    return hit
+
+
 def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: DfpTensor,
-              wq: DfpTensor, target=None):
-    """The kernel of ``spec``; in exact mode its flush schedule comes from the operands."""
+              wq, target=None, bias: bool = False, fma: bool = True):
+    """``(kernel config, flush_taps)`` of ``spec``; in exact mode the reduction block and the
+    flush interval come from the operands (``flush_taps`` 0: the config's own interval).
+    ``wq``: a DfpTensor or a :class:`PackedWeight`."""
     if overflow not in ("exact", "fast"):
         raise DfpError(f"overflow must be 'exact' or 'fast', got {overflow!r}")
     if overflow == "exact":
         from .decisions import resolve_config
-        base, _ = resolve_config(spec, config, overflow="exact", target=target)
+        base, target = resolve_config(spec, config, overflow="exact", target=target)
         density = 1.0 / (spec.stride[0] * spec.stride[1]) if spec.pass_kind == "bwd_data" else 1.0
         amax = _channel_max(act.mantissa)
         _check_no_int16_min(amax, f"{spec.pass_kind} activation")
-        krsc = weights_krsc(wq)[:, :, :spec.C]  # (K, R*S, C) view, no copy for packed weights
-        if krsc.size and krsc.min() == np.iinfo(np.int16).min:
+        pw = wq if isinstance(wq, PackedWeight) else PackedWeight(wq)
+        if pw.has_int16_min:
             _check_no_int16_min(np.array([32768]), f"{spec.pass_kind} weight")
-        w_tor = krsc.transpose(1, 0, 2) if spec.pass_kind == "fwd" else krsc.transpose(1, 2, 0)
-        cb, ft = exact_schedule(w_tor, amax, density)
-        config = base.replace(c_block=cb, flush=cb * ft)
-    return config
+        cb, ft = exact_schedule(pw.bound_operand(spec), amax, density)
+        load_exact_family(spec, base, target, bias, fma)
+        return _exact_config(spec, base, cb), ft
+    return config, 0
 
 
 def _check_call(overflow: str, threads, target=None, config=None):
@@ -165,6 +248,7 @@ def _check_call(overflow: str, threads, target=None, config=None):
         target = host_target(target)
     elif target is not None and not isinstance(target, CpuTarget):
         raise DfpError(f"target must be None, an ISA tier name or a CpuTarget, got {type(target).__name__}")
+    target = target or host_target()  # now: $DFPGEN_ISA may change between calls
     if isinstance(config, dict):
         config = TuningConfig.from_dict(config)
     elif config is not None and not isinstance(config, TuningConfig):
@@ -248,8 +332,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
         if not np.isfinite(b).all():
             what = "contains NaN or Inf" if not np.isfinite(b0).all() else "exceeds the float32 range"
             raise DfpError(f"conv2d: bias {what} (first at index {int(np.argmin(np.isfinite(b)))})")
-    spec = ConvSpec(max(n, 1), c, h, wd, k, r, s, _pair(stride, "stride"), _pair(padding, "padding"),
-                    _pair(dilation, "dilation"), "fwd")
+    spec = _spec(max(n, 1), c, h, wd, k, r, s, stride, padding, dilation, "fwd")
     if n == 0:
         return _empty((0, k, spec.P, spec.Q), spec, overflow, return_info)
     if _pointwise_on_pixels(spec):
@@ -257,10 +340,10 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
         res = conv2d(_as_row(xq), wq, b, overflow=overflow, threads=threads, config=config,
                      return_info=True, target=target)
         return _from_row(res, return_info)
-    cfg = _schedule(spec, overflow, config, xq, wq, target)
-    kern = get_kernel(spec, cfg, overflow=overflow, target=target, bias=b is not None,
-                      fma=xq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP)
-    y, info = execute(kern, xq, wq, b, xq.exponent + wq.exponent, threads)
+    fma = xq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP
+    cfg, ft = _schedule(spec, overflow, config, xq, wq, target, b is not None, fma)
+    kern = _kernel(spec, cfg, overflow, target, b is not None, fma)
+    y, info = execute(kern, xq, wq, b, xq.exponent + wq.exponent, threads, ft)
     return _finish(y, info, return_info)
 
 
@@ -279,8 +362,7 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
     k, c2, r, s = wq.shape
     if c != c2:
         raise DfpError(f"conv2d_input: input_shape has C={c} but weight has C={c2}; groups > 1 are not supported")
-    spec = ConvSpec(max(n, 1), c, h, wd, k, r, s, _pair(stride, "stride"), _pair(padding, "padding"),
-                    _pair(dilation, "dilation"), "bwd_data")
+    spec = _spec(max(n, 1), c, h, wd, k, r, s, stride, padding, dilation, "bwd_data")
     if dyq.shape != (n,) + spec.output_shape[1:]:
         raise DfpError(f"conv2d_input: grad_output shape {dyq.shape} != {(n,) + spec.output_shape[1:]}, the "
                        f"forward output of input {tuple(input_shape)} and weight {wq.shape}")
@@ -290,10 +372,10 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
         res = conv2d_input((1, c, 1, n), wq, _as_row(dyq), overflow=overflow, threads=threads,
                            config=config, return_info=True, target=target)
         return _from_row(res, return_info)
-    cfg = _schedule(spec, overflow, config, dyq, wq, target)
-    kern = get_kernel(spec, cfg, overflow=overflow, target=target,
-                      fma=dyq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP)
-    dx, info = execute(kern, dyq, wq, None, dyq.exponent + wq.exponent, threads)
+    fma = dyq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP
+    cfg, ft = _schedule(spec, overflow, config, dyq, wq, target, False, fma)
+    kern = _kernel(spec, cfg, overflow, target, False, fma)
+    dx, info = execute(kern, dyq, wq, None, dyq.exponent + wq.exponent, threads, ft)
     return _finish(dx, info, return_info)
 
 

@@ -8,10 +8,14 @@ vector load holds ``lanes`` output channels x one input-channel pair (backward-d
 the output and K the reduction); output FP32 NHWC with the channels padded to the block
 (callers get a view without the padding).
 
-The kernel ABI (``_PROTO``): ``(x, w, y, bias, scale, begin, end, rows, sat)`` where work
-items ``[begin, end)`` enumerate (output-channel block, image row) as ``block * rows + row``
-and ``sat`` (two int64) receives, in fast mode, the lanes found saturated at a flush and an
-upper bound on the output partials that saturated at any pair step (see :class:`RunInfo`).
+The kernel ABI (``_PROTO``): ``(x, w, y, bias, scale, begin, end, rows, sat, flags)`` where
+work items ``[begin, end)`` enumerate (output-channel block, image row) as
+``block * rows + row``, ``sat`` (two int64) receives, in fast mode, the lanes found saturated
+at a flush and an upper bound on the output partials that saturated at any pair step (see
+:class:`RunInfo`), and ``flags`` (uint8, one per tap of the kernel) marks the taps that end a
+flush group: the flush interval is a run-time argument, so one kernel per reduction block
+serves every interval exact mode proves (the plan's own ``flush_taps`` is only the default
+table).
 
 Every work item (output-channel block x output row) writes its own part of the output and
 sums its reduction in one fixed order, so any thread count gives the same bits.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from dataclasses import asdict
+from functools import lru_cache
 
 import numpy as np
 
@@ -33,13 +38,16 @@ from .runinfo import RunInfo
 from .threads import num_threads, parallel_for
 from .tuning import TuningConfig
 
-KERNEL_ABI = 2
+KERNEL_ABI = 3
 TEMPLATE = "conv_fwd.ll.j2"
 _PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                           ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                          ctypes.c_void_p)
+                          ctypes.c_void_p, ctypes.c_void_p)
 SCALE_EXP_RANGE = (-149, 127)  # 2**e exactly representable in float32 (subnormals included)
 FMA_MIN_SCALE_EXP = -126       # normal scale: (float)partial * 2**e is exact, FMA == mul + add
+# Default thread count: at most one thread per this many MACs. Handing a range to a pool
+# thread and waiting for it costs ~50-100 us in Python; 2**21 MACs take about that long.
+MIN_MACS_PER_THREAD = 1 << 21
 
 
 class SubKernel:
@@ -51,6 +59,19 @@ class SubKernel:
                "plan": plan.describe()}
         self.loaded = load_kernel(plan.symbol, key, lambda: render(TEMPLATE, p=plan), target)
         self.fn = _PROTO(self.loaded.address)
+        self._flags = {0: np.array([t.flush for t in plan.taps], np.uint8)}
+
+    def flags(self, flush_taps: int = 0) -> np.ndarray:
+        """uint8 per tap: 1 where the tap ends a flush group of ``flush_taps`` taps in the
+        reference order ``r*S + s`` (0: the plan's own groups)."""
+        hit = self._flags.get(flush_taps)
+        if hit is None:
+            taps = self.sub.taps
+            grp = [(t.r * self.spec_s + t.s) // flush_taps for t in taps]
+            hit = np.array([i == len(taps) - 1 or grp[i + 1] != grp[i] for i in range(len(taps))],
+                           np.uint8)
+            self._flags[flush_taps] = hit
+        return hit
 
     def pack_weights(self, w_ktc: np.ndarray) -> np.ndarray:
         """Weights as the KRSC buffer ``w_ktc`` int16 (K, R*S, C_even) -> the kernel's
@@ -88,20 +109,22 @@ class SubKernel:
         return packed.view(np.int16).reshape(p.out_blocks, ntaps, p.red_pairs, p.kvl, 2)
 
     def run(self, xbuf: np.ndarray, wpack: np.ndarray, ybuf: np.ndarray, bias: np.ndarray | None,
-            scale: float, batch: int, threads: int) -> tuple[int, int]:
-        """Run every work item; returns (lanes saturated at a flush, bound on partials that
-        saturated at any step), both 0 in exact mode."""
+            scale: float, batch: int, threads: int, flush_taps: int = 0) -> tuple[int, int]:
+        """Run every work item, flushing after every ``flush_taps`` taps (0: the plan's
+        interval); returns (lanes saturated at a flush, bound on partials that saturated at
+        any step), both 0 in exact mode."""
         rows = batch * self.plan.po
         total = rows * self.plan.out_blocks
         if total == 0:
             return 0, 0
         b = bias if bias is not None else ybuf
         ptrs = (xbuf.ctypes.data, wpack.ctypes.data, ybuf.ctypes.data, b.ctypes.data)
+        flags = self.flags(flush_taps).ctypes.data
         counts, lock = [], threading.Lock()
 
         def chunk(begin: int, end: int) -> None:
             sat = np.zeros(2, np.int64)
-            self.fn(*ptrs, ctypes.c_float(scale), begin, end, rows, sat.ctypes.data)
+            self.fn(*ptrs, ctypes.c_float(scale), begin, end, rows, sat.ctypes.data, flags)
             with lock:
                 counts.append((int(sat[0]), int(sat[1])))
 
@@ -115,6 +138,7 @@ class ConvKernel:
     def __init__(self, spec, config: TuningConfig, target, mode: str, has_bias: bool = False,
                  fma: bool = True):
         self.spec, self.config, self.target, self.mode = spec, config, target, mode
+        self.configs: dict[int, TuningConfig] = {}  # config with a run-time flush interval
         if spec.pass_kind == "fwd":
             sub, plan = plan_fwd(spec, config, target, mode=mode, has_bias=has_bias, fma=fma)
             self.pad = (spec.padding[0],) * 2 + (spec.padding[1],) * 2
@@ -193,15 +217,25 @@ def check_scale(scale_exp: int, what: str) -> float:
     return float(2.0 ** scale_exp)
 
 
+@lru_cache(maxsize=4096)
+def _config_dict(cfg: TuningConfig) -> dict:
+    return cfg.to_dict()
+
+
 def run_info(kernel: ConvKernel, saturated: int, threads: int, scale_exp: int,
-             possibly_saturated: int = 0) -> RunInfo:
+             possibly_saturated: int = 0, flush_taps: int = 0) -> RunInfo:
     cfg = kernel.config
+    ft = flush_taps or kernel.flush_taps
+    if ft != kernel.flush_taps:
+        cfg = kernel.configs.get(ft)
+        if cfg is None:
+            cfg = kernel.configs[ft] = kernel.config.replace(flush=kernel.config.c_block * ft)
     return RunInfo(pass_kind=kernel.spec.pass_kind, overflow=kernel.mode,
-                   flush=cfg.c_block * kernel.flush_taps, saturated=saturated,
+                   flush=cfg.c_block * ft, saturated=saturated,
                    possibly_saturated=possibly_saturated,
                    tier=kernel.target.tier, symbol=kernel.symbols[0] if kernel.symbols else "",
-                   symbols=kernel.symbols, config=cfg.to_dict(), c_block=cfg.c_block,
-                   flush_taps=kernel.flush_taps, threads=threads, scale_exp=scale_exp)
+                   symbols=kernel.symbols, config=dict(_config_dict(cfg)), c_block=cfg.c_block,
+                   flush_taps=ft, threads=threads, scale_exp=scale_exp)
 
 
 def weights_krsc(wq) -> np.ndarray:
@@ -217,12 +251,76 @@ def weights_krsc(wq) -> np.ndarray:
     return buf.reshape(m.shape[0], m.shape[2] * m.shape[3], buf.shape[-1])
 
 
+class PackedWeight:
+    """A DFP16 KCRS weight with everything the passes derive from it, computed on first use
+    and kept: the KRSC buffer, each kernel family's packed layout (forward and the
+    transposed one of backward-data) and the exact-mode bound operand. Reusing one object
+    while the weight is unchanged (the runtime keys it on the parameter's version counter)
+    gives the same bits as passing the DfpTensor, without re-quantizing or re-packing.
+
+    ``q``: a 4-D :class:`dfpgen.DfpTensor` (K, C, R, S). Raises :class:`DfpError` for other
+    ranks. ``shape``, ``exponent``, ``fmt``, ``mantissa`` mirror the DfpTensor's."""
+
+    def __init__(self, q):
+        if isinstance(q, PackedWeight):
+            q = q.q
+        if q.mantissa.ndim != 4:
+            raise DfpError(f"PackedWeight: expected 4-D KCRS weights, got shape {q.shape}")
+        self.q = q
+        self.krsc = weights_krsc(q)
+        self._packed: dict[tuple, np.ndarray] = {}
+        self._bound: dict[str, np.ndarray] = {}
+        self._has_int16_min: bool | None = None
+
+    shape = property(lambda self: self.q.shape)
+    exponent = property(lambda self: self.q.exponent)
+    fmt = property(lambda self: self.q.fmt)
+    mantissa = property(lambda self: self.q.mantissa)
+
+    @property
+    def has_int16_min(self) -> bool:
+        """Whether a mantissa is -32768 (exact mode refuses it)."""
+        if self._has_int16_min is None:
+            k = self.krsc
+            self._has_int16_min = bool(k.size) and int(k.min()) == np.iinfo(np.int16).min
+        return self._has_int16_min
+
+    def packed(self, part: "SubKernel") -> np.ndarray:
+        """``part``'s packed weights (:meth:`SubKernel.pack_weights`), packed once per layout:
+        every flush schedule of a register blocking shares one."""
+        p = part.plan
+        key = (part.transposed, p.kvl, p.out_pad, p.red_pairs, part.spec_s,
+               tuple((t.r, t.s) for t in part.sub.taps))
+        hit = self._packed.get(key)
+        if hit is None:
+            hit = self._packed[key] = part.pack_weights(self.krsc)
+        return hit
+
+    def bound_operand(self, spec) -> np.ndarray:
+        """|W| as float32 (R*S, OUT, RED) C-order for ``plan_exact.exact_schedule`` (forward:
+        OUT = K, RED = C; backward-data: OUT = C, RED = K)."""
+        hit = self._bound.get(spec.pass_kind)
+        if hit is None:
+            krsc = self.krsc[:, :, :spec.C]
+            w_tor = krsc.transpose(1, 0, 2) if spec.pass_kind == "fwd" else krsc.transpose(1, 2, 0)
+            hit = np.abs(w_tor.astype(np.float32, order="C"))
+            self._bound[spec.pass_kind] = hit
+        return hit
+
+
 def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int,
-            threads: int | None) -> tuple[np.ndarray, RunInfo]:
+            threads: int | None, flush_taps: int = 0) -> tuple[np.ndarray, RunInfo]:
     """Run ``kernel`` on activation DfpTensor ``act`` (X NCHW forward, dY NKPQ backward-data) and
-    weight DfpTensor ``wq`` (KCRS). Returns (FP32 NHWC output view (N, OH, OW, OUT), RunInfo)."""
+    weight DfpTensor or :class:`PackedWeight` ``wq`` (KCRS), flushing after every
+    ``flush_taps`` taps of a reduction block (0: the kernel's planned interval). Returns
+    (FP32 NHWC output view (N, OH, OW, OUT), RunInfo)."""
     spec = kernel.spec
-    threads = threads or kernel.config.threads or num_threads()
+    if not (threads or kernel.config.threads):
+        # the default count, capped so that each thread gets enough work to pay for its
+        # hand-off (a small layer runs on the calling thread)
+        macs = spec.N * spec.P * spec.Q * spec.C * spec.K * spec.R * spec.S
+        threads = max(1, min(num_threads(), macs // MIN_MACS_PER_THREAD))
+    threads = threads or kernel.config.threads
     scale = check_scale(scale_exp, spec.pass_kind)
     first = kernel.parts[0].plan if kernel.parts else None
     red = spec.C if spec.pass_kind == "fwd" else spec.K
@@ -230,7 +328,7 @@ def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int
     oh, ow = (spec.P, spec.Q) if spec.pass_kind == "fwd" else (spec.H, spec.W)
     n = spec.N
     if first is None:  # every output pixel meets no tap (e.g. 1x1, stride > 1 phases only)
-        return np.zeros((n, oh, ow, out), np.float32), run_info(kernel, 0, threads, scale_exp)
+        return np.zeros((n, oh, ow, out), np.float32), run_info(kernel, 0, threads, scale_exp, flush_taps)
     if kernel.parts[0].sub.phases:
         xbuf = phase_buffer(act.mantissa, spec, kernel.parts[0].sub, 2 * first.red_pairs)
     else:
@@ -242,9 +340,13 @@ def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int
         bpad = np.zeros(first.out_pad, np.float32)
         bpad[:out] = bias
     saturated = possibly = 0
-    w_ktc = weights_krsc(wq)
-    for part in kernel.parts:
-        seen, bound = part.run(xbuf, part.pack_weights(w_ktc), ybuf, bpad, scale, n, threads)
+    if isinstance(wq, PackedWeight):
+        packs = [wq.packed(part) for part in kernel.parts]
+    else:
+        w_ktc = weights_krsc(wq)
+        packs = [part.pack_weights(w_ktc) for part in kernel.parts]
+    for part, wpack in zip(kernel.parts, packs):
+        seen, bound = part.run(xbuf, wpack, ybuf, bpad, scale, n, threads, flush_taps)
         saturated += seen
         possibly += bound
-    return ybuf[..., :out], run_info(kernel, saturated, threads, scale_exp, possibly)
+    return ybuf[..., :out], run_info(kernel, saturated, threads, scale_exp, possibly, flush_taps)

@@ -32,6 +32,10 @@ class LoadedKernel:
 
 _loaded: dict[tuple, LoadedKernel] = {}
 _lock = threading.RLock()
+# Kernels this process brought into memory, by where they came from ("disk" | "built"):
+# a training loop past its first step should add nothing here (its kernels follow from
+# the layer shapes, see ``dfpgen.plan_exact.schedule_set``).
+load_counts: dict[str, int] = {"disk": 0, "built": 0}
 
 
 def load_kernel(symbol: str, key_fields: dict, ir_builder: Callable[[], str],
@@ -61,7 +65,8 @@ def load_kernel(symbol: str, key_fields: dict, ir_builder: Callable[[], str],
     addr = jit.load(obj, [symbol])[symbol]
     k = LoadedKernel(symbol, addr, source, time.perf_counter() - t0)
     with _lock:
-        _loaded.setdefault(mkey, k)
+        if _loaded.setdefault(mkey, k) is k:
+            load_counts[source] = load_counts.get(source, 0) + 1
     if verbose():
         print(f"dfpgen_verbose,kernel,{source},{symbol},{k.seconds * 1e3:.2f}ms", file=sys.stderr)
     return k

@@ -119,6 +119,19 @@ def render_kernel(kind: str, fmt: DfpFormat = DFP16, target: CpuTarget | None = 
 
 
 def _kernel(kind: str, fmt: DfpFormat, target: CpuTarget):
+    """The ctypes callable of one pack kernel; looked up in a dict keyed by a tuple first
+    (``load_kernel`` hashes the key fields as JSON on every call)."""
+    ckey = (kind, fmt if kind != "maxabs" else None, target)
+    fn = _callables.get(ckey)
+    if fn is None:
+        fn = _callables[ckey] = _load(kind, fmt, target)
+    return fn
+
+
+_callables: dict[tuple, object] = {}
+
+
+def _load(kind: str, fmt: DfpFormat, target: CpuTarget):
     plan = kernel_plan(kind, fmt, target)
     fields = {"kernel": "quantize_pack", "abi": ABI_VERSION, **{k: plan[k] for k in ("kind", "lanes")}}
     if kind != "maxabs":

@@ -13,7 +13,8 @@ DFP16, whose maxima sit in [2**14, 2**15)).
 
 The schedule depends on the data only, never on the register blocking, so every tuning
 config gives the same bits in exact mode. Candidates: ``c_block`` in 2 ... 128 (powers of
-two) x ``flush_taps`` in R*S ... 1; among the proven ones the cheapest for the kernel wins
+two, :func:`exact_blocks`) x ``flush_taps`` in R*S ... 1; among the proven ones the cheapest
+for the kernel wins
 (see ``exact_schedule``), ties to the larger block; blocks that cannot beat the best so far
 are not evaluated. (2, 1)
 (one pair per partial) always holds for mantissas within +/-32767 since 2 * 32767**2 < 2**31.
@@ -60,6 +61,15 @@ def _max_group_sum(level: np.ndarray, ft: int) -> float:
     return float(best)
 
 
+def exact_blocks(red: int) -> tuple[int, ...]:
+    """The ``c_block`` values exact mode may pick for ``red`` reduction channels, largest
+    first (a block covering every channel makes larger ones the same schedule). The flush
+    group length is a run-time argument of the kernels, so these blocks are all the kernels
+    one pass of a layer shape can need, whatever its data."""
+    redp = red + red % 2
+    return tuple(b for b in _BLOCKS if b == 2 or b // 2 < redp)
+
+
 def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 1.0) -> tuple[int, int]:
     """``(c_block, flush_taps)`` for exact mode.
 
@@ -82,9 +92,7 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     # |w| * max|x| = |w * max|x||: one relayout pass into C order, then abs in place
     a = np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], dtype=np.float32, order="C")
     np.abs(a, out=a)
-    redp = red + red % 2
-    # a block already covering every channel makes larger ones the same schedule
-    blocks = [b for b in _BLOCKS if b == 2 or b // 2 < redp]  # descending
+    blocks = exact_blocks(red)  # descending
     levels = _levels(a, blocks)
 
     def score(block: int, ft: int) -> float:

@@ -22,6 +22,8 @@ NHWC strides is what ``quantize_pack`` consumes).
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -88,6 +90,57 @@ def _np_weight(t: Tensor) -> np.ndarray:
     return t.contiguous().numpy()
 
 
+# DFP16 weights, quantized and packed once per value of the parameter: id(weight) ->
+# (weakref to it, its state, PackedWeight). The state is the tensor's version counter
+# (bumped by every in-place update autograd sees: optimizer steps, ``with torch.no_grad():
+# w.add_(...)``, ``load_state_dict``'s copy_), its data pointer, dtype, shape, strides and
+# the DFP format, so any change that can alter the values misses; the weakref makes a new
+# tensor that reuses an id miss too. Writes through ``w.data`` bypass the version counter:
+# call :func:`clear_weight_cache` after those.
+_weights: dict[int, tuple] = {}
+_weights_lock = threading.Lock()
+
+
+def clear_weight_cache() -> None:
+    """Forget every cached DFP16 weight (needed only after writes through ``param.data``,
+    which PyTorch's version counter does not see)."""
+    with _weights_lock:
+        _weights.clear()
+
+
+def _drop_weight(key: int, ref) -> None:
+    with _weights_lock:
+        ent = _weights.get(key)
+        if ent is not None and ent[0] is ref:
+            del _weights[key]
+
+
+def packed_weight(weight: Tensor, fmt: DfpFormat, name: str = "conv2d weight W"):
+    """The DFP16 :class:`dfpgen.fwd.PackedWeight` of ``weight`` (float (K, C, R, S), or (O, F)
+    read as (O, F, 1, 1)), from the cache while the tensor is unchanged; same bits as
+    quantizing it afresh."""
+    from dfpgen import conv
+    from dfpgen.fwd import PackedWeight
+    try:
+        version = weight._version
+    except RuntimeError:  # inference tensors keep no version counter: never cached
+        version = None
+    state = (version, weight.data_ptr(), weight.dtype, tuple(weight.shape), tuple(weight.stride()), fmt)
+    key = id(weight)
+    ent = _weights.get(key)
+    if version is not None and ent is not None and ent[0]() is weight and ent[1] == state:
+        return ent[2]
+    w = _np_weight(weight)
+    if w.ndim == 2:
+        w = w.reshape(*w.shape, 1, 1)
+    pw = PackedWeight(conv._quantize_weight(w, fmt, name))
+    if version is not None:
+        ref = weakref.ref(weight, lambda r, k=key: _drop_weight(k, r))
+        with _weights_lock:
+            _weights[key] = (ref, state, pw)
+    return pw
+
+
 def _to_torch(a: np.ndarray, channels_last: bool) -> Tensor:
     t = torch.from_numpy(np.asarray(a, dtype=np.float32))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -112,13 +165,14 @@ def saved_input(buf: Tensor, x_exp: Tensor, channels: int, bits: int) -> DfpTens
 
 
 def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, overflow,
-                    threads, seed=None):
+                    threads, seed=None, wkey=None):
     from dfpgen import conv, pack
     fmt = _fmt(bits, rounding)
+    wq = packed_weight(weight if wkey is None else wkey, fmt)
     qx = pack.quantize_pack(_np_activation(x), fmt, name="conv2d input X",
                             threads=_threads(threads))
     b = None if bias is None else bias.detach().float().contiguous().numpy()
-    y, info = conv.conv2d(qx, _np_weight(weight), b, tuple(stride), tuple(padding),
+    y, info = conv.conv2d(qx, wq, b, tuple(stride), tuple(padding),
                           tuple(dilation), overflow=overflow, fmt=fmt, threads=_threads(threads),
                           return_info=True)
     if observers:
@@ -157,7 +211,7 @@ def _conv2d_fake(x, weight, bias, stride, padding, dilation, bits, rounding, ove
 
 def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilation, bits,
                           grad_rounding, overflow, seed, threads, channels_last, need_input,
-                          need_weight):
+                          need_weight, wkey=None):
     from dfpgen import conv, pack
     n, h, w, _ = x_buf.shape
     k, c, r, s = weight.shape
@@ -170,8 +224,8 @@ def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilatio
     ev = dict(seed=seed, grad_y=grad_y, dy_q=qdy, weight=weight, stride=stride,
               padding=padding, dilation=dilation, fmt=gfmt)
     if need_input:
-        res = conv.conv2d_input((n, c, h, w), _np_weight(weight), qdy, *args, return_info=True,
-                                **kw)
+        wq = packed_weight(weight if wkey is None else wkey, kw["fmt"], "conv2d_input weight W")
+        res = conv.conv2d_input((n, c, h, w), wq, qdy, *args, return_info=True, **kw)
         gx = _to_torch(res.output, channels_last)
         if observers:
             _observe(pass_kind="bwd_data", info=res.info, output=res.output, **ev)
@@ -342,7 +396,7 @@ def linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, roun
     xc = x.detach().float().contiguous()
     w4 = weight.detach().float().contiguous().view(weight.shape[0], weight.shape[1], 1, 1)
     y, buf, exp = _conv2d_forward(_as_pixels(xc), w4, bias, [1, 1], [0, 0], [1, 1], bits,
-                                  rounding, overflow, threads, seed)
+                                  rounding, overflow, threads, seed, wkey=weight)
     # y is (1, O, 1, M) channels_last, whose buffer is (M, O) row-major.
     return y.permute(0, 2, 3, 1).reshape(x.shape[0], weight.shape[0]).clone(), buf, exp
 
@@ -365,7 +419,7 @@ def linear_backward_op(grad_y: Tensor, x_buf: Tensor, x_exp: Tensor, weight: Ten
     w4 = weight.detach().float().contiguous().view(o, weight.shape[1], 1, 1)
     gx, gw = _conv2d_backward_impl(_as_pixels(grad_y.detach().float().contiguous()), x_buf, x_exp,
                                 w4, [1, 1], [0, 0], [1, 1], bits, grad_rounding, overflow,
-                                seed, threads, True, need_input, need_weight)
+                                seed, threads, True, need_input, need_weight, wkey=weight)
     if need_input:
         gx = gx.permute(0, 2, 3, 1).reshape(m, weight.shape[1]).clone()
     if need_weight:
