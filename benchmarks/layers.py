@@ -3,14 +3,16 @@ channels_last), all three passes, measured in the same run.
 
 For each layer of the case file and each pass it reports GMAC/s of dfpgen with pre-quantized
 operands ("kernel": weight packing included, activation quantization not) and from FP32
-operands ("+quant": what a training step pays), % of the INT16 dot peak (the tier's instruction) measured in this run by a
-generated register-only ``vpdpwssd`` loop (times the thread count), and ratios to FP32 and
-bf16. The main columns run exact mode (the default: flush interval proven from the operands,
+operands ("+quant": what a training step pays), % of the tier's INT16 dot peak measured in
+this run by a generated register-only loop of the tier's instruction (``vpdpwssd`` on the VNNI
+tiers, ``vpmaddwd`` + ``vpaddd`` on AVX2; times the thread count; "n/a" on the generic tier,
+which has no dot instruction), and ratios to FP32 and bf16. The main columns run exact mode (the default: flush interval proven from the operands,
 bit-exact with the reference); "fast" is the paper-length saturating chain (kernel only). It also measures quantize-and-pack bandwidth against
 ``np.copyto`` and the compile / cached-load time of a kernel. Writes the ``layers`` section of
 benchmarks/RESULTS.md (``--no-write`` to only print).
 
     .venv/bin/python benchmarks/layers.py [--batch 32] [--threads N] [--layers res4_branch2b,...]
+        [--no-bf16]   (skip PyTorch bf16: on CPUs without AVX512_BF16 it is emulated, 10x slower)
 """
 from __future__ import annotations
 
@@ -121,8 +123,8 @@ def pack_bandwidth(threads: int) -> tuple[float, float]:
     return 8 * n / t_copy / 1e9, 10 * n / t_pack / 1e9
 
 
-def fmt(v, spec=".2f"):
-    return "n/a" if v is None else format(v, spec)
+def fmt(v, spec=".2f", unit=""):
+    return "n/a" if v is None else format(v, spec) + unit
 
 
 def main() -> None:
@@ -134,14 +136,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cases", type=Path, default=CASES)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--section", default="layers",
+                    help="RESULTS.md section to write (one per machine; default: layers)")
+    ap.add_argument("--title", default="", help="heading suffix naming the machine")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the PyTorch bf16 baseline")
     args = ap.parse_args()
 
     threads = args.threads or dthreads.num_threads()
     dthreads.set_num_threads(threads)
     torch.set_num_threads(threads)
     target = host_target()
-    dpeak = dot_peak(target)
-    peak = dpeak.gmacs
+    # The generic tier has no dot instruction: no "% peak" there (dfpgen.peak.dot_peak refuses).
+    dpeak = dot_peak(target) if target.isa.dot_mnemonic else None
+    peak = dpeak.gmacs if dpeak else None
+    peak_name = dpeak.instruction if dpeak else "no INT16 dot instruction on this tier"
     fpeak = fma_peak(target).gmacs
     rows = read_cases(args.cases)
     if args.layers:
@@ -150,7 +158,7 @@ def main() -> None:
     passes = [p for p in args.passes.split(",") if p]
 
     lines = []
-    head = ("| layer | pass | GMAC | dfp kernel GMAC/s | % INT16 peak | dfp +quant GMAC/s | FP32 GMAC/s | "
+    head = ("| layer | pass | GMAC | dfp kernel GMAC/s | % dot peak | dfp +quant GMAC/s | FP32 GMAC/s | "
             "bf16 GMAC/s | kernel / FP32 | +quant / FP32 | kernel / bf16 |"
             + " fast kernel GMAC/s | fast / FP32 |")
     lines.append(head)
@@ -163,17 +171,18 @@ def main() -> None:
             t_k = median_seconds(dfp_runner(spec, True, "exact", threads), args.repeats)
             t_q = median_seconds(dfp_runner(spec, False, "exact", threads), args.repeats)
             t_f = torch_seconds(spec, "float32", args.repeats)
-            t_b = torch_seconds(spec, "bfloat16", args.repeats)
+            t_b = None if args.no_bf16 else torch_seconds(spec, "bfloat16", args.repeats)
             t_e = median_seconds(dfp_runner(spec, True, "fast", threads), args.repeats)
             k_rate, q_rate = gmac / t_k, gmac / t_q
             f_rate = gmac / t_f if t_f else None
             b_rate = gmac / t_b if t_b else None
             r_f = t_f / t_k if t_f else None
             summary[pk].append((name, count, spec, t_k, t_q, t_f, t_b))
-            row = (f"| {name} | {pk} | {gmac:.2f} | {k_rate:.1f} | {100 * k_rate / (peak * threads):.0f}% | "
-                   f"{q_rate:.1f} | {fmt(f_rate, '.1f')} | {fmt(b_rate, '.1f')} | {fmt(r_f)}x | "
-                   f"{fmt(t_f / t_q if t_f else None)}x | {fmt(t_b / t_k if t_b else None)}x |")
-            row += f" {gmac / t_e:.1f} | {fmt(t_f / t_e if t_f else None)}x |"
+            pct = "n/a" if peak is None else f"{100 * k_rate / (peak * threads):.0f}%"
+            row = (f"| {name} | {pk} | {gmac:.2f} | {k_rate:.1f} | {pct} | "
+                   f"{q_rate:.1f} | {fmt(f_rate, '.1f')} | {fmt(b_rate, '.1f')} | {fmt(r_f, unit='x')} | "
+                   f"{fmt(t_f / t_q if t_f else None, unit='x')} | {fmt(t_b / t_k if t_b else None, unit='x')} |")
+            row += f" {gmac / t_e:.1f} | {fmt(t_f / t_e if t_f else None, unit='x')} |"
             print(row, flush=True)
             lines.append(row)
 
@@ -186,8 +195,8 @@ def main() -> None:
         sk = sum(c * t for _, c, _, t, _, _, _ in items)
         sq = sum(c * t for _, c, _, _, t, _, _ in items)
         sf = sum(c * (t or 0) for _, c, _, _, _, t, _ in items)
-        sb = sum(c * (t or 0) for _, c, _, _, _, _, t in items)
-        tot.append(f"| {pk} | {sk * 1e3:.1f} | {sq * 1e3:.1f} | {sf * 1e3:.1f} | {sb * 1e3:.1f} | "
+        sb = None if args.no_bf16 else sum(c * (t or 0) for _, c, _, _, _, _, t in items)
+        tot.append(f"| {pk} | {sk * 1e3:.1f} | {sq * 1e3:.1f} | {sf * 1e3:.1f} | {fmt(sb and sb * 1e3, '.1f')} | "
                    f"{sf / sk:.2f}x | {sf / sq:.2f}x |")
     copy_gbs, pack_gbs = pack_bandwidth(threads)
     compile_ms, load_ms = load_times()
@@ -198,17 +207,18 @@ def main() -> None:
              f"Kernel build (render + LLVM -O3 + load, fwd n32c256h14w14k256r3s3u1p1, fresh process): "
              f"{compile_ms:.1f} ms (goal < 100 ms); cached load from disk in a fresh process: "
              f"{load_ms:.2f} ms (goal < 5 ms)."]
-    hdr = [f"## ResNet-50 layers, batch {args.batch}, {threads} thread(s)", "",
+    hdr = [f"## ResNet-50 layers, batch {args.batch}, {threads} thread(s){args.title}", "",
            f"Machine: {target.cpu} ({platform.machine()}), ISA tier {target.tier}; torch "
-           f"{torch.__version__}; measured peaks this run: {dpeak.instruction} {peak:.1f} GMAC/s/core, "
+           f"{torch.__version__}; measured peaks this run: INT16 dot ({peak_name}) "
+           f"{fmt(peak, '.1f')} GMAC/s/core (the \"% dot peak\" column, times {threads} thread(s)), "
            f"FP32 FMA {fpeak:.1f} GMAC/s/core. dfpgen in exact overflow mode unless marked fast. "
            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (PASSIVE stops PyTorch's "
            "idle OpenMP threads from spinning on the cores dfpgen's kernel threads need, and the "
            f"other way round). Command: `{' '.join(['python', 'benchmarks/layers.py', *sys.argv[1:]])}`.", ""]
     body = "\n".join(hdr + lines + tot + extra)
-    print("\n".join(tot + extra))
+    print("\n".join(tot + extra + [""] + hdr[2:3]))
     if not args.no_write:
-        write_section("layers", body)
+        write_section(args.section, body)
 
 
 if __name__ == "__main__":

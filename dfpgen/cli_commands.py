@@ -23,8 +23,18 @@ def _ratio(a, b):
     return None if a is None or b is None or not b else a / b
 
 
+def _peak_note(target) -> str:
+    """What the "% peak" column measures: the tier's INT16 dot instruction, or why there is none."""
+    from .threads import num_threads
+    if not target.isa.dot_mnemonic:
+        return "% peak: n/a, the generic tier has no INT16 dot instruction"
+    return f"% peak: of a register-only {target.isa.dot_insn} loop x {num_threads()} thread(s)"
+
+
 def _peak_total(target) -> float | None:
-    """The machine's VNNI peak for the runtime's thread count (GMAC/s)."""
+    """The machine's INT16 dot peak (``dfpgen.peak.dot_peak``: ``vpdpwssd`` or ``vpmaddwd`` +
+    ``vpaddd``, per the tier) for the runtime's thread count (GMAC/s); ``None`` where the
+    host cannot run the tier or the tier has no dot instruction."""
     from .peak import peak_or_none
     from .threads import num_threads
     p = peak_or_none(target) if target.executable else None
@@ -110,7 +120,7 @@ def run_tune(args, specs: list[ConvSpec] | None, console) -> int:
     from rich.table import Table
     clock = ("the generated kernel alone" if all(r.timing == "kernel" for r in results)
              else "the numpy call (kernel-only timer unavailable)")
-    tab = Table(title=f"dfpgen tune (ms: {clock}, median)", title_justify="left")
+    tab = Table(title=f"dfpgen tune (ms: {clock}, median; {_peak_note(target)})", title_justify="left")
     for col in ("pass", "layer", "decision", "config", "ms", "GMAC/s", "% peak", "x default",
                 "x PyTorch FP32", "candidates"):
         tab.add_column(col, justify="right" if col not in ("pass", "layer", "decision", "config") else "left")
@@ -165,7 +175,8 @@ def run_bench(args, specs: list[ConvSpec], console) -> int:
         g = spec.macs / kern / 1e9
         rows.append({"pass": spec.pass_kind, "layer": spec.geometry(), "config": (cfg or eff).short(),
                      "tuned": cfg is not None, "seconds": kern, "gmacs": g,
-                     "pct_peak": None if peak is None else 100 * g / peak, "seconds_api": api,
+                     "pct_peak": None if peak is None else 100 * g / peak,
+                     "peak_instruction": target.isa.dot_insn if peak is not None else None, "seconds_api": api,
                      "seconds_with_quantize": full, "torch_fp32_seconds": fp32, "torch_bf16_seconds": bf16,
                      "speedup_fp32": _ratio(fp32, kern), "speedup_bf16": _ratio(bf16, kern),
                      "speedup_fp32_with_quantize": _ratio(fp32, full)})
@@ -174,7 +185,7 @@ def run_bench(args, specs: list[ConvSpec], console) -> int:
         return 0
     from rich.table import Table
     tab = Table(title="dfpgen bench (ms, median; kernel = generated code alone, call = numpy API on "
-                "DFP16 operands, +quantize = from FP32)", title_justify="left")
+                f"DFP16 operands, +quantize = from FP32; {_peak_note(target)})", title_justify="left")
     cols = ("pass", "layer", "config", "kernel", "GMAC/s", "% peak", "call", "+quantize", "FP32", "bf16",
             "x FP32", "x bf16", "x FP32 (+q)")
     for c in cols:

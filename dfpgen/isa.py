@@ -49,6 +49,13 @@ class IsaTier:
       ``wgrad_search`` the blocks the tuner tries.
     - ``peak_accumulators``: independent accumulators of the peak loops (enough to hide the
       latency, few enough to stay in registers with the two operands).
+    - ``flush_regs``: registers the forward-family flush keeps live through the dot loop (the
+      broadcast FP32 scale ``2**(Ex+Ew)``), counted where registers are scarce; the 32-register
+      tiers leave it out of the budget (their blocks leave room for it).
+    - ``fold_weights``: the forward-family kernel reads each weight vector as the dot
+      instruction's memory operand (``vpmaddwd ymm, ymm, m256``) once per pixel instead of
+      holding it in a register: on 16 registers the freed ones go to accumulators, and
+      L1 serves the extra loads.
     """
     name: str
     needs: frozenset
@@ -69,6 +76,8 @@ class IsaTier:
     wgrad_blocks_short: tuple[int, int]
     wgrad_search: tuple[tuple[int, int], ...]
     peak_accumulators: int
+    flush_regs: int = 0
+    fold_weights: bool = False
 
     @property
     def lanes(self) -> int:
@@ -113,12 +122,12 @@ TIERS: dict[str, IsaTier] = {t.name: t for t in (
             "pmaddwd", "vpmaddwd + vpaddd ymm", "vpmaddwd", 1, 1, 2, "x86-64-v3",
             ("x86-64-v3", ""), False,
             (2, 4), (2, 4), (2, 2),
-            ((1, 10), (1, 8), (2, 4), (1, 5), (2, 2)), 10),
+            ((1, 10), (1, 8), (2, 4), (1, 5), (2, 2)), 10, 1, True),
     IsaTier("generic", frozenset(), None, 256, 16,
             "generic", "LLVM vector IR (sext, mul, add)", "", 1, 1, 2, "x86-64-v2",
             ("x86-64-v2", ""), False,
             (2, 4), (2, 4), (2, 2),
-            ((1, 10), (1, 8), (2, 4), (1, 5), (2, 2)), 10),
+            ((1, 10), (1, 8), (2, 4), (1, 5), (2, 2)), 10, 1),
 )}
 
 NAMES = tuple(TIERS)

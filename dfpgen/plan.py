@@ -147,6 +147,10 @@ class KernelPlan:
     unroll: str
     fma: bool = True
     kb_inner: bool = False  # work order: output-channel block fastest (weights fit in L2)
+    x_per_vec: bool = True  # one X broadcast per weight vector (folds into vpdpwssd's {1toN})
+    y_in_memory: bool = False  # the FP32 output tile is not kept in registers over the loops
+    cb_outer: bool = False  # reduction blocks outside the pixel tiles of a row (y in memory)
+    w_fold: bool = False  # weights read per pixel as the dot's memory operand (no register)  # work order: output-channel block fastest (weights fit in L2)
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -186,6 +190,7 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
                        f"weights (+ broadcast) need {used} vector registers; the {target.tier} tier "
                        f"has {regs}")
     kv, kvl = config.k_vecs, config.k_vecs * lanes
+    y_mem = target.isa.flush_regs > 0 or used + kv * min(config.pixels, sub.cols) > regs
     out_blocks = -(-sub.out // kvl)
     out_pad = out_blocks * kvl
     red_pairs = -(-sub.red // 2)
@@ -231,6 +236,12 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
         y_off=tuple(tuple(j * y_col + v * lanes for v in range(kv)) for j in range(wb)),
         b_kv=tuple(v * lanes for v in range(kv)),
         registers_used=used, registers=regs, unroll=config.unroll, fma=fma,
+        x_per_vec=target.isa.broadcast_regs == 0,
+        # the FP32 tile in registers as well would not fit: keep it in memory (and then walk
+        # the reduction blocks outside the tiles, see the template); the 16-register tiers
+        # always do, their budget counts no register for it
+        y_in_memory=y_mem, cb_outer=y_mem,
+        w_fold=target.isa.fold_weights,
         kb_inner=out_blocks > 1 and out_blocks * ntaps * red_pairs * w_pair * 2 <= WEIGHTS_L2_BYTES,
     )
 

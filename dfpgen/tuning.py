@@ -85,11 +85,14 @@ def _reduction_and_output(spec) -> tuple[int, int, int]:
 def accumulator_budget(k_vecs: int, pixels: int, unroll: str, isa) -> int:
     """Vector registers a forward-family block needs on tier ``isa`` (a ``dfpgen.isa.IsaTier``):
     ``k_vecs x pixels`` accumulators, the weight vectors (``k_vecs``, or ``4 k_vecs`` with the
-    4VNNI unroll: four channel pairs in flight), the X-pair broadcast (0 registers where it
-    folds into the instruction) and the dot step's temporaries (the ``vpmaddwd`` product).
+    4VNNI unroll: four channel pairs in flight; none where ``isa.fold_weights`` reads them as
+    the dot's memory operand), the X-pair broadcast (0 registers where it
+    folds into the instruction), the dot step's temporaries (the ``vpmaddwd`` product, which
+    the flush's convert reuses) and the flush's live scale (``isa.flush_regs``). The template keeps one broadcast live at a time
+    and the FP32 output tile in memory where it would not fit (``templates/conv_fwd.ll.j2``).
     The planner rejects blocks over ``isa.registers``."""
-    weights = k_vecs * (4 if unroll == "4vnni" else 1)
-    return k_vecs * pixels + weights + isa.broadcast_regs + isa.dot_temps
+    weights = 0 if isa.fold_weights else k_vecs * (4 if unroll == "4vnni" else 1)
+    return k_vecs * pixels + weights + isa.broadcast_regs + isa.dot_temps + isa.flush_regs
 
 
 def max_pixels(k_vecs: int, unroll: str, isa) -> int:
@@ -155,7 +158,9 @@ def search_space(spec, target) -> list[TuningConfig]:
     vecs = -(-outc // target.lanes)
     out = [default_config(spec, target)]
     seen = {out[0]}
-    for unroll in ("none", "4vnni"):
+    # The 4VNNI unroll keeps four X pairs per pixel in flight: it needs the folded broadcast
+    # of vpdpwssd; with vpmaddwd they take registers the 16-register budget does not have.
+    for unroll in ("none", "4vnni") if target.isa.vnni else ("none",):
         for kv in (1, 2, 4):
             if kv > max(1, vecs):
                 continue

@@ -180,9 +180,10 @@ def test_get_kernel_is_memoised_and_symbol_names_the_layer():
     assert get_kernel(spec, overflow="fast") is k1
     # The register block is the tier's default (one 16-lane vector on AVX-512, 2 x 8 lanes on
     # AVX2); the 8-channel block x 3x3 taps gives the paper's fast-mode flush of 72 products.
-    kv = default_config(spec, host_target()).k_vecs
-    assert kv * host_target().lanes >= 16
-    assert k1.symbols[0].startswith(f"dfp_conv_fwd_c8h6w6k16r3s3u1p1_kb{kv}_wb6_cb8_fl72_{host_target().tier}_fast")
+    cfg = default_config(spec, host_target())
+    assert cfg.k_vecs * host_target().lanes >= 16
+    assert k1.symbols[0].startswith(f"dfp_conv_fwd_c8h6w6k16r3s3u1p1_kb{cfg.k_vecs}_wb{cfg.pixels}_cb8_fl72_"
+                                    f"{host_target().tier}_fast")
 
 
 def test_subnormal_scale_flushes_with_mul_then_add():

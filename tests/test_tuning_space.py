@@ -43,7 +43,8 @@ def test_every_config_is_exact(spec):
     target = host_target()
     space = search_space(spec, target)
     assert space[0] == default_config(spec, target) and len(space) == len(set(space)) > 4
-    assert {c.unroll for c in space} == {"none", "4vnni"}
+    # the 4VNNI unroll needs vpdpwssd's folded broadcast: VNNI tiers only
+    assert {c.unroll for c in space} == ({"none", "4vnni"} if target.isa.vnni else {"none"})
     shape = (spec.N, spec.C, spec.H, spec.W, spec.K, spec.R, spec.S, spec.stride, spec.padding, spec.dilation)
     xq, wq, dyq = operands(shape, seed=5)
     exact_bits = None
