@@ -237,10 +237,10 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
         b_kv=tuple(v * lanes for v in range(kv)),
         registers_used=used, registers=regs, unroll=config.unroll, fma=fma,
         x_per_vec=target.isa.broadcast_regs == 0,
-        # the FP32 tile in registers as well would not fit: keep it in memory (and then walk
-        # the reduction blocks outside the tiles, see the template); the 16-register tiers
-        # always do, their budget counts no register for it
-        y_in_memory=y_mem, cb_outer=y_mem,
+        # the FP32 tile in registers as well would not fit: keep it in memory; the
+        # 16-register tiers always do (their budget counts no register for it) and walk the
+        # reduction blocks outside the tiles, so a block's weights stay in L1 (the template)
+        y_in_memory=y_mem, cb_outer=target.isa.flush_regs > 0,
         w_fold=target.isa.fold_weights,
         kb_inner=out_blocks > 1 and out_blocks * ntaps * red_pairs * w_pair * 2 <= WEIGHTS_L2_BYTES,
     )
