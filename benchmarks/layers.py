@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--cases", type=Path, default=CASES)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--section", default="layers",
-                    help="RESULTS.md section to write (one per machine; default: layers)")
+                    help="RESULTS.md section name (results_md adds the host tag; default: layers)")
     ap.add_argument("--title", default="", help="heading suffix naming the machine")
     ap.add_argument("--no-bf16", action="store_true", help="skip the PyTorch bf16 baseline")
     args = ap.parse_args()
