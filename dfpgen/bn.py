@@ -38,7 +38,6 @@ Shapes: X, R, dY float32 (M, C) C-contiguous; per-channel arrays (C,). Threads s
 from __future__ import annotations
 
 import ctypes
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +45,7 @@ import numpy as np
 from . import threads as _threads
 from .dfp import DFP16, DfpFormat, EXP_MIN, exponent_for, scale_factors
 from .errors import DfpError
-from .kernels import load_kernel
+from .kernels import cfunction, load_kernel
 from .render import render
 from .target import CpuTarget, host_target
 
@@ -62,8 +61,6 @@ _PROTOS = {
     "bwd_reduce": ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _D),
     "bwd_dx": ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I),
 }
-_funcs: dict[tuple, object] = {}
-_lock = threading.Lock()
 
 
 def _llvm_float(v: float) -> str:
@@ -116,12 +113,7 @@ def _load(kind: str, target: CpuTarget, **flags):
               **{k: plan[k] for k in ("kind", "lanes", "relu", "residual", "save_x", "write_q",
                                       "write_f", "max_mantissa")}}
     k = load_kernel(plan["symbol"], fields, lambda: render("bn_act.ll.j2", p=plan), target)
-    key = (k.symbol, k.address)
-    with _lock:
-        fn = _funcs.get(key)
-        if fn is None:
-            fn = _funcs[key] = _PROTOS[kind](k.address)
-    return fn
+    return cfunction(k, _PROTOS[kind])
 
 
 def _nthreads(threads: int | None, items: int, elems_per_item: int) -> int:

@@ -72,6 +72,20 @@ def load_kernel(symbol: str, key_fields: dict, ir_builder: Callable[[], str],
     return k
 
 
+_cfuncs: dict[tuple, object] = {}
+
+
+def cfunction(k: LoadedKernel, proto):
+    """The ctypes callable of loaded kernel ``k`` with prototype ``proto`` (a
+    ``ctypes.CFUNCTYPE``), made once per kernel address and prototype."""
+    key = (k.symbol, k.address, proto)
+    with _lock:
+        fn = _cfuncs.get(key)
+        if fn is None:
+            fn = _cfuncs[key] = proto(k.address)
+    return fn
+
+
 # ----------------------------------------------------------------------------- conv kernels
 # pass_kind -> "module:callable" building a kernel object from (spec, config, target, mode,
 # has_bias). Another pass registers itself with ``register_builder``.

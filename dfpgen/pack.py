@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import struct
-import threading
 
 import numpy as np
 try:
@@ -35,7 +34,7 @@ from . import threads as _threads
 from .dfp import (DFP16, DfpFormat, DfpTensor, check_seed, exponent_for, fmix32, quantize, raise_nonfinite,
                   scale_factors)
 from .errors import DfpError
-from .kernels import load_kernel
+from .kernels import cfunction, load_kernel
 from .render import render
 from .target import CpuTarget, host_target
 
@@ -56,8 +55,6 @@ _NCHW_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int6
                            ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_uint32,
                            ctypes.c_int64, ctypes.c_int64)
 _PROTOS = {"maxabs": _MAXABS_T, "pack_nhwc": _NHWC_T, "pack_nchw": _NCHW_T}
-_funcs: dict[tuple, object] = {}
-_lock = threading.Lock()
 
 
 def _llvm_float(v: float) -> str:
@@ -137,12 +134,7 @@ def _load(kind: str, fmt: DfpFormat, target: CpuTarget):
     if kind != "maxabs":
         fields["format"] = fmt.key()
     k = load_kernel(plan["symbol"], fields, lambda: render("quantize_pack.ll.j2", p=plan), target)
-    key = (k.symbol, k.address)
-    with _lock:
-        fn = _funcs.get(key)
-        if fn is None:
-            fn = _funcs[key] = _PROTOS[kind](k.address)
-    return fn
+    return cfunction(k, _PROTOS[kind])
 
 
 def _split_threads(threads: int | None, work_items: int, elems_per_item: int) -> int:
