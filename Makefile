@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (each does its own set-up):
-#   make demo   DFP16 training on Fashion-MNIST, compared with FP32 and bf16
+#   make demo   DFP16 training on Fashion-MNIST, compared with FP32 (and bf16 where the CPU has it)
 #   make test   the test suite
 PY      ?= python3
 VENV    ?= .venv

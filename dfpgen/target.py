@@ -14,8 +14,6 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
-import threading
-
 from . import isa
 from .env import choice
 from .errors import DfpError
@@ -50,6 +48,12 @@ class CpuTarget:
     @property
     def feature_set(self) -> frozenset[str]:
         return _features_set(self.features)
+
+    @property
+    def native_bf16(self) -> bool:
+        """Whether the host has bf16 arithmetic (AVX512_BF16 or AMX-BF16). Without it
+        PyTorch's bf16 autocast on CPU is emulated and runs many times slower than FP32."""
+        return bool({"avx512bf16", "amx-bf16"} & self.feature_set)
 
     @property
     def is_x86(self) -> bool:

@@ -78,13 +78,9 @@ def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
 
 
 def native_bf16() -> bool:
-    """Whether the CPU has bf16 arithmetic (AVX512_BF16 or AMX); Linux ``/proc/cpuinfo``."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """Whether the CPU has bf16 arithmetic (AVX512_BF16 or AMX-BF16), from LLVM's host features."""
+    from dfpgen.target import native_target
+    return native_target().native_bf16
 
 
 def parse_args(argv=None):

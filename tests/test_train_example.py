@@ -47,3 +47,19 @@ def test_dfp16_short_training_run_learns(tmp_path):
     assert last < 0.6 * first, (first, last)
     assert res["test_acc"] > ACC_FLOOR, res
     assert (out / "fmnist_dfp16_epochs.csv").exists()
+
+
+@pytest.mark.skipif(not data.available(), reason=f"Fashion-MNIST idx files not in {data.default_dir()} "
+                    "(apt-get install dataset-fashion-mnist)")
+def test_compare_trains_bf16_only_where_the_cpu_has_it(tmp_path):
+    from dfpgen.target import native_target
+    r = run(["--compare", "--max-steps", "1", "--train-subset", "64", "--test-subset", "64",
+             "--batch-size", "32", "--widths", "8,8,8", "--threads", "1", "--no-progress",
+             "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [line.split("|")[1].strip() for line in r.stdout.splitlines() if line.startswith("| ")]
+    native = native_target().native_bf16
+    assert rows[1:] == (["fp32", "dfp16", "bf16"] if native else ["fp32", "dfp16"]), r.stdout
+    assert ("this CPU has no native bf16" in r.stdout) == (not native)
+    # one step is never timed (it loads the kernels): the speed is "n/a", not "nan"
+    assert "nan" not in r.stdout.lower() and "| n/a |" in r.stdout
