@@ -105,14 +105,15 @@ def _quantize_weight(w, fmt: DfpFormat, name: str) -> DfpTensor:
     return q
 
 
-def _channel_max(m: np.ndarray) -> np.ndarray:
-    """Per-channel (axis 1) max |mantissa| of an NCHW int16 array (|-32768| never occurs)."""
+def _channel_range(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (axis 1) ``(max, min)`` of an NCHW int16 array, int64 each (an empty
+    array gives zeros)."""
     c = m.shape[1]
     if m.size == 0:
-        return np.zeros(c, np.int64)
+        return np.zeros(c, np.int64), np.zeros(c, np.int64)
     v = m.transpose(0, 2, 3, 1)
     if not v.flags.c_contiguous:  # not channels-last memory: numpy's general reduction
-        return np.maximum(m.max(axis=(0, 2, 3)).astype(np.int64), -m.min(axis=(0, 2, 3)).astype(np.int64))
+        return m.max(axis=(0, 2, 3)).astype(np.int64), m.min(axis=(0, 2, 3)).astype(np.int64)
     # Channels-last: reduce rows of ~4096 values (many pixels at once), then fold the pixels;
     # long contiguous rows keep numpy's reduction at memory speed (6x the (0, 2, 3) form).
     flat = v.reshape(-1, c)
@@ -127,7 +128,19 @@ def _channel_max(m: np.ndarray) -> np.ndarray:
     if full < flat.shape[0]:
         hi = np.maximum(hi, flat[full:].max(axis=0))
         lo = np.minimum(lo, flat[full:].min(axis=0))
+    return hi, lo
+
+
+def _channel_max(m: np.ndarray) -> np.ndarray:
+    """Per-channel (axis 1) max |mantissa| of an NCHW int16 array (|-32768| never occurs)."""
+    hi, lo = _channel_range(m)
     return np.maximum(hi, -lo)
+
+
+def _one_signed(hi: np.ndarray, lo: np.ndarray) -> bool:
+    """Whether every value lies on one side of 0 (ReLU outputs: all >= 0), which lets the
+    exact bound split the products by sign (``plan_exact`` module docstring)."""
+    return bool(lo.min(initial=0) >= 0 or hi.max(initial=0) <= 0)
 
 
 def _check_no_int16_min(amax: np.ndarray, what: str) -> None:
@@ -223,12 +236,13 @@ def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: D
         from .decisions import resolve_config
         base, target = resolve_config(spec, config, overflow="exact", target=target)
         density = 1.0 / (spec.stride[0] * spec.stride[1]) if spec.pass_kind == "bwd_data" else 1.0
-        amax = _channel_max(act.mantissa)
+        hi, lo = _channel_range(act.mantissa)
+        amax = np.maximum(hi, -lo)
         _check_no_int16_min(amax, f"{spec.pass_kind} activation")
         pw = wq if isinstance(wq, PackedWeight) else PackedWeight(wq)
         if pw.has_int16_min:
             _check_no_int16_min(np.array([32768]), f"{spec.pass_kind} weight")
-        cb, ft = exact_schedule(pw.bound_operand(spec), amax, density)
+        cb, ft = exact_schedule(pw.bound_operand(spec), amax, density, one_signed=_one_signed(hi, lo))
         load_exact_family(spec, base, target, bias, fma)
         return _exact_config(spec, base, cb), ft
     return config, 0

@@ -297,13 +297,13 @@ class PackedWeight:
         return hit
 
     def bound_operand(self, spec) -> np.ndarray:
-        """|W| as float32 (R*S, OUT, RED) C-order for ``plan_exact.exact_schedule`` (forward:
-        OUT = K, RED = C; backward-data: OUT = C, RED = K)."""
+        """W (signed) as float32 (R*S, OUT, RED) C-order for ``plan_exact.exact_schedule``
+        (forward: OUT = K, RED = C; backward-data: OUT = C, RED = K)."""
         hit = self._bound.get(spec.pass_kind)
         if hit is None:
             krsc = self.krsc[:, :, :spec.C]
             w_tor = krsc.transpose(1, 0, 2) if spec.pass_kind == "fwd" else krsc.transpose(1, 2, 0)
-            hit = np.abs(w_tor.astype(np.float32, order="C"))
+            hit = w_tor.astype(np.float32, order="C")
             self._bound[spec.pass_kind] = hit
         return hit
 

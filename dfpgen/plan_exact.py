@@ -11,6 +11,13 @@ backward-data). ``max_c |X|`` is the per-channel max of the actual mantissas, wh
 tighter than the naive ``L * max|X| * max|W|`` (that bound gives one pair per partial for
 DFP16, whose maxima sit in [2**14, 2**15)).
 
+Where the activation has one sign (X after ReLU, or padding zeros and values >= 0) the
+products can be split by sign: with ``x >= 0`` every running value is (positive products so
+far) - (negative products so far), so it lies in ``[-B-, B+]`` with
+``B+ = sum max_c|X| * max(W, 0)`` and ``B- = sum max_c|X| * max(-W, 0)``, and
+``max(B+, B-) <= 2**31 - 1`` proves the kernel exact (``one_signed=True``). With weights of
+both signs in every group that is about half of ``B``: partials about twice as long.
+
 The schedule depends on the data only, never on the register blocking, so every tuning
 config gives the same bits in exact mode. Candidates: ``c_block`` in 2 ... 128 (powers of
 two, :func:`exact_blocks`) x ``flush_taps`` in R*S ... 1; among the proven ones the cheapest
@@ -70,7 +77,8 @@ def exact_blocks(red: int) -> tuple[int, ...]:
     return tuple(b for b in _BLOCKS if b == 2 or b // 2 < redp)
 
 
-def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 1.0) -> tuple[int, int]:
+def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 1.0,
+                   one_signed: bool = False) -> tuple[int, int]:
     """``(c_block, flush_taps)`` for exact mode.
 
     ``w_tor``: weight mantissas as (R*S, OUT, RED) integers, any strides and signs (taps in
@@ -78,7 +86,9 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     the KRSC buffer needs no copy); ``act_max``: (RED,) per-channel max |mantissa| of the
     activation operand (X forward, dY backward-data); ``tap_density``: the fraction of a
     flush group's taps one kernel meets (backward-data with stride u runs phases that meet
-    about 1/(u_h u_w) of them). Among the proven schedules it picks the one whose kernel
+    about 1/(u_h u_w) of them); ``one_signed``: every activation mantissa has the same sign
+    (or is 0), which proves with the sign-split bound of the module docstring (``w_tor`` must
+    then be signed). Among the proven schedules it picks the one whose kernel
     spends the largest fraction of its time in dot products (a cost model of loop set-up
     per tap and of flushes, below); ties go to the larger block.
     """
@@ -91,9 +101,16 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     limit = INT32_MAX * (1.0 - 2.0 * (taps + 9) * 2.0 ** -24)
     # |w| * max|x| = |w * max|x||: one relayout pass into C order, then abs in place
     a = np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], dtype=np.float32, order="C")
-    np.abs(a, out=a)
     blocks = exact_blocks(red)  # descending
-    levels = _levels(a, blocks)
+    if one_signed:
+        # B+ and B- of the module docstring: the positive and the negative products apart
+        parts = [_levels(np.maximum(a, 0), blocks), _levels(np.maximum(-a, 0), blocks)]
+    else:
+        np.abs(a, out=a)
+        parts = [_levels(a, blocks)]
+
+    def group_max(block: int, ft: int) -> float:
+        return max(_max_group_sum(lv[block], ft) for lv in parts)
 
     def score(block: int, ft: int) -> float:
         # useful fraction of a kernel's work per partial, in pair steps (one vpdpwssd per
@@ -106,14 +123,14 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     for block in blocks:
         if score(block, taps) <= best_score:
             continue  # even all taps in one partial cannot beat the best so far
-        single = _max_group_sum(levels[block], 1)
+        single = group_max(block, 1)
         if single > limit:
             continue  # even single taps overflow with blocks this large
         for ft in range(taps, 0, -1):
             if score(block, ft) <= best_score:
                 break
             # ft * (largest single tap) bounds every group of ft taps: often decides at once
-            if ft == 1 or ft * single <= limit or _max_group_sum(levels[block], ft) <= limit:
+            if ft == 1 or ft * single <= limit or group_max(block, ft) <= limit:
                 best, best_score = (block, ft), score(block, ft)
                 break
     return best

@@ -75,6 +75,64 @@ def test_exact_mode_picks_the_longest_proven_schedule():
     assert info_big.flush < info.flush
 
 
+def _alternating(shape, x_sign):
+    """X all +32767 (``x_sign`` "+") or +/-32767 by channel ("+-"), W +/-32767 by channel:
+    every product is +/-32767**2."""
+    n, c, h, w, k, r, s = shape[:7]
+    ch = np.where(np.arange(c) % 2 == 0, 1, -1).astype(np.int16)
+    xm = np.full((n, c, h, w), 32767, np.int16)
+    if x_sign == "+-":
+        xm = xm * ch[None, :, None, None]
+    wm = np.broadcast_to(32767 * ch[None, :, None, None], (k, c, r, s)).astype(np.int16)
+    return dfpgen.DfpTensor(xm, -15), dfpgen.DfpTensor(wm, -15)
+
+
+def test_exact_mode_splits_the_bound_by_sign_for_non_negative_activations():
+    # X >= 0 (ReLU) and W alternating in sign: the positive and the negative products of any
+    # 2 channels x 2 taps are 2 * 32767**2 each, which fits, while their absolute sum (the
+    # bound without the split) does not: the schedule doubles, and stays bit-exact.
+    shape = (1, 8, 5, 5, 4, 3, 3, 1, 1, 1)
+    xq, wq = _alternating(shape, "+")
+    y, info = conv.conv2d(xq, wq, padding=1, overflow="exact", return_info=True)
+    assert info.c_block * info.flush_taps == 4 and (info.c_block, info.flush_taps) != (2, 1)
+    ref = _ref(xq, wq, shape, info)
+    assert not ref.overflowed and np.array_equal(y, ref.fp32)
+    # the same magnitudes with X of both signs: every product may be +32767**2, no split
+    xm, wq = _alternating(shape, "+-")
+    y, info = conv.conv2d(xm, wq, padding=1, overflow="exact", return_info=True)
+    assert (info.c_block, info.flush_taps) == (2, 1)
+    ref = _ref(xm, wq, shape, info)
+    assert not ref.overflowed and np.array_equal(y, ref.fp32)
+    # and the longer schedule really would overflow there: the split is what proves it
+    bad = reference.conv2d_fwd(xm, wq, None, 1, 1, 1, c_block=4, flush_taps=1)
+    assert bad.overflowed
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_schedule_is_a_proof_with_and_without_the_sign_split(seed):
+    # brute force over every (output, block, tap group): the chosen schedule's worst case,
+    # max(B+, B-) with the split or B without, fits INT32; ties no schedule the bound rejects
+    from dfpgen.plan_exact import INT32_MAX, exact_schedule
+    rng = np.random.default_rng(seed)
+    taps, out, red = 9, 3, 12
+    scale = [32767, 20000, 5000, 1000][seed % 4]
+    w = rng.integers(-scale, scale + 1, (taps, out, red)).astype(np.float32)
+    amax = rng.integers(0, 32768, red).astype(np.float32)
+    for one_signed in (False, True):
+        cb, ft = exact_schedule(w, amax, one_signed=one_signed)
+        a = w.astype(np.float64) * amax[None, None, :]
+        redp = -(-red // cb) * cb
+        pad = np.zeros((taps, out, redp))
+        pad[:, :, :red] = a
+        worst = 0.0
+        for t0 in range(0, taps, ft):
+            for b0 in range(0, redp, cb):
+                g = pad[t0:t0 + ft, :, b0:b0 + cb]
+                pos, neg = np.maximum(g, 0).sum(axis=(0, 2)), np.maximum(-g, 0).sum(axis=(0, 2))
+                worst = max(worst, (np.maximum(pos, neg) if one_signed else pos + neg).max())
+        assert worst <= INT32_MAX, (one_signed, cb, ft, worst)
+
+
 def test_fast_mode_counts_saturation_and_warns():
     shape = (1, 20, 6, 7, 18, 3, 3, 1, 1, 1)
     xq, wq, _ = operands(shape, adversarial=True)
