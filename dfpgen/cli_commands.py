@@ -213,12 +213,25 @@ def show_kernel(spec: ConvSpec, what: str, config_text: str | None, parse_config
     cfg = cfg or default_config(spec, target)
     if config_text:
         cfg = parse_config(config_text, cfg)
+    note = None
+    if overflow == "exact" and spec.pass_kind != "bwd_weight" and cfg.flush == 0:
+        # What the runtime loads: one kernel per reduction block, planned with every tap per
+        # partial; the block and the flush interval are picked from the operands per call.
+        from .plan_exact import exact_blocks
+        blocks = list(exact_blocks(spec.C if spec.pass_kind == "fwd" else spec.K))
+        cb = cfg.c_block if cfg.c_block in blocks else blocks[0]
+        cfg = cfg.replace(c_block=cb, flush=cb * spec.R * spec.S)
+        note = (f"exact mode: at run time the reduction block (one of {blocks}) and the flush "
+                f"interval come from the operands (dfpgen.plan_exact); this is the kernel of "
+                f"c_block {cb} (--config c_block=B for another), the flush taps a run-time argument")
     kernels = autotune.kernel_sources(spec, cfg, target, overflow)
     out = []
     for symbol, plan, ir in kernels:
         if what == "plan":
-            out.append(json.dumps({"symbol": symbol, "spec": str(spec), "config": cfg.to_dict(),
-                                   "plan": plan}, indent=1, default=str))
+            doc = {"symbol": symbol, "spec": str(spec), "config": cfg.to_dict(), "plan": plan}
+            if note:
+                doc["note"] = note
+            out.append(json.dumps(doc, indent=1, default=str))
         elif what == "ir":
             out.append(ir)
         else:

@@ -144,6 +144,13 @@ def test_show_plan_ir_and_asm(tmp_path, pass_kind):
     assert asm.returncode == 0 and native_target().isa.dot_mnemonic in asm.stdout
     cfg = dfpgen(tmp_path, "show", "--layer", SMALL, "--pass", pass_kind, "--config", "k_vecs=1,pixels=4")
     assert cfg.returncode == 0 and json.loads(cfg.stdout.split("\n}\n")[0] + "\n}")["config"]["pixels"] == 4
+    if pass_kind != "bwd_weight":
+        # exact mode shows the block kernel the runtime loads (not the one-pair fallback), and
+        # says that the operands pick the block
+        blk = dfpgen(tmp_path, "show", "--layer", SMALL, "--pass", pass_kind, "--config", "c_block=4")
+        d = json.loads(blk.stdout.split("\n}\n")[0] + "\n}")
+        assert "_cb4_" in d["symbol"] and d["config"]["c_block"] == 4, d["symbol"]
+        assert "come from the operands" in d["note"]
 
 
 def test_cache_verify_checks_tuned_conv_kernels_exactly(tmp_path):
