@@ -35,6 +35,7 @@ candidate's timing) goes to :func:`dfpgen.cache.store_tuning`; :func:`lookup` is
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import threading
 import time
@@ -158,6 +159,18 @@ def staged_candidates(spec: ConvSpec, target: CpuTarget, default: TuningConfig,
     return _cost_order(spec, target, same_rest), around
 
 
+_SHORT_CONFIG = re.compile(r"kb\d+_wb\d+_cb\d+_fl\d+(_u4)?")
+
+
+def check_corrupt_hook() -> None:
+    """A set ``$DFPGEN_TUNE_CORRUPT`` must name a config as ``TuningConfig.short`` writes it:
+    a typo would otherwise silently test nothing."""
+    v = os.environ.get(ENV_CORRUPT)
+    if v and not _SHORT_CONFIG.fullmatch(v):
+        raise DfpError(f"${ENV_CORRUPT}={v!r} is not a config such as kb2_wb6_cb16_fl0 "
+                       "(TuningConfig.short(); unset it to tune normally)")
+
+
 def _corrupt_hook(cfg: TuningConfig, out: np.ndarray) -> np.ndarray:
     if os.environ.get(ENV_CORRUPT) == cfg.short() and out.size:
         out = np.array(out, copy=True, order="C")
@@ -203,6 +216,7 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
     """
     if not budget or budget <= 0:
         raise DfpError(f"tuning budget must be > 0 seconds, got {budget!r}")
+    check_corrupt_hook()
     target = target or host_target()
     fields = tuning_fields(spec, target, overflow)
     if not force:

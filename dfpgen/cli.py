@@ -223,9 +223,11 @@ def cmd_info(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from .autotune import check_corrupt_hook
     from .cli_commands import run_tune
     if bool(args.model) == bool(args.layer):
         raise UsageError("tune needs exactly one of --layer or --model")
+    check_corrupt_hook()  # before the header: a bad variable is the command's one line
     if args.layer:
         specs = _specs(args)
         _check_fits(specs, "--batch or --hw")

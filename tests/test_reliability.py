@@ -550,3 +550,9 @@ def test_runtime_thread_counts_are_checked_like_the_numpy_api(threads):
         dfp.DFPConv2d(4, 3, 3, threads=threads)
     with pytest.raises(DfpError, match="threads must be an int >= 0"):
         dfp.convert(nn.Sequential(nn.Conv2d(1, 1, 1)), threads=threads)
+
+
+def test_a_bogus_tuner_test_hook_is_a_one_line_error_not_a_silent_no_op(tmp_path):
+    line = error_line(cli(tmp_path, "tune", "--layer", "n1c3h5w5k2r3s3", "--budget", "1",
+                          env={"DFPGEN_TUNE_CORRUPT": "kb2-wb6"}))
+    assert "$DFPGEN_TUNE_CORRUPT" in line and "'kb2-wb6'" in line
