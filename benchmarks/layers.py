@@ -32,6 +32,7 @@ import torch
 import dfpgen
 from dfpgen import threads as dthreads
 from dfpgen.baseline import torch_seconds
+from dfpgen.dfp import DfpFormat
 from dfpgen.layer_tables import model_table
 from dfpgen.pack import quantize_pack
 from dfpgen.peak import dot_peak, fma_peak
@@ -76,15 +77,21 @@ def channels_last(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
 
 
-def dfp_runner(spec, quantized: bool, overflow: str, threads: int):
+def dfp_runner(spec, quantized: bool, overflow: str, threads: int, x_dist: str = "normal",
+               bits: int = 15):
+    """One call of ``spec``'s pass. ``x_dist``: X standard normal, or ``relu`` (its positive
+    part, as after ReLU: exact mode's bound then splits the products by sign); ``bits``:
+    magnitude bits of the DFP format of every operand (15 = DFP16)."""
     rng = np.random.default_rng(0)
-    x = channels_last(rng.standard_normal(spec.input_shape, dtype=np.float32))
+    x = rng.standard_normal(spec.input_shape, dtype=np.float32)
+    x = channels_last(np.maximum(x, 0) if x_dist == "relu" else x)
     w = rng.standard_normal(spec.weight_shape, dtype=np.float32)
     dy = channels_last(rng.standard_normal(spec.output_shape, dtype=np.float32))
     kw = dict(stride=spec.stride, padding=spec.padding, overflow=overflow, threads=threads)
     if quantized:
-        x, dy = quantize_pack(x, threads=threads), quantize_pack(dy, threads=threads)
-        w = dfpgen.quantize(w)
+        f = DfpFormat(bits=bits)
+        x, dy = quantize_pack(x, f, threads=threads), quantize_pack(dy, f, threads=threads)
+        w = dfpgen.quantize(w, f)
     if spec.pass_kind == "fwd":
         return lambda: dfpgen.conv2d(x, w, **kw)
     if spec.pass_kind == "bwd_data":
@@ -140,6 +147,10 @@ def main() -> None:
                     help="RESULTS.md section name (results_md adds the host tag; default: layers)")
     ap.add_argument("--title", default="", help="heading suffix naming the machine")
     ap.add_argument("--no-bf16", action="store_true", help="skip the PyTorch bf16 baseline")
+    ap.add_argument("--x-dist", choices=("normal", "relu"), default="normal",
+                    help="X standard normal, or its positive part (activations after ReLU)")
+    ap.add_argument("--bits", type=int, default=15, choices=range(2, 16), metavar="{2..15}",
+                    help="DFP magnitude bits of the quantized operands (15: DFP16)")
     args = ap.parse_args()
 
     threads = args.threads or dthreads.num_threads()
@@ -168,11 +179,11 @@ def main() -> None:
         for pk in passes:
             spec = parse_full(f"n{args.batch}{geo}", pk)
             gmac = spec.macs / 1e9
-            t_k = median_seconds(dfp_runner(spec, True, "exact", threads), args.repeats)
-            t_q = median_seconds(dfp_runner(spec, False, "exact", threads), args.repeats)
+            t_k = median_seconds(dfp_runner(spec, True, "exact", threads, args.x_dist, args.bits), args.repeats)
+            t_q = median_seconds(dfp_runner(spec, False, "exact", threads, args.x_dist), args.repeats)
             t_f = torch_seconds(spec, "float32", args.repeats)
             t_b = None if args.no_bf16 else torch_seconds(spec, "bfloat16", args.repeats)
-            t_e = median_seconds(dfp_runner(spec, True, "fast", threads), args.repeats)
+            t_e = median_seconds(dfp_runner(spec, True, "fast", threads, args.x_dist, args.bits), args.repeats)
             k_rate, q_rate = gmac / t_k, gmac / t_q
             f_rate = gmac / t_f if t_f else None
             b_rate = gmac / t_b if t_b else None

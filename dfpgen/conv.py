@@ -43,6 +43,7 @@ from .dfp import DFP16, DfpFormat, DfpTensor, quantize
 from .errors import DfpError, OverflowWarning
 from .fwd import FMA_MIN_SCALE_EXP, PackedWeight, execute, weights_krsc
 from .kernels import get_kernel
+from .pack import quantize_pack
 from .plan_exact import exact_blocks, exact_schedule
 from .runinfo import RunInfo
 from .spec import ConvSpec, _pair
@@ -65,11 +66,7 @@ def _quantize_act(a, fmt: DfpFormat, seed: int, name: str, threads) -> DfpTensor
     arr = _as_array(a, name)
     if arr.ndim != 4:
         raise DfpError(f"{name}: expected a 4-D NCHW array, got shape {arr.shape}")
-    try:
-        from .pack import quantize_pack
-    except ImportError:
-        quantize_pack = None
-    if quantize_pack is None or arr.dtype != np.float32:  # float64 keeps quantize's float64 math
+    if arr.dtype != np.float32:  # float64 keeps quantize's float64 math
         return quantize(arr, fmt, seed=seed, name=name)
     return quantize_pack(arr, fmt, seed=seed, name=name, threads=threads)
 
@@ -91,11 +88,7 @@ def _quantize_weight(w, fmt: DfpFormat, name: str) -> DfpTensor:
         q = w
     else:
         arr = _as_array(w, name)
-        try:
-            from .pack import quantize_pack
-        except ImportError:
-            quantize_pack = None
-        if quantize_pack is not None and arr.ndim == 4 and arr.dtype == np.float32:
+        if arr.ndim == 4 and arr.dtype == np.float32:
             # KCRS as (N, C, H, W): the pack kernel leaves a KRSC buffer, the forward layout
             q = quantize_pack(arr, fmt, name=name)
         else:

@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import DfpError
 from .kernels import load_kernel
+from .pack import nhwc_buffer
 from .plan import KernelPlan, SubConv, plan_fwd
 from .plan_bwd import plan_bwd_data
 from .render import render
@@ -198,14 +199,9 @@ def _activation_buffer(q, pad, cpad: int) -> np.ndarray:
     """The kernel's input buffer for DfpTensor ``q``; reuses ``dfpgen.pack``'s NHWC buffer
     without a copy when no spatial padding is needed and the channel padding agrees."""
     if not any(pad):
-        try:
-            from .pack import nhwc_buffer
-        except ImportError:
-            nhwc_buffer = None
-        if nhwc_buffer is not None:
-            buf = nhwc_buffer(q)
-            if buf.shape[-1] == cpad and buf.flags.c_contiguous:
-                return buf
+        buf = nhwc_buffer(q)
+        if buf.shape[-1] == cpad and buf.flags.c_contiguous:
+            return buf
     return padded_nhwc(q.mantissa, pad, cpad)
 
 
@@ -243,11 +239,7 @@ def weights_krsc(wq) -> np.ndarray:
     behind a ``dfpgen.pack.quantize_pack`` result (no copy), else a packed copy. Both passes
     pack from it (:meth:`SubKernel.pack_weights`)."""
     m = wq.mantissa
-    try:
-        from .pack import nhwc_buffer
-        buf = nhwc_buffer(wq)
-    except ImportError:
-        buf = padded_nhwc(m, (0, 0, 0, 0), m.shape[1] + m.shape[1] % 2)
+    buf = nhwc_buffer(wq)
     return buf.reshape(m.shape[0], m.shape[2] * m.shape[3], buf.shape[-1])
 
 
