@@ -51,7 +51,7 @@ from .measure import kernel_sources, kernel_timer, make_runner, random_operands,
 from .spec import PASSES, ConvSpec
 from .target import CpuTarget, host_target
 from .threads import num_threads
-from .tuning import TuningConfig
+from .tuning import SHORT_PATTERN, TuningConfig
 
 ENV_CORRUPT = "DFPGEN_TUNE_CORRUPT"
 DEFAULT_BUDGET_S = 30.0
@@ -159,7 +159,7 @@ def staged_candidates(spec: ConvSpec, target: CpuTarget, default: TuningConfig,
     return _cost_order(spec, target, same_rest), around
 
 
-_SHORT_CONFIG = re.compile(r"kb\d+_wb\d+_cb\d+_fl\d+(_u4)?")
+_SHORT_CONFIG = re.compile(SHORT_PATTERN)
 
 
 def check_corrupt_hook() -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import DfpError, OverflowWarning
 from .spec import PASSES, ConvSpec
+from .tuning import SHORT_PATTERN
 
 
 def _fmt(v, spec: str = ".1f", na: str = "n/a") -> str:
@@ -217,13 +218,13 @@ def show_kernel(spec: ConvSpec, what: str, config_text: str | None, parse_config
     if overflow == "exact" and spec.pass_kind != "bwd_weight" and cfg.flush == 0:
         # What the runtime loads: one kernel per reduction block, planned with every tap per
         # partial; the block and the flush interval are picked from the operands per call.
-        from .plan_exact import exact_blocks
-        blocks = list(exact_blocks(spec.C if spec.pass_kind == "fwd" else spec.K))
-        cb = cfg.c_block if cfg.c_block in blocks else blocks[0]
-        cfg = cfg.replace(c_block=cb, flush=cb * spec.R * spec.S)
-        note = (f"exact mode: at run time the reduction block (one of {blocks}) and the flush "
-                f"interval come from the operands (dfpgen.plan_exact); this is the kernel of "
-                f"c_block {cb} (--config c_block=B for another), the flush taps a run-time argument")
+        from .conv import exact_family
+        family = exact_family(spec, cfg)
+        cfg = next((c for c in family if c.c_block == cfg.c_block), family[0])
+        note = (f"exact mode: at run time the reduction block (one of {[c.c_block for c in family]}) "
+                f"and the flush interval come from the operands (dfpgen.plan_exact); this is the "
+                f"kernel of c_block {cfg.c_block} (--config c_block=B for another), the flush taps "
+                f"a run-time argument")
     kernels = autotune.kernel_sources(spec, cfg, target, overflow)
     out = []
     for symbol, plan, ir in kernels:
@@ -277,8 +278,8 @@ def entries_table(rows: list[dict]):
     return tab
 
 
-_SYMBOL = re.compile(r"dfp_conv_(fwd|bwd_data)_(c\d+h\d+w\d+k\d+\w*?)_kb(\d+)_wb(\d+)_cb(\d+)_fl(\d+)(_u4)?"
-                     r"_(?:avx512_vnni|vnni256|avx2|generic)_(exact|fast)")
+_SYMBOL = re.compile(r"dfp_conv_(fwd|bwd_data)_(c\d+h\d+w\d+k\d+\w*?)_" + SHORT_PATTERN
+                     + r"_(?:avx512_vnni|vnni256|avx2|generic)_(exact|fast)")
 
 
 def entry_conv(e: dict):

@@ -124,12 +124,6 @@ def _channel_range(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return hi, lo
 
 
-def _channel_max(m: np.ndarray) -> np.ndarray:
-    """Per-channel (axis 1) max |mantissa| of an NCHW int16 array (|-32768| never occurs)."""
-    hi, lo = _channel_range(m)
-    return np.maximum(hi, -lo)
-
-
 def _one_signed(hi: np.ndarray, lo: np.ndarray) -> bool:
     """Whether every value lies on one side of 0 (ReLU outputs: all >= 0), which lets the
     exact bound split the products by sign (``plan_exact`` module docstring)."""
@@ -164,6 +158,14 @@ _exact_configs: dict[tuple, TuningConfig] = {}
 _seen: set[tuple] = set()  # (spec with its batch, ...) already checked by load_exact_family
 
 
+def exact_family(spec: ConvSpec, base: TuningConfig) -> list[TuningConfig]:
+    """The configs of every exact-mode kernel ``spec`` can be given, largest block first:
+    one per block of :func:`plan_exact.exact_blocks` over the pass's reduction channels
+    (C forward, K backward-data), register blocking of ``base``."""
+    red = spec.C if spec.pass_kind == "fwd" else spec.K
+    return [_exact_config(spec, base, cb) for cb in exact_blocks(red)]
+
+
 def load_exact_family(spec: ConvSpec, base: TuningConfig, target, bias: bool, fma: bool) -> None:
     """Load every exact-mode kernel ``spec`` can be given (one per block of
     :func:`plan_exact.exact_blocks`, register blocking of ``base``); a no-op after the first
@@ -171,13 +173,12 @@ def load_exact_family(spec: ConvSpec, base: TuningConfig, target, bias: bool, fm
     fast_key = (spec, base, bias, fma, target)
     if fast_key in _seen:
         return
-    red = spec.C if spec.pass_kind == "fwd" else spec.K
     key = (replace(spec, N=1), base, bias, fma, target)
     if key in _families:
         _seen.add(fast_key)
         return
     from .threads import num_threads
-    cfgs = [_exact_config(spec, base, cb) for cb in exact_blocks(red)]
+    cfgs = exact_family(spec, base)
 
     def load(cfg):
         return get_kernel(spec, cfg, overflow="exact", target=target, bias=bias, fma=fma)

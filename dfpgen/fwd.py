@@ -36,7 +36,7 @@ from .plan import KernelPlan, SubConv, plan_fwd
 from .plan_bwd import plan_bwd_data
 from .render import render
 from .runinfo import RunInfo
-from .threads import num_threads, parallel_for
+from .threads import parallel_for, threads_for
 from .tuning import TuningConfig
 
 KERNEL_ABI = 3
@@ -46,9 +46,6 @@ _PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_
                           ctypes.c_void_p, ctypes.c_void_p)
 SCALE_EXP_RANGE = (-149, 127)  # 2**e exactly representable in float32 (subnormals included)
 FMA_MIN_SCALE_EXP = -126       # normal scale: (float)partial * 2**e is exact, FMA == mul + add
-# Default thread count: at most one thread per this many MACs. Handing a range to a pool
-# thread and waiting for it costs ~50-100 us in Python; 2**21 MACs take about that long.
-MIN_MACS_PER_THREAD = 1 << 21
 
 
 class SubKernel:
@@ -310,8 +307,7 @@ def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int
     if not (threads or kernel.config.threads):
         # the default count, capped so that each thread gets enough work to pay for its
         # hand-off (a small layer runs on the calling thread)
-        macs = spec.N * spec.P * spec.Q * spec.C * spec.K * spec.R * spec.S
-        threads = max(1, min(num_threads(), macs // MIN_MACS_PER_THREAD))
+        threads = threads_for(spec.N * spec.P * spec.Q * spec.C * spec.K * spec.R * spec.S)
     threads = threads or kernel.config.threads
     scale = check_scale(scale_exp, spec.pass_kind)
     first = kernel.parts[0].plan if kernel.parts else None

@@ -34,7 +34,7 @@ _loaded: dict[tuple, LoadedKernel] = {}
 _lock = threading.RLock()
 # Kernels this process brought into memory, by where they came from ("disk" | "built"):
 # a training loop past its first step should add nothing here (its kernels follow from
-# the layer shapes, see ``dfpgen.plan_exact.schedule_set``).
+# the layer shapes, see ``dfpgen.conv.exact_family``).
 load_counts: dict[str, int] = {"disk": 0, "built": 0}
 
 

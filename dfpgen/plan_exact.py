@@ -104,7 +104,9 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     blocks = exact_blocks(red)  # descending
     if one_signed:
         # B+ and B- of the module docstring: the positive and the negative products apart
-        parts = [_levels(np.maximum(a, 0), blocks), _levels(np.maximum(-a, 0), blocks)]
+        pos = np.maximum(a, 0)
+        np.subtract(pos, a, out=a)  # max(-a, 0), in place
+        parts = [_levels(pos, blocks), _levels(a, blocks)]
     else:
         np.abs(a, out=a)
         parts = [_levels(a, blocks)]

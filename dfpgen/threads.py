@@ -53,6 +53,18 @@ def num_threads() -> int:
         return os.cpu_count() or 1
 
 
+# Handing a range to a pool thread and waiting for it costs ~50-100 us in Python; 2**21 MACs
+# take about that long, so a pass's default thread count gives each thread at least that many.
+MIN_MACS_PER_THREAD = 1 << 21
+
+
+def threads_for(macs: int) -> int:
+    """The default thread count of a pass of ``macs`` multiply-accumulates: :func:`num_threads`,
+    capped so that each thread gets at least ``MIN_MACS_PER_THREAD`` (a small layer runs on
+    the calling thread)."""
+    return max(1, min(num_threads(), macs // MIN_MACS_PER_THREAD))
+
+
 def _get_pool(n: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     with _lock:

@@ -28,6 +28,11 @@ from .errors import DfpError
 UNROLLS = ("none", "4vnni")
 
 
+# What TuningConfig.short writes, as a regular expression (groups: k_vecs, pixels, c_block,
+# flush, the 4VNNI suffix).
+SHORT_PATTERN = r"kb(\d+)_wb(\d+)_cb(\d+)_fl(\d+)(_u4)?"
+
+
 @dataclass(frozen=True)
 class TuningConfig:
     k_vecs: int = 2
@@ -64,7 +69,8 @@ class TuningConfig:
         return replace(self, **kw)
 
     def short(self) -> str:
-        """Symbol fragment, e.g. ``kb2_wb14_cb16_fl144`` (``_u4`` with the 4VNNI unroll)."""
+        """Symbol fragment, e.g. ``kb2_wb14_cb16_fl144`` (``_u4`` with the 4VNNI unroll);
+        :data:`SHORT_PATTERN` matches it."""
         s = f"kb{self.k_vecs}_wb{self.pixels}_cb{self.c_block}_fl{self.flush}"
         return s + ("_u4" if self.unroll == "4vnni" else "")
 

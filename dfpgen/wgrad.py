@@ -37,7 +37,7 @@ from .render import render
 from .runinfo import RunInfo
 from .spec import ConvSpec
 from .target import CpuTarget, host_target
-from .threads import num_threads, parallel_for
+from .threads import num_threads, parallel_for, threads_for
 from .tuning import TuningConfig
 
 INT32_MAX = 2 ** 31 - 1
@@ -230,8 +230,6 @@ def release_buffers() -> None:
 
 
 _families: set[tuple] = set()  # (spec, target, scaled) whose exact-mode kernels are loaded
-# Default thread count: at most one thread per this many MACs (see dfpgen.fwd).
-MIN_MACS_PER_THREAD = 1 << 21
 
 
 @lru_cache(maxsize=1024)
@@ -307,9 +305,8 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     p = _plan(spec, config or _default_config(spec, target, None), target, overflow, scaled)
 
     nthreads = threads or (config.threads if config is not None else 0)
-    if not nthreads:  # the default count, at least MIN_MACS_PER_THREAD per thread
-        macs = spec.N * spec.P * spec.Q * C * K * R * S
-        nthreads = max(1, min(num_threads(), macs // MIN_MACS_PER_THREAD))
+    if not nthreads:
+        nthreads = threads_for(spec.N * spec.P * spec.Q * C * K * R * S)
     xw, xam = pack_pairs(x, (N, p.Hp, p.Wp), pad=spec.padding, istep=p.pack_istep, delta=spec.stride[1],
                          cout=p.Cs, hstep=p.pack_hstep, threads=nthreads, target=target, buffer="xw")
     dyp, dam = pack_pairs(dy, (N, spec.P, p.Q2), istep=2, delta=1, cout=p.Ks, threads=nthreads,

@@ -286,11 +286,12 @@ def test_classifier_layer_on_1x1_images_runs_as_one_row_of_pixels():
 
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 64, 5, 5), (1, 3, 40, 40), (2, 4096, 1, 3)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_channel_max_feeding_the_exact_bound(shape, channels_last):
+def test_channel_range_feeding_the_exact_bound(shape, channels_last):
     a = np.random.default_rng(15).integers(-32767, 32768, shape).astype(np.int16)
     if channels_last:
         a = np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-    assert np.array_equal(conv._channel_max(a), np.abs(a.astype(np.int64)).max(axis=(0, 2, 3)))
+    hi, lo = conv._channel_range(a)
+    assert np.array_equal(hi, a.max(axis=(0, 2, 3))) and np.array_equal(lo, a.min(axis=(0, 2, 3)))
 
 
 def test_exact_mode_refuses_int16_min_mantissas():
