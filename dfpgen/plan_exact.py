@@ -28,6 +28,8 @@ are not evaluated. (2, 1)
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 INT32_MAX = 2**31 - 1
@@ -35,6 +37,8 @@ INT32_MAX = 2**31 - 1
 # instructions of loop set-up per (tap, block) and about 100 per flush.
 TAP_COST, FLUSH_COST = 0.5, 3.5
 _BLOCKS = (128, 64, 32, 16, 8, 4, 2)
+# float32 temporaries per batch of flush groups in _group_maxima (16 MiB)
+MAX_GROUP_ELEMS = 1 << 22
 
 
 def _levels(a: np.ndarray, blocks) -> dict[int, np.ndarray]:
@@ -53,19 +57,44 @@ def _levels(a: np.ndarray, blocks) -> dict[int, np.ndarray]:
     return out
 
 
-def _max_group_sum(level: np.ndarray, ft: int) -> float:
-    """Largest sum over one group of ``ft`` consecutive taps of one (output, block) lane.
-    Taps are the leading axis, so each group sum adds whole (OUT, nb) slices."""
+@lru_cache(maxsize=None)
+def _tap_groups(taps: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(member, first)``: row i of ``member`` (groups, taps) float32 is 1 on the taps of
+    flush group i and 0 elsewhere; ``flush_taps = ft``'s groups (taps 0..ft-1, ft..2ft-1,
+    ..., the last one shorter, as the kernels group them) are the rows from ``first[ft - 1]``."""
+    rows, first = [], []
+    for ft in range(1, taps + 1):
+        first.append(len(rows))
+        rows.extend(range(t0, min(t0 + ft, taps)) for t0 in range(0, taps, ft))
+    member = np.zeros((len(rows), taps), np.float32)
+    for i, r in enumerate(rows):
+        member[i, list(r)] = 1.0
+    return member, np.array(first)
+
+
+def _group_maxima(level: np.ndarray) -> np.ndarray:
+    """``(taps,)`` float: entry ``ft - 1`` is the largest sum over one flush group of ``ft``
+    taps of one (output, block) lane of ``level`` (taps, OUT, nb), for every ``ft`` at once:
+    one matrix product with the 0/1 group-membership matrix (still sums of non-negative
+    terms, so the error bound of ``exact_schedule`` holds), in batches of groups that keep
+    the temporary under ``MAX_GROUP_ELEMS`` floats on large layers."""
     taps = level.shape[0]
-    if ft == 1:
-        return float(level.max(initial=0))
-    if ft >= taps:
-        return float(level.sum(axis=0).max(initial=0))
-    full = taps // ft
-    best = level[:full * ft].reshape((full, ft) + level.shape[1:]).sum(axis=1).max(initial=0)
-    if taps % ft:
-        best = max(best, level[full * ft:].sum(axis=0).max(initial=0))
-    return float(best)
+    member, first = _tap_groups(taps)
+    flat = level.reshape(taps, -1)
+    step = max(1, MAX_GROUP_ELEMS // max(flat.shape[1], 1))
+    best = np.empty(len(member), np.float64)
+    for g0 in range(0, len(member), step):
+        best[g0:g0 + step] = (member[g0:g0 + step] @ flat).max(axis=1, initial=0)
+    return np.maximum.reduceat(best, first)
+
+
+def score(block: int, ft: int, tap_density: float = 1.0) -> float:
+    """The cost model ``exact_schedule`` ranks proven schedules by: the useful fraction of a
+    kernel's work per partial, in pair steps (one ``vpdpwssd`` per accumulator): block/2 per
+    tap met, plus ``TAP_COST`` per tap (loop set-up) and ``FLUSH_COST`` per flush (convert,
+    scale, add, store of every accumulator)."""
+    met = max(1.0, ft * tap_density)
+    return met * block / 2 / (met * (block / 2 + TAP_COST) + FLUSH_COST)
 
 
 def exact_blocks(red: int) -> tuple[int, ...]:
@@ -89,13 +118,13 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     about 1/(u_h u_w) of them); ``one_signed``: every activation mantissa has the same sign
     (or is 0), which proves with the sign-split bound of the module docstring (``w_tor`` must
     then be signed). Among the proven schedules it picks the one whose kernel
-    spends the largest fraction of its time in dot products (a cost model of loop set-up
-    per tap and of flushes, below); ties go to the larger block.
+    spends the largest fraction of its time in dot products (:func:`score`, a cost model of
+    loop set-up per tap and of flushes); ties go to the larger block.
     """
     taps, out, red = w_tor.shape
     # float32 halves the memory traffic of this (per-call) search. Every sum is of
     # non-negative terms: products rounded once, <= 8 pairwise-halving levels (blocks up to
-    # 128), <= taps sequential tap additions, so each computed sum is within gamma_n =
+    # 128), <= taps tap additions in any order (a matrix product, :func:`_group_maxima`), so each computed sum is within gamma_n =
     # n u / (1 - n u) of the true one (Higham 2002, §3.1; u = 2**-24, n = taps + 9). Comparing
     # against a limit shrunk by 2 n u keeps the proof: true <= computed (1 + gamma_n) <= INT32_MAX.
     limit = INT32_MAX * (1.0 - 2.0 * (taps + 9) * 2.0 ** -24)
@@ -111,28 +140,29 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
         np.abs(a, out=a)
         parts = [_levels(a, blocks)]
 
+    maxima: dict[int, np.ndarray] = {}
+
     def group_max(block: int, ft: int) -> float:
-        return max(_max_group_sum(lv[block], ft) for lv in parts)
+        # every flush interval of a block at once, on the block's first visit
+        hit = maxima.get(block)
+        if hit is None:
+            hit = maxima[block] = np.maximum.reduce([_group_maxima(lv[block]) for lv in parts])
+        return float(hit[ft - 1])
 
-    def score(block: int, ft: int) -> float:
-        # useful fraction of a kernel's work per partial, in pair steps (one vpdpwssd per
-        # accumulator): block/2 per tap met, plus TAP_COST per tap (loop set-up) and
-        # FLUSH_COST per flush (convert, scale, add, store of every accumulator)
-        met = max(1.0, ft * tap_density)
-        return met * block / 2 / (met * (block / 2 + TAP_COST) + FLUSH_COST)
+    def rank(block: int, ft: int) -> float:
+        return score(block, ft, tap_density)
 
-    best, best_score = (2, 1), score(2, 1)
+    best, best_score = (2, 1), rank(2, 1)
     for block in blocks:
-        if score(block, taps) <= best_score:
+        if rank(block, taps) <= best_score:
             continue  # even all taps in one partial cannot beat the best so far
         single = group_max(block, 1)
         if single > limit:
             continue  # even single taps overflow with blocks this large
         for ft in range(taps, 0, -1):
-            if score(block, ft) <= best_score:
+            if rank(block, ft) <= best_score:
                 break
-            # ft * (largest single tap) bounds every group of ft taps: often decides at once
-            if ft == 1 or ft * single <= limit or group_max(block, ft) <= limit:
-                best, best_score = (block, ft), score(block, ft)
+            if ft == 1 or group_max(block, ft) <= limit:
+                best, best_score = (block, ft), rank(block, ft)
                 break
     return best

@@ -94,19 +94,20 @@ def exact_flush(a_pix: np.ndarray, b_pix: np.ndarray) -> int:
     than ``flush * max|X| * max|dY| <= 2**31 - 1`` and far tighter on sparse (ReLU) data.
     Wrapping INT32 adds make intermediate overflow harmless: only the partial must fit.
     """
-    prod = a_pix.reshape(-1).astype(np.int64) * b_pix.reshape(-1).astype(np.int64)
-    M = prod.size
-    cs = np.concatenate(([0], np.cumsum(prod)))
-    best, f = 2, 2
-    top = max(2, 1 << max(1, math.ceil(math.log2(max(M, 2)))))
-    while f <= top:
-        starts = np.arange(0, M, f)
-        ends = np.minimum(starts + f, M)
-        if (cs[ends] - cs[starts]).max(initial=0) > INT32_MAX:
-            break
-        best = f
+    # chunk sums for f = 2, 4, 8, ... by pairwise halving (chunks [0, f), [f, 2f), ...; the
+    # last one shorter): about one pass over the pixels in all, stopping at the first overflow
+    level = a_pix.reshape(-1).astype(np.int64) * b_pix.reshape(-1)
+    best, f = 2, 1
+    while True:
+        if level.size % 2:
+            level = np.append(level, 0)
+        level = level[0::2] + level[1::2]
         f *= 2
-    return best
+        if level.max(initial=0) > INT32_MAX:
+            return best
+        best = f
+        if level.size <= 1:
+            return best
 
 
 PACK_TEMPLATE = "conv_bwd_weight_pack.ll.j2"
