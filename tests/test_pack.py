@@ -137,7 +137,16 @@ def test_nhwc_buffer_of_plain_quantize():
 def test_lower_tiers_same_bits(tier):
     target = host_target().with_tier(tier)
     if not target.executable:
-        pytest.skip(f"host cannot run {tier}")
+        # a host without the tier still compiles its kernels (for a CPU that has it) and
+        # checks that they use the tier's registers; only the bit comparison needs to run them
+        from dfpgen.jit import emit_assembly
+        from dfpgen.pack import kernel_plan
+        for kind in ("maxabs", "pack_nhwc", "pack_nchw"):
+            asm = emit_assembly(render_kernel(kind, SR, target), cpu=target.compile_cpu,
+                                features=target.compile_features)
+            assert kernel_plan(kind, SR, target)["symbol"] + ":" in asm
+            assert "zmm" not in asm
+        return
     x = np.random.default_rng(9).standard_normal((2, 19, 3, 9)).astype(np.float32)
     for view in (x, _nhwc(x)):
         for fmt in (DFP16, SR):
