@@ -41,7 +41,7 @@ import numpy as np
 
 from .dfp import DFP16, DfpFormat, DfpTensor, quantize
 from .errors import DfpError, OverflowWarning
-from .fwd import FMA_MIN_SCALE_EXP, PackedWeight, execute, weights_krsc
+from .fwd import FMA_MIN_SCALE_EXP, PackedWeight, execute
 from .kernels import get_kernel
 from .pack import quantize_pack
 from .plan_exact import exact_blocks, exact_schedule

@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import DfpError
 from .kernels import load_kernel
-from .pack import empty_aligned, nhwc_buffer
+from .pack import aligned_zeros, empty_aligned, nhwc_buffer
 from .plan import KernelPlan, SubConv, plan_fwd
 from .plan_bwd import plan_bwd_data
 from .render import render
@@ -184,8 +184,7 @@ def phase_buffer(m: np.ndarray, spec, sub: SubConv, cpad: int) -> np.ndarray:
     n, c, h, w = m.shape
     (uh, uw), (ph, pw) = spec.stride, spec.padding
     hph = sub.in_h // len(sub.phases)
-    buf = empty_aligned((n, len(sub.phases), hph, sub.in_w, cpad), np.int16)
-    buf.fill(0)
+    buf = aligned_zeros((n, len(sub.phases), hph, sub.in_w, cpad), np.int16)
     src = m.transpose(0, 2, 3, 1)
     for i, (a, b) in enumerate(sub.phases):
         # phase row k holds padded row a + uh k = input row a + uh k - ph
@@ -315,7 +314,6 @@ def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int
     threads = threads or kernel.config.threads
     scale = check_scale(scale_exp, spec.pass_kind)
     first = kernel.parts[0].plan if kernel.parts else None
-    red = spec.C if spec.pass_kind == "fwd" else spec.K
     out = spec.K if spec.pass_kind == "fwd" else spec.C
     oh, ow = (spec.P, spec.Q) if spec.pass_kind == "fwd" else (spec.H, spec.W)
     n = spec.N
@@ -325,9 +323,7 @@ def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int
         xbuf = phase_buffer(act.mantissa, spec, kernel.parts[0].sub, 2 * first.red_pairs)
     else:
         xbuf = _activation_buffer(act, kernel.pad, 2 * first.red_pairs)
-    ybuf = empty_aligned((n, oh, ow, first.out_pad), np.float32)
-    if kernel.zero_fill:
-        ybuf.fill(0)
+    ybuf = (aligned_zeros if kernel.zero_fill else empty_aligned)((n, oh, ow, first.out_pad), np.float32)
     bpad = None
     if bias is not None:
         bpad = np.zeros(first.out_pad, np.float32)

@@ -279,6 +279,16 @@ def empty_aligned(shape: tuple[int, ...], dtype=np.int16, align: int = 64) -> np
     return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
+def aligned_zeros(shape: tuple[int, ...], dtype=np.int16, align: int = 64) -> np.ndarray:
+    """:func:`empty_aligned`, zero-filled (fresh pages from the allocator come zeroed, so
+    this costs no pass of its own for large arrays)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.zeros(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
 def _packed_view(m: np.ndarray) -> np.ndarray | None:
     """(N, H, W, Cp) view of the padded NHWC buffer that the (N, C, H, W) int16 ``m`` is a
     window of, or None when ``m``'s strides or its memory owner say it is not one."""

@@ -28,7 +28,7 @@ are not evaluated. (2, 1)
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -124,9 +124,10 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     taps, out, red = w_tor.shape
     # float32 halves the memory traffic of this (per-call) search. Every sum is of
     # non-negative terms: products rounded once, <= 8 pairwise-halving levels (blocks up to
-    # 128), <= taps tap additions in any order (a matrix product, :func:`_group_maxima`), so each computed sum is within gamma_n =
-    # n u / (1 - n u) of the true one (Higham 2002, §3.1; u = 2**-24, n = taps + 9). Comparing
-    # against a limit shrunk by 2 n u keeps the proof: true <= computed (1 + gamma_n) <= INT32_MAX.
+    # 128), <= taps tap additions in any order (the matrix product of _group_maxima), so each
+    # computed sum is within gamma_n = n u / (1 - n u) of the true one (Higham 2002, §3.1;
+    # u = 2**-24, n = taps + 9). Comparing against a limit shrunk by 2 n u keeps the proof:
+    # true <= computed (1 + gamma_n) <= INT32_MAX.
     limit = INT32_MAX * (1.0 - 2.0 * (taps + 9) * 2.0 ** -24)
     # |w| * max|x| = |w * max|x||: one relayout pass into C order, then abs in place
     a = np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], dtype=np.float32, order="C")
@@ -149,9 +150,7 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
             hit = maxima[block] = np.maximum.reduce([_group_maxima(lv[block]) for lv in parts])
         return float(hit[ft - 1])
 
-    def rank(block: int, ft: int) -> float:
-        return score(block, ft, tap_density)
-
+    rank = partial(score, tap_density=tap_density)
     best, best_score = (2, 1), rank(2, 1)
     for block in blocks:
         if rank(block, taps) <= best_score:

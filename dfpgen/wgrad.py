@@ -19,7 +19,6 @@ written once; the GEMM has only C*K MACs per pixel to hide it).
 from __future__ import annotations
 
 import ctypes
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from . import wgrad_schedule as ws
 from .decisions import lookup
 from .errors import DfpError
 from .kernels import load_kernel
+from .pack import aligned_zeros
 from .render import render
 from .runinfo import RunInfo
 from .spec import ConvSpec
@@ -64,16 +64,6 @@ class WgradTimes:
 
 
 last_times: WgradTimes | None = None
-
-
-def aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
-    """Zeroed array whose data starts on an ``align``-byte boundary (the kernel's vector loads
-    carry ``align 64``)."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape)) * dtype.itemsize
-    raw = np.zeros(n + align, np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off:off + n].view(dtype).reshape(shape)
 
 
 def _mantissa(t, name: str, ndim: int) -> np.ndarray:
