@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import dfpgen
-from dfpgen import conv, fwd, jit, kernels
+from dfpgen import conv, fwd, jit, kernels, pass_kernels
 from dfpgen.spec import parse_layer
 from dfpgen.threads import num_threads
 
@@ -50,8 +50,8 @@ def _buffers(kernel, act, wq):
     p = part.plan
     xbuf = fwd._activation_buffer(act, kernel.pad, 2 * p.red_pairs)
     spec = kernel.spec
-    oh, ow = (spec.P, spec.Q) if spec.pass_kind == "fwd" else (spec.H, spec.W)
-    ybuf = np.empty((spec.N, oh, ow, p.out_pad), np.float32)
+    n, _, oh, ow = spec.result_shape
+    ybuf = np.empty((n, oh, ow, p.out_pad), np.float32)
     return xbuf, part.pack_weights(fwd.weights_krsc(wq)), ybuf
 
 
@@ -86,11 +86,11 @@ def main() -> None:
             x = np.maximum(rng.standard_normal(spec.input_shape if pass_kind == "fwd" else spec.output_shape), 0)
             act = dfpgen.quantize(x.astype(np.float32))
             wq = dfpgen.quantize(rng.standard_normal(spec.weight_shape).astype(np.float32))
-            new = kernels.get_kernel(spec, overflow="fast")
+            new = pass_kernels.get_kernel(spec, overflow="fast")
             base = _base_kernel(new.parts[0], f"{args.base}/templates")
             xbuf, wpack, ybuf = _buffers(new, act, wq)
             # exact mode's schedule comes from the operands, as in dfpgen.conv2d
-            exact = kernels.get_kernel(spec, conv._schedule(spec, "exact", None, act, wq), overflow="exact")
+            exact = pass_kernels.get_kernel(spec, conv._schedule(spec, "exact", None, act, wq)[0], overflow="exact")
             exbuf, ewpack, eybuf = _buffers(exact, act, wq)
             n = spec.N
             runs = {

@@ -101,7 +101,7 @@ def dfp_runner(spec, quantized: bool, overflow: str, threads: int, x_dist: str =
 
 def load_times() -> tuple[float, float]:
     """(compile ms, cached load ms) of one forward kernel, each in a fresh process."""
-    code = ("import dfpgen, sys; from dfpgen.spec import parse_full; from dfpgen.kernels import get_kernel\n"
+    code = ("import dfpgen, sys; from dfpgen.spec import parse_full; from dfpgen.pass_kernels import get_kernel\n"
             "k = get_kernel(parse_full('n32c256h14w14k256r3s3u1p1'))\n"
             "parts = getattr(k, 'parts', None) or [k]\n"
             "print(sum(p.loaded.seconds for p in parts) * 1e3, parts[0].loaded.source)\n")

@@ -24,7 +24,7 @@ _LAZY = {
     "TuningConfig": "tuning",
     "CpuTarget": "target",
     "host_target": "target",
-    "get_kernel": "kernels",
+    "get_kernel": "pass_kernels",
     "conv2d": "conv",
     "conv2d_input": "conv",
     "conv2d_weight": "conv",

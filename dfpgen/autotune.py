@@ -37,7 +37,6 @@ from __future__ import annotations
 import os
 import re
 import statistics
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -45,9 +44,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import cache, decisions, plan_wgrad, tuning
-from .errors import CacheWarning, DfpError, OverflowWarning
-from .measure import kernel_sources, kernel_timer, make_runner, random_operands, time_runner  # noqa: F401
+from . import cache, decisions, passes
+from .errors import DfpError, OverflowWarning
+from .measure import kernel_timer, make_runner, random_operands, time_runner  # noqa: F401
 from .spec import PASSES, ConvSpec
 from .target import CpuTarget, host_target
 from .threads import num_threads
@@ -125,18 +124,11 @@ class TuneResult:
 
 
 # ----------------------------------------------------------------------------- search space
-def _pass_api(spec: ConvSpec):
-    """``(default_config, search_space)`` of the planner that owns ``spec``'s pass."""
-    mod = plan_wgrad if spec.pass_kind == "bwd_weight" else tuning
-    return mod.default_config, mod.search_space
-
-
 def _cost_order(spec: ConvSpec, target: CpuTarget, cfgs: list[TuningConfig]) -> list[TuningConfig]:
     """Cost model: useful fraction of the register tile after tails (the output-channel dim
     against ``k_vecs * lanes``, the pixel dim against ``pixels``), then more accumulators."""
     lanes = target.lanes
-    out_ch = {"fwd": spec.K, "bwd_data": spec.C, "bwd_weight": spec.K}[spec.pass_kind]
-    pix = spec.C if spec.pass_kind == "bwd_weight" else (spec.W if spec.pass_kind == "bwd_data" else spec.Q)
+    out_ch, pix = spec.tile_channels, passes.of(spec).cost_pixels(spec)
 
     def useful(n: int, block: int) -> float:
         return n / (-(-n // block) * block)
@@ -181,20 +173,18 @@ def _corrupt_hook(cfg: TuningConfig, out: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- tuning
 def _bit_fields(spec: ConvSpec, overflow: str) -> tuple[str, ...]:
-    """Config fields that may change the output bits. Forward / backward-data: ``c_block``
-    and ``flush`` set the flush schedule in fast mode; in exact mode ``dfpgen.conv`` picks
-    both from the operands, so no field does. Backward-weight: ``flush`` (pixels per partial;
-    ``c_block`` is a cache block there)."""
-    if spec.pass_kind == "bwd_weight":
-        return ("flush",)
-    return () if overflow == "exact" else ("c_block", "flush")
+    """Config fields that may change the output bits (``ConvPass.bit_fields``). Forward /
+    backward-data: ``c_block`` and ``flush`` set the flush schedule in fast mode; in exact mode
+    ``dfpgen.conv`` picks both from the operands, so no field does. Backward-weight: ``flush``
+    (pixels per partial; ``c_block`` is a cache block there)."""
+    return passes.of(spec).bit_fields(overflow)
 
 
 def _distinct(space: list[TuningConfig], default: TuningConfig, overflow: str,
               spec: ConvSpec) -> list[TuningConfig]:
     """Drop configs that run the same kernel as one already listed: in exact mode the
     forward-family ``c_block`` / ``flush`` are replaced by the data-chosen schedule."""
-    if overflow != "exact" or spec.pass_kind == "bwd_weight":
+    if overflow != "exact" or not passes.of(spec).schedule_from_operands:
         return list(dict.fromkeys(space))
     seen, out = {default.replace(c_block=default.c_block, flush=0)}, []
     for c in space:
@@ -229,8 +219,8 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
             except (KeyError, TypeError, DfpError):
                 pass  # unreadable or unplannable decision: tune again
     t0 = time.perf_counter()
-    default_config, search_space = _pass_api(spec)
-    default = default_config(spec, target)
+    rec = passes.of(spec)
+    default = rec.default_config(spec, target)
     ops = random_operands(spec)
     macs = spec.macs
 
@@ -283,7 +273,7 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
     cands: list[Candidate] = [base]
     if progress:
         progress(base, (time.perf_counter() - t0) / budget)
-    space = _distinct(list(search_space(spec, target)), default, overflow, spec)
+    space = _distinct(list(rec.search_space(spec, target)), default, overflow, spec)
     stage1, around = staged_candidates(spec, target, default, space)
     best = base
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 
+from . import passes
 from .spec import ConvSpec
 from .threads import num_threads
 
@@ -46,11 +47,12 @@ def torch_seconds(spec: ConvSpec, dtype: str = "float32", repeats: int = 5) -> f
     w = torch.randn(spec.weight_shape, generator=g).to(dt).contiguous(memory_format=cl)
     dy = torch.randn(spec.output_shape, generator=g).to(dt).contiguous(memory_format=cl)
     st, pd, dl = list(spec.stride), list(spec.padding), list(spec.dilation)
-    if spec.pass_kind == "fwd":
+    mask = passes.of(spec).torch_grad_mask
+    if mask is None:  # forward
         def run():
             return torch.nn.functional.conv2d(x, w, None, st, pd, dl)
     else:
-        mask = [spec.pass_kind == "bwd_data", spec.pass_kind == "bwd_weight", False]
+        mask = list(mask)
 
         def run():
             return torch.ops.aten.convolution_backward(dy, x, w, None, st, pd, dl, False, [0, 0], 1, mask)

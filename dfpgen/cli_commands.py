@@ -5,15 +5,13 @@ parsing and exit codes; this module owns what the commands do.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import warnings
 
 import numpy as np
 
-from .errors import DfpError, OverflowWarning
+from .errors import OverflowWarning
 from .spec import PASSES, ConvSpec
-from .tuning import SHORT_PATTERN
 
 
 def _fmt(v, spec: str = ".1f", na: str = "n/a") -> str:
@@ -49,7 +47,7 @@ def check_exact(spec: ConvSpec, config, overflow: str = "exact", seed: int = 1) 
     :mod:`dfpgen.reference` under the flush schedule the kernel reports. Returns (ok, note)."""
     from dataclasses import replace
 
-    from . import reference
+    from . import passes
     from .autotune import make_runner, random_operands
     from .target import host_target
     small = replace(spec, N=1)
@@ -57,17 +55,7 @@ def check_exact(spec: ConvSpec, config, overflow: str = "exact", seed: int = 1) 
     with warnings.catch_warnings():  # fast mode may saturate: the reference saturates alike
         warnings.simplefilter("ignore", OverflowWarning)
         out, info = make_runner(small, config, host_target(), ops, overflow, return_info=True)()
-    sat = overflow == "fast"
-    if spec.pass_kind == "fwd":
-        ref = reference.conv2d_fwd(ops["x"], ops["w"], None, small.stride, small.padding, small.dilation,
-                                   c_block=info.c_block, flush_taps=info.flush_taps, saturate=sat)
-    elif spec.pass_kind == "bwd_data":
-        ref = reference.conv2d_bwd_data(ops["dy"], ops["w"], (small.H, small.W), small.stride, small.padding,
-                                        small.dilation, k_block=info.c_block, flush_taps=info.flush_taps,
-                                        saturate=sat)
-    else:
-        ref = reference.conv2d_bwd_weight(ops["x"], ops["dy"], (small.R, small.S), small.stride, small.padding,
-                                          small.dilation, flush_pixels=info.flush or None, saturate=sat)
+    ref = passes.of(spec).reference(small, ops, info, overflow == "fast")
     out = np.asarray(out)
     if out.shape != ref.fp32.shape:
         return False, f"output shape {out.shape} != reference {ref.fp32.shape}"
@@ -96,8 +84,8 @@ def run_tune(args, specs: list[ConvSpec] | None, console) -> int:
             bar.update(task, description=f"{spec.pass_kind}:{spec.geometry()}", completed=min(frac, 1.0), best=best)
 
         if specs is None:
-            passes = autotune.PASSES if args.pass_kind == "all" else (args.pass_kind,)
-            results = autotune.tune_model(args.model, budget, batch=args.batch or 32, passes=passes,
+            which = autotune.PASSES if args.pass_kind == "all" else (args.pass_kind,)
+            results = autotune.tune_model(args.model, budget, batch=args.batch or 32, passes=which,
                                           force=args.force, target=target, overflow=args.overflow,
                                           progress=progress)
         else:
@@ -155,7 +143,7 @@ def _tune_row(r, target, torch_s) -> dict:
 
 # ----------------------------------------------------------------------------- bench
 def run_bench(args, specs: list[ConvSpec], console) -> int:
-    from . import autotune
+    from . import autotune, passes
     from .baseline import median_seconds, torch_seconds
     from .target import host_target
     target = host_target()
@@ -167,7 +155,7 @@ def run_bench(args, specs: list[ConvSpec], console) -> int:
         ops = autotune.random_operands(spec)
         run = autotune.make_runner(spec, cfg, target, ops, args.overflow)
         api = median_seconds(run, args.repeats)
-        eff = cfg or autotune._pass_api(spec)[0](spec, target)
+        eff = cfg or passes.of(spec).default_config(spec, target)
         kern, _ = autotune.time_runner(run, args.repeats,
                                        kernel=lambda: autotune.kernel_timer(spec, eff, target, ops, args.overflow))
         full = median_seconds(autotune.make_runner(spec, cfg, target, ops, args.overflow, quantize=True),
@@ -206,16 +194,16 @@ def run_bench(args, specs: list[ConvSpec], console) -> int:
 def show_kernel(spec: ConvSpec, what: str, config_text: str | None, parse_config, overflow: str) -> str:
     """The plan (JSON), LLVM IR or assembly of ``spec``'s kernel(s) with the given, tuned or
     default config."""
-    from . import autotune, jit
+    from . import autotune, jit, pass_kernels, passes
     from .target import host_target
     target = host_target()
-    default_config, _ = autotune._pass_api(spec)
+    rec = passes.of(spec)
     cfg = autotune.lookup(spec, target, overflow) if target.executable else None
-    cfg = cfg or default_config(spec, target)
+    cfg = cfg or rec.default_config(spec, target)
     if config_text:
         cfg = parse_config(config_text, cfg)
     note = None
-    if overflow == "exact" and spec.pass_kind != "bwd_weight" and cfg.flush == 0:
+    if overflow == "exact" and rec.schedule_from_operands and cfg.flush == 0:
         # What the runtime loads: one kernel per reduction block, planned with every tap per
         # partial; the block and the flush interval are picked from the operands per call.
         from .conv import exact_family
@@ -225,7 +213,7 @@ def show_kernel(spec: ConvSpec, what: str, config_text: str | None, parse_config
                 f"and the flush interval come from the operands (dfpgen.plan_exact); this is the "
                 f"kernel of c_block {cfg.c_block} (--config c_block=B for another), the flush taps "
                 f"a run-time argument")
-    kernels = autotune.kernel_sources(spec, cfg, target, overflow)
+    kernels = pass_kernels.kernel_sources(spec, cfg, target, overflow)
     out = []
     for symbol, plan, ir in kernels:
         if what == "plan":
@@ -278,15 +266,10 @@ def entries_table(rows: list[dict]):
     return tab
 
 
-_SYMBOL = re.compile(r"dfp_conv_(fwd|bwd_data)_(c\d+h\d+w\d+k\d+\w*?)_" + SHORT_PATTERN
-                     + r"_(?:avx512_vnni|vnni256|avx2|generic)_(exact|fast)")
-
-
 def entry_conv(e: dict):
     """``(spec, config, overflow)`` of a conv kernel or tuning entry, or ``None`` (other
-    kernels, or fields this version cannot read). Backward-weight kernels record spec,
-    config and mode in their fields; forward-family kernels are read from their symbol
-    (``dfp_conv_fwd_<geometry>_kb.._wb.._cb.._fl.._<tier>_<mode>``), batch 1."""
+    kernels, or fields this version cannot read): every conv kernel records its pass, spec
+    (forward family: batch 1, its kernels serve any batch), config and mode in its fields."""
     from .spec import parse_full
     from .tuning import TuningConfig
     f = e.get("fields") if isinstance(e.get("fields"), dict) else {}
@@ -296,17 +279,7 @@ def entry_conv(e: dict):
     if isinstance(f.get("spec"), str) and isinstance(f.get("config"), dict) and f.get("pass") in PASSES:
         return (parse_full(f["spec"], f["pass"]), TuningConfig.from_dict(f["config"]),
                 f.get("mode", "exact"))
-    m = _SYMBOL.fullmatch((e.get("symbol") or "").rsplit("_", 1)[0]) or _SYMBOL.match(e.get("symbol") or "")
-    if m is None:
-        return None
-    pass_kind, geo, kb, wb, cb, fl, u4, mode = m.groups()
-    try:
-        spec = parse_full(geo, pass_kind)
-    except DfpError:
-        return None
-    cfg = TuningConfig(k_vecs=int(kb), pixels=int(wb), c_block=int(cb), flush=int(fl),
-                       unroll="4vnni" if u4 else "none")
-    return spec, cfg, mode
+    return None
 
 
 def verify_entry(e: dict) -> tuple[bool, str]:

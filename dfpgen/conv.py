@@ -42,7 +42,8 @@ import numpy as np
 from .dfp import DFP16, DfpFormat, DfpTensor, quantize
 from .errors import DfpError, OverflowWarning
 from .fwd import FMA_MIN_SCALE_EXP, PackedWeight, execute
-from .kernels import get_kernel
+from . import passes, wgrad
+from .pass_kernels import get_kernel
 from .pack import quantize_pack
 from .plan_exact import exact_blocks, exact_schedule
 from .runinfo import RunInfo
@@ -162,8 +163,7 @@ def exact_family(spec: ConvSpec, base: TuningConfig) -> list[TuningConfig]:
     """The configs of every exact-mode kernel ``spec`` can be given, largest block first:
     one per block of :func:`plan_exact.exact_blocks` over the pass's reduction channels
     (C forward, K backward-data), register blocking of ``base``."""
-    red = spec.C if spec.pass_kind == "fwd" else spec.K
-    return [_exact_config(spec, base, cb) for cb in exact_blocks(red)]
+    return [_exact_config(spec, base, cb) for cb in exact_blocks(spec.reduction_size)]
 
 
 def load_exact_family(spec: ConvSpec, base: TuningConfig, target, bias: bool, fma: bool) -> None:
@@ -181,7 +181,7 @@ def load_exact_family(spec: ConvSpec, base: TuningConfig, target, bias: bool, fm
     cfgs = exact_family(spec, base)
 
     def load(cfg):
-        return get_kernel(spec, cfg, overflow="exact", target=target, bias=bias, fma=fma)
+        return _kernel(spec, cfg, "exact", target, bias=bias, fma=fma)
 
     # LLVM compiles without the GIL (llvmlite's ctypes calls release it)
     with ThreadPoolExecutor(max(1, min(num_threads(), len(cfgs)))) as pool:
@@ -195,14 +195,14 @@ _kernels: dict[tuple, object] = {}
 _specs: dict[tuple, ConvSpec] = {}
 
 
-def _kernel(spec: ConvSpec, cfg: TuningConfig, overflow: str, target, bias: bool, fma: bool):
-    """``kernels.get_kernel`` behind a dict keyed by a tuple (no per-call key hashing)."""
+def _kernel(spec: ConvSpec, cfg: TuningConfig, overflow: str, target, **variant):
+    """``pass_kernels.get_kernel`` behind a dict keyed by a tuple (no per-call key hashing)."""
     if cfg is None:  # the tuned decision may change (dfpgen tune): resolved every call
-        return get_kernel(spec, cfg, overflow=overflow, target=target, bias=bias, fma=fma)
-    key = (spec, cfg, overflow, target, bias, fma)
+        return get_kernel(spec, cfg, overflow=overflow, target=target, **variant)
+    key = (spec, cfg, overflow, target, *variant.items())
     hit = _kernels.get(key)
     if hit is None:
-        hit = _kernels[key] = get_kernel(spec, cfg, overflow=overflow, target=target, bias=bias, fma=fma)
+        hit = _kernels[key] = get_kernel(spec, cfg, overflow=overflow, target=target, **variant)
     return hit
 
 
@@ -224,12 +224,11 @@ def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: D
     """``(kernel config, flush_taps)`` of ``spec``; in exact mode the reduction block and the
     flush interval come from the operands (``flush_taps`` 0: the config's own interval).
     ``wq``: a DfpTensor or a :class:`PackedWeight`."""
-    if overflow not in ("exact", "fast"):
-        raise DfpError(f"overflow must be 'exact' or 'fast', got {overflow!r}")
+    passes.check_overflow(overflow)
     if overflow == "exact":
         from .decisions import resolve_config
         base, target = resolve_config(spec, config, overflow="exact", target=target)
-        density = 1.0 / (spec.stride[0] * spec.stride[1]) if spec.pass_kind == "bwd_data" else 1.0
+        density = passes.of(spec).tap_density(spec)
         hi, lo = _channel_range(act.mantissa)
         amax = np.maximum(hi, -lo)
         _check_no_int16_min(amax, f"{spec.pass_kind} activation")
@@ -246,8 +245,7 @@ def _check_call(overflow: str, threads, target=None, config=None):
     """Arguments every pass checks up front (an empty batch returns before any kernel would).
     Returns ``(target, config)``: a tier name such as ``"avx2"`` becomes
     ``host_target("avx2")``, a dict becomes ``TuningConfig.from_dict``."""
-    if overflow not in ("exact", "fast"):
-        raise DfpError(f"overflow must be 'exact' or 'fast', got {overflow!r}")
+    passes.check_overflow(overflow)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                 or threads < 0):
         raise DfpError(f"threads must be None or an int >= 0 (0 or None: the default count), got {threads!r}")
@@ -350,7 +348,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
         return _from_row(res, return_info)
     fma = xq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP
     cfg, ft = _schedule(spec, overflow, config, xq, wq, target, b is not None, fma)
-    kern = _kernel(spec, cfg, overflow, target, b is not None, fma)
+    kern = _kernel(spec, cfg, overflow, target, bias=b is not None, fma=fma)
     y, info = execute(kern, xq, wq, b, xq.exponent + wq.exponent, threads, ft)
     return _finish(y, info, return_info)
 
@@ -382,7 +380,7 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
         return _from_row(res, return_info)
     fma = dyq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP
     cfg, ft = _schedule(spec, overflow, config, dyq, wq, target, False, fma)
-    kern = _kernel(spec, cfg, overflow, target, False, fma)
+    kern = _kernel(spec, cfg, overflow, target, bias=False, fma=fma)
     dx, info = execute(kern, dyq, wq, None, dyq.exponent + wq.exponent, threads, ft)
     return _finish(dx, info, return_info)
 
@@ -393,7 +391,6 @@ def conv2d_weight(x, weight_shape, grad_output, stride=1, padding=0, dilation=1,
                   return_info: bool = False, target=None):
     """DFP16 backward-weight: dW (float32 KCRS ``weight_shape``) from ``x`` (NCHW) and
     ``grad_output`` dY, as ``torch.nn.grad.conv2d_weight`` (kernel: ``dfpgen.wgrad``)."""
-    from .wgrad import conv2d_weight_q
     target, config = _check_call(overflow, threads, target, config)
     xq = _quantize_act(x, fmt, seed, "conv2d_weight input X", threads)
     dyq = _quantize_act(grad_output, fmt, seed, "conv2d_weight grad_output dY", threads)
@@ -407,14 +404,30 @@ def conv2d_weight(x, weight_shape, grad_output, stride=1, padding=0, dilation=1,
             raise DfpError(f"conv2d_weight: grad_output shape {dyq.shape} != {(0,) + spec.output_shape[1:]}, "
                            f"the forward output of input {xq.shape} and weight {(k, c, r, s)}")
         return _empty((k, c, r, s), spec, overflow, return_info)
-    kw = dict(overflow=overflow, threads=threads, config=config)
-    if target is not None:
-        kw["target"] = target
-    dw, info = conv2d_weight_q(xq, tuple(weight_shape), dyq, stride, padding, dilation, **kw)
+    ops = wgrad.prepare(xq, tuple(weight_shape), dyq, stride, padding, dilation, overflow=overflow,
+                        threads=threads, config=config, target=target)
+    cfg = wgrad.kernel_config(ops, target)
+    if ops.config is None and overflow == "exact":
+        _load_wgrad_family(ops.spec, target, ops.scaled)
+    kern = _kernel(ops.spec, cfg, overflow, target, scaled=ops.scaled)
+    dw, info = wgrad.execute(kern, ops)
     if info.saturated:
         warnings.warn(f"DFP16 bwd_weight: {info.saturated} INT32 lanes saturated in fast mode "
                       f"(flush interval {info.flush})", OverflowWarning, stacklevel=2)
     return ConvResult(dw, info) if return_info else dw
+
+
+def _load_wgrad_family(spec: ConvSpec, target, scaled: bool) -> None:
+    """Load both default backward-weight kernels of an exact-mode shape at its first call (the
+    register blocking follows the proven flush interval, short or long), so drifting operands
+    never build later."""
+    key = (spec, target, scaled)
+    if key in _families:
+        return
+    for cfg in wgrad.exact_family(spec, target):
+        _kernel(spec, cfg, "exact", target, scaled=scaled)
+    with _families_lock:
+        _families.add(key)
 
 
 def linear(x, w, bias=None, *, overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat = DFP16,

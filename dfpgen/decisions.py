@@ -14,15 +14,13 @@ import threading
 import time
 import warnings
 
-from . import cache, plan_wgrad
+from . import cache, passes
 from .errors import CacheWarning, DfpError
 from .log import line, verbose
-from .plan import plan_fwd
-from .plan_bwd import plan_bwd_data
 from .spec import ConvSpec
 from .target import CpuTarget, host_target
 from .threads import num_threads
-from .tuning import TuningConfig, default_config
+from .tuning import TuningConfig
 
 TUNING_ABI = 1
 
@@ -101,23 +99,21 @@ def forget_lookups() -> None:
 
 def pass_default(spec: ConvSpec, target: CpuTarget) -> TuningConfig:
     """The heuristic schedule of ``spec``'s pass (nothing tuned)."""
-    if spec.pass_kind == "bwd_weight":
-        return plan_wgrad.default_config(spec, target)
-    return default_config(spec, target)
+    return passes.of(spec).default_config(spec, target)
 
 
 def resolve_config(spec, config=None, *, overflow: str = "fast", target: CpuTarget | None = None):
     """``(config, target)``: the schedule a pass runs with — ``config`` if given, else the
     tuned decision (:func:`lookup`), else the heuristic default. In exact mode with
-    ``flush == 0`` a forward-family flush becomes one pair per partial (``c_block`` 2, one
-    tap), provably exact for any DFP16 operands; ``dfpgen.conv`` picks a longer one from the
-    operands instead (``dfpgen.plan_exact``)."""
+    ``flush == 0``, a pass whose schedule comes from the operands gets one pair per partial
+    (``c_block`` 2, one tap), provably exact for any DFP16 operands; ``dfpgen.conv`` picks a
+    longer one from the operands instead (``dfpgen.plan_exact``)."""
     target = target or host_target()
     if config is None:
         config = lookup(spec, target, overflow)
     if config is None:
         config = pass_default(spec, target)
-    if overflow == "exact" and config.flush == 0 and spec.pass_kind != "bwd_weight":
+    if overflow == "exact" and config.flush == 0 and passes.of(spec).schedule_from_operands:
         config = config.replace(c_block=2, flush=2)
     return config, target
 
@@ -125,11 +121,7 @@ def resolve_config(spec, config=None, *, overflow: str = "fast", target: CpuTarg
 def check_plannable(spec: ConvSpec, cfg: TuningConfig, target: CpuTarget, overflow: str) -> None:
     """Raise :class:`DfpError` if ``cfg`` cannot be planned for ``spec`` (register budget,
     unroll), as the kernel loader would plan it."""
-    if spec.pass_kind == "bwd_weight":
-        plan_wgrad.plan(spec, cfg, target, overflow)
-        return
-    cfg, _ = resolve_config(spec, cfg, overflow=overflow, target=target)
-    if spec.pass_kind == "fwd":
-        plan_fwd(spec, cfg, target, mode=overflow)
-    else:
-        plan_bwd_data(spec, cfg, target, mode=overflow)
+    rec = passes.of(spec)
+    if rec.schedule_from_operands:
+        cfg, _ = resolve_config(spec, cfg, overflow=overflow, target=target)
+    rec.plan_pass(spec, cfg, target, overflow)

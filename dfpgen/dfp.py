@@ -65,6 +65,9 @@ import numpy as np
 
 from .errors import DfpError, UnderflowWarning
 
+# the range of one INT32 lane of a dot-product accumulator
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
 ROUNDINGS = ("nearest", "stochastic")
 EXP_MIN, EXP_MAX = -128, 127  # int8, as the format promises
 

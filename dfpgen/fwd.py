@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from dataclasses import asdict
+import time
+from dataclasses import asdict, replace
 from functools import lru_cache
 
 import numpy as np
@@ -32,15 +33,15 @@ import numpy as np
 from .errors import DfpError
 from .kernels import load_kernel
 from .pack import aligned_zeros, empty_aligned, nhwc_buffer
-from .plan import KernelPlan, SubConv, plan_fwd
-from .plan_bwd import plan_bwd_data
+from . import passes
+from .plan import KernelPlan, SubConv
 from .render import render
 from .runinfo import RunInfo
 from .threads import parallel_for, threads_for
 from .tuning import TuningConfig
 
 KERNEL_ABI = 3
-TEMPLATE = "conv_fwd.ll.j2"
+TEMPLATE = passes.get("fwd").template
 _PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                           ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                           ctypes.c_void_p, ctypes.c_void_p)
@@ -51,10 +52,13 @@ FMA_MIN_SCALE_EXP = -126       # normal scale: (float)partial * 2**e is exact, F
 class SubKernel:
     """One loaded kernel: its sub-convolution, plan and ctypes entry point."""
 
-    def __init__(self, sub: SubConv, plan: KernelPlan, target, spec_s: int, transposed: bool):
+    def __init__(self, sub: SubConv, plan: KernelPlan, target, spec_s: int, transposed: bool,
+                 identity: dict | None = None):
         self.sub, self.plan, self.spec_s, self.transposed = sub, plan, spec_s, transposed
+        # identity: the pass, spec (batch 1: a kernel serves any batch), config and mode it
+        # was built for, kept in the cache entry for `dfpgen cache ls --verify`
         key = {"abi": KERNEL_ABI, "template": TEMPLATE, "sub": asdict(sub),
-               "plan": plan.describe()}
+               "plan": plan.describe(), **(identity or {})}
         self.loaded = load_kernel(plan.symbol, key, lambda: render(TEMPLATE, p=plan), target)
         self.fn = _PROTO(self.loaded.address)
         self._flags = {0: np.array([t.flush for t in plan.taps], np.uint8)}
@@ -131,26 +135,20 @@ class SubKernel:
 
 
 class ConvKernel:
-    """The kernels of one forward or backward-data pass (one, or one per output phase)."""
+    """The kernels of one forward or backward-data pass (one, or one per output phase), as
+    its registry record plans them (``dfpgen.passes.ConvPass.plan_pass``)."""
 
-    def __init__(self, spec, config: TuningConfig, target, mode: str, has_bias: bool = False,
+    def __init__(self, spec, config: TuningConfig, target, mode: str, bias: bool = False,
                  fma: bool = True):
         self.spec, self.config, self.target, self.mode = spec, config, target, mode
         self.configs: dict[int, TuningConfig] = {}  # config with a run-time flush interval
-        if spec.pass_kind == "fwd":
-            sub, plan = plan_fwd(spec, config, target, mode=mode, has_bias=has_bias, fma=fma)
-            self.pad = (spec.padding[0],) * 2 + (spec.padding[1],) * 2
-            self.parts = [SubKernel(sub, plan, target, spec.S, False)]
-            self.zero_fill = False
-            self.flush_taps = plan.flush_taps
-        elif spec.pass_kind == "bwd_data":
-            bp = plan_bwd_data(spec, config, target, mode=mode, fma=fma)
-            self.pad = bp.pad
-            self.parts = [SubKernel(sub, plan, target, spec.S, True) for sub, plan in bp.phases]
-            self.zero_fill = bp.zero_fill
-            self.flush_taps = bp.flush_taps
-        else:
-            raise DfpError(f"ConvKernel covers fwd and bwd_data, not {spec.pass_kind!r}")
+        pp = passes.of(spec).plan_pass(spec, config, target, mode, has_bias=bias, fma=fma)
+        self.pad = pp.pad
+        identity = {"pass": spec.pass_kind, "spec": replace(spec, N=1).geometry(),
+                    "config": config.to_dict(), "mode": mode}
+        self.parts = [SubKernel(sub, plan, target, spec.S, pp.transposed, identity) for sub, plan in pp.phases]
+        self.zero_fill = pp.zero_fill
+        self.flush_taps = pp.flush_taps
 
     @property
     def symbols(self) -> tuple[str, ...]:
@@ -219,7 +217,7 @@ def _config_dict(cfg: TuningConfig) -> dict:
 
 
 def run_info(kernel: ConvKernel, saturated: int, threads: int, scale_exp: int,
-             possibly_saturated: int = 0, flush_taps: int = 0) -> RunInfo:
+             possibly_saturated: int = 0, flush_taps: int = 0, kernel_seconds: float = 0.0) -> RunInfo:
     cfg = kernel.config
     ft = flush_taps or kernel.flush_taps
     if ft != kernel.flush_taps:
@@ -231,7 +229,7 @@ def run_info(kernel: ConvKernel, saturated: int, threads: int, scale_exp: int,
                    possibly_saturated=possibly_saturated,
                    tier=kernel.target.tier, symbol=kernel.symbols[0] if kernel.symbols else "",
                    symbols=kernel.symbols, config=dict(_config_dict(cfg)), c_block=cfg.c_block,
-                   flush_taps=ft, threads=threads, scale_exp=scale_exp)
+                   flush_taps=ft, threads=threads, scale_exp=scale_exp, kernel_seconds=kernel_seconds)
 
 
 def weights_krsc(wq) -> np.ndarray:
@@ -294,8 +292,7 @@ class PackedWeight:
         hit = self._bound.get(spec.pass_kind)
         if hit is None:
             krsc = self.krsc[:, :, :spec.C]
-            w_tor = krsc.transpose(1, 0, 2) if spec.pass_kind == "fwd" else krsc.transpose(1, 2, 0)
-            hit = w_tor.astype(np.float32, order="C")
+            hit = krsc.transpose(passes.of(spec).weight_bound_axes).astype(np.float32, order="C")
             self._bound[spec.pass_kind] = hit
         return hit
 
@@ -314,9 +311,7 @@ def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int
     threads = threads or kernel.config.threads
     scale = check_scale(scale_exp, spec.pass_kind)
     first = kernel.parts[0].plan if kernel.parts else None
-    out = spec.K if spec.pass_kind == "fwd" else spec.C
-    oh, ow = (spec.P, spec.Q) if spec.pass_kind == "fwd" else (spec.H, spec.W)
-    n = spec.N
+    n, out, oh, ow = spec.result_shape
     if first is None:  # every output pixel meets no tap (e.g. 1x1, stride > 1 phases only)
         return np.zeros((n, oh, ow, out), np.float32), run_info(kernel, 0, threads, scale_exp, flush_taps)
     if kernel.parts[0].sub.phases:
@@ -334,8 +329,10 @@ def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int
     else:
         w_ktc = weights_krsc(wq)
         packs = [part.pack_weights(w_ktc) for part in kernel.parts]
+    t0 = time.perf_counter()
     for part, wpack in zip(kernel.parts, packs):
         seen, bound = part.run(xbuf, wpack, ybuf, bpad, scale, n, threads, flush_taps)
         saturated += seen
         possibly += bound
-    return ybuf[..., :out], run_info(kernel, saturated, threads, scale_exp, possibly, flush_taps)
+    spent = time.perf_counter() - t0
+    return ybuf[..., :out], run_info(kernel, saturated, threads, scale_exp, possibly, flush_taps, spent)

@@ -10,12 +10,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable
 
 from . import cache, jit
-from .decisions import resolve_config
-from .log import ENV_VERBOSE, verbose  # noqa: F401  (kernels.verbose: the switch every module reads)
+from .log import verbose
 from .target import CpuTarget
 
 OPT_LEVEL = 3
@@ -84,72 +82,3 @@ def cfunction(k: LoadedKernel, proto):
         if fn is None:
             fn = _cfuncs[key] = proto(k.address)
     return fn
-
-
-# ----------------------------------------------------------------------------- conv kernels
-# pass_kind -> "module:callable" building a kernel object from (spec, config, target, mode,
-# has_bias). Another pass registers itself with ``register_builder``.
-_BUILDERS: dict[str, str] = {"fwd": "dfpgen.fwd:ConvKernel", "bwd_data": "dfpgen.fwd:ConvKernel"}
-_conv_kernels: dict[tuple, object] = {}
-OVERFLOW_MODES = ("exact", "fast")
-
-
-@lru_cache(maxsize=None)
-def _target_key(target: CpuTarget) -> str:
-    return repr(sorted(target.key().items(), key=str))
-
-
-def register_builder(pass_kind: str, builder: str) -> None:
-    """Register ``"module:callable"`` as the kernel builder of ``pass_kind``."""
-    _BUILDERS[pass_kind] = builder
-
-
-def _builder(pass_kind: str):
-    from importlib import import_module
-    from .errors import DfpError
-    path = _BUILDERS.get(pass_kind)
-    if path is None:
-        raise DfpError(f"no kernel builder registered for pass {pass_kind!r}")
-    mod, name = path.split(":")
-    return getattr(import_module(mod), name)
-
-
-def get_kernel(spec, config=None, *, overflow: str = "fast", target: CpuTarget | None = None,
-               bias: bool = False, fma: bool = True):
-    """The kernel object of a conv pass ``spec`` (memory -> disk via :func:`load_kernel` ->
-    render + compile), scheduled by :func:`resolve_config`. Forward / backward-data return a
-    :class:`dfpgen.fwd.ConvKernel` (``.parts``: one loaded kernel, or one per output phase).
-    ``fma=False`` flushes with a separate multiply and add (needed only when the product scale
-    2**(Ea+Eb) is a float32 subnormal). Raises :class:`dfpgen.DfpError` for an unknown
-    overflow mode or an illegal config."""
-    from .errors import DfpError
-    if overflow not in OVERFLOW_MODES:
-        raise DfpError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
-    config, target = resolve_config(spec, config, overflow=overflow, target=target)
-    key = (spec, config, overflow, bool(bias), bool(fma), _target_key(target))
-    with _lock:
-        hit = _conv_kernels.get(key)
-    if hit is not None:
-        return hit
-    extra = {} if fma else {"fma": False}
-    k = _builder(spec.pass_kind)(spec, config, target, overflow, bool(bias), **extra)
-    with _lock:
-        return _conv_kernels.setdefault(key, k)
-
-
-def kernel_sources(spec, config=None, *, target: CpuTarget | None = None, overflow: str = "exact"
-                   ) -> list[tuple[str, dict, str]]:
-    """``[(symbol, plan dict, LLVM IR)]`` of the forward / backward-data kernel(s) of ``spec``
-    (``dfpgen show``), without compiling."""
-    from .plan import plan_fwd
-    from .plan_bwd import plan_bwd_data
-    from .render import render
-    config, target = resolve_config(spec, config, overflow=overflow, target=target)
-    if spec.pass_kind == "fwd":
-        plans = [plan_fwd(spec, config, target, mode=overflow)[1]]
-    elif spec.pass_kind == "bwd_data":
-        plans = [p for _, p in plan_bwd_data(spec, config, target, mode=overflow).phases]
-    else:
-        from .errors import DfpError
-        raise DfpError("kernel_sources covers fwd and bwd_data; see dfpgen.wgrad for bwd_weight")
-    return [(p.symbol, p.describe(), render("conv_fwd.ll.j2", p=p)) for p in plans]

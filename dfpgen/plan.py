@@ -21,14 +21,13 @@ import json
 from dataclasses import asdict, dataclass
 
 from .errors import DfpError
+from .spec import OVERFLOW_MODES
 from .tuning import TuningConfig, accumulator_budget
 
-MODES = ("exact", "fast")
 # Packed weights up to this size stay in L2 (1 MiB per core on Zen 4, 2 MiB on recent Xeons)
 # while the work items walk the image rows with the output-channel block fastest; larger
 # weights make the block the outer loop instead, so each block's weights are reused by all rows.
 WEIGHTS_L2_BYTES = 512 * 1024
-INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -181,8 +180,8 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
     """Schedule ``sub`` with ``config``. ``flush_taps``: taps per INT32 partial within a
     reduction block (the taps' ``group`` fields must already encode it). Raises
     :class:`DfpError` for an illegal schedule (register budget, mode)."""
-    if mode not in MODES:
-        raise DfpError(f"overflow mode must be one of {MODES}, got {mode!r}")
+    if mode not in OVERFLOW_MODES:
+        raise DfpError(f"overflow mode must be one of {OVERFLOW_MODES}, got {mode!r}")
     lanes, regs = target.lanes, target.registers
     used = accumulator_budget(config.k_vecs, config.pixels, config.unroll, target.isa)
     if used > regs:
@@ -297,6 +296,32 @@ def resolve_flush_taps(config: TuningConfig, taps: int, mode: str) -> int:
         raise DfpError(f"flush interval {config.flush} must be a multiple of c_block "
                        f"{config.c_block} (a partial covers c_block channels x flush_taps taps)")
     return max(1, min(taps, config.flush // config.c_block))
+
+
+@dataclass(frozen=True)
+class ConvPassPlan:
+    """Buffer geometry and kernels of one forward or backward-data pass.
+
+    ``pad``: (top, bottom, left, right) zero rows/columns around the input (X forward, dY
+    backward-data) in its NHWC buffer; ``phases``: (sub-convolution, kernel plan) per
+    kernel (forward: one; backward-data: one per non-empty output phase); ``zero_fill``: some
+    output pixels receive no tap (an empty phase) and the output buffer must start at 0;
+    ``flush_taps``: filter taps per INT32 partial; ``transposed``: the weights are read
+    transposed (backward-data: OUT = C, RED = K).
+    """
+    pad: tuple[int, int, int, int]
+    phases: tuple[tuple["SubConv", "KernelPlan"], ...]
+    zero_fill: bool
+    flush_taps: int
+    transposed: bool = False
+
+
+def plan_fwd_pass(spec, config: TuningConfig, target, *, mode: str = "fast", has_bias: bool = False,
+                  fma: bool = True) -> ConvPassPlan:
+    """:func:`plan_fwd` as a :class:`ConvPassPlan` (the shape every forward-family pass plans to)."""
+    sub, plan = plan_fwd(spec, config, target, mode=mode, has_bias=has_bias, fma=fma)
+    (ph, pw) = spec.padding
+    return ConvPassPlan((ph, ph, pw, pw), ((sub, plan),), False, plan.flush_taps)
 
 
 def plan_fwd(spec, config: TuningConfig, target, *, mode: str = "fast", has_bias: bool = False,

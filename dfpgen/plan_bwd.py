@@ -15,25 +15,9 @@ Taps keep the reference's order (original, unflipped (r, s)) and its flush group
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .errors import DfpError
-from .plan import KernelPlan, SubConv, SubTap, plan_kernel, resolve_flush_taps, spec_label, tap_groups
+from .plan import ConvPassPlan, SubConv, SubTap, plan_kernel, resolve_flush_taps, spec_label, tap_groups
 from .tuning import TuningConfig
-
-
-@dataclass(frozen=True)
-class BwdDataPlan:
-    """Buffer geometry and kernels of one backward-data pass.
-
-    ``pad``: (top, bottom, left, right) zero rows/columns around dY in its NHWC buffer;
-    ``phases``: (sub-convolution, kernel plan) per non-empty phase; ``zero_fill``: some dX
-    pixels receive no tap (an empty phase) and the output buffer must start at 0.
-    """
-    pad: tuple[int, int, int, int]
-    phases: tuple[tuple[SubConv, KernelPlan], ...]
-    zero_fill: bool
-    flush_taps: int
 
 
 def _axis_phases(n_in: int, n_out: int, u: int, pad: int, d: int, taps: int):
@@ -50,7 +34,7 @@ def _axis_phases(n_in: int, n_out: int, u: int, pad: int, d: int, taps: int):
     return phases, before, after
 
 
-def plan_bwd_data(spec, config: TuningConfig, target, *, mode: str = "fast", fma: bool = True) -> BwdDataPlan:
+def plan_bwd_data(spec, config: TuningConfig, target, *, mode: str = "fast", fma: bool = True) -> ConvPassPlan:
     """Plan the backward-data pass of ``spec`` (``pass_kind == "bwd_data"``): reduction over K
     (``config.c_block`` is the reference's ``k_block``), output vectors over C."""
     if spec.pass_kind != "bwd_data":
@@ -79,4 +63,4 @@ def plan_bwd_data(spec, config: TuningConfig, target, *, mode: str = "fast", fma
             phases.append((sub, plan_kernel(sub, config, target, mode=mode, flush_taps=ft,
                                             has_bias=False, pass_kind="bwd_data", label=label + sfx,
                                             fma=fma)))
-    return BwdDataPlan((top, bottom, left, right), tuple(phases), zero_fill, ft)
+    return ConvPassPlan((top, bottom, left, right), tuple(phases), zero_fill, ft, transposed=True)

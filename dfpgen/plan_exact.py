@@ -25,6 +25,9 @@ for the kernel wins
 (see ``exact_schedule``), ties to the larger block; blocks that cannot beat the best so far
 are not evaluated. (2, 1)
 (one pair per partial) always holds for mantissas within +/-32767 since 2 * 32767**2 < 2**31.
+
+Backward-weight reduces over pixels instead, so its schedule is a flush interval in pixels
+proven from per-pixel maxima (:func:`exact_flush`); this one module serves all three passes.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from functools import lru_cache, partial
 
 import numpy as np
 
-INT32_MAX = 2**31 - 1
+from .dfp import INT32_MAX
+
 # Estimated from the generated code for a 2 x 14 tile (28 vpdpwssd per pair step): about 15
 # instructions of loop set-up per (tap, block) and about 100 per flush.
 TAP_COST, FLUSH_COST = 0.5, 3.5
@@ -165,3 +169,29 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
                 best, best_score = (block, ft), rank(block, ft)
                 break
     return best
+
+
+# ----------------------------------------------------------------------------- backward-weight
+def exact_flush(a_pix: np.ndarray, b_pix: np.ndarray) -> int:
+    """Largest power-of-two flush interval (pixels, even) whose INT32 partials provably fit.
+
+    ``a_pix[m] >= max_c |X_rs[m, c]|`` over all taps and ``b_pix[m] = max_k |dY[m, k]|``:
+    every partial over a chunk of pixels is at most ``sum_chunk a_pix * b_pix`` (triangle
+    inequality), so chunks whose such sums are <= 2**31 - 1 cannot overflow. This is never looser
+    than ``flush * max|X| * max|dY| <= 2**31 - 1`` and far tighter on sparse (ReLU) data.
+    Wrapping INT32 adds make intermediate overflow harmless: only the partial must fit.
+    """
+    # chunk sums for f = 2, 4, 8, ... by pairwise halving (chunks [0, f), [f, 2f), ...; the
+    # last one shorter): about one pass over the pixels in all, stopping at the first overflow
+    level = a_pix.reshape(-1).astype(np.int64) * b_pix.reshape(-1)
+    best, f = 2, 1
+    while True:
+        if level.size % 2:
+            level = np.append(level, 0)
+        level = level[0::2] + level[1::2]
+        f *= 2
+        if level.max(initial=0) > INT32_MAX:
+            return best
+        best = f
+        if level.size <= 1:
+            return best

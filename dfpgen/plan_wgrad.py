@@ -43,18 +43,17 @@ runs that pair twice with one half of dY masked off.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from .errors import DfpError
-from .spec import ConvSpec
+from .spec import OVERFLOW_MODES, ConvSpec
 from .target import CpuTarget
 from .tuning import TuningConfig
 from .wgrad_schedule import CNT_SHIFT, SEG_FIELDS
 
-MODES = ("exact", "fast")
 K_PAD = 16           # dY / dW K-padding: one zmm of INT32 lanes, also a multiple of 8 (ymm)
 GROUP_TILE_BYTES = 256 * 1024  # INT32 + FP32 dW tiles of one work item: stay in L2
 KB_GROUP_CHANNELS = 256  # K channels per work item (dY of a 128-pair block: 128 KiB)
@@ -174,6 +173,11 @@ class WgradPlan:
     seg_fields = SEG_FIELDS
     flush_bit = 1 << 32
     cnt_shift = CNT_SHIFT
+
+    def describe(self) -> dict:
+        """The plan's fields as a JSON-able dict (``dfpgen show --plan``), long tables left out."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if not isinstance(v, (list, tuple)) or len(v) <= 64}
 
     def key(self) -> dict:
         """What changes the generated code (for the kernel cache key)."""
@@ -295,8 +299,8 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
          scaled: bool = False) -> WgradPlan:
     """Plan one backward-weight kernel. Raises :class:`DfpError` on an illegal config
     (register budget exceeded, unroll other than 'none', unknown mode)."""
-    if mode not in MODES:
-        raise DfpError(f"overflow mode must be one of {MODES}, got {mode!r}")
+    if mode not in OVERFLOW_MODES:
+        raise DfpError(f"overflow mode must be one of {OVERFLOW_MODES}, got {mode!r}")
     if mode == "fast" and config.flush % 2:
         # fast mode flushes every config.flush pixels; the exact mode only caps with it (evened)
         raise DfpError(f"backward-weight flush interval must be even (INT16 pairs), got {config.flush}")

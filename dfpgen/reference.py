@@ -67,11 +67,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dfp import DfpTensor
+from .dfp import INT32_MAX, INT32_MIN, DfpTensor
 from .errors import DfpError
 from .spec import ConvSpec, _pair
 
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
 @dataclass(frozen=True)

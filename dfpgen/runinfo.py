@@ -35,6 +35,9 @@ class RunInfo:
     - ``config``: the ``TuningConfig`` as a dict; ``c_block`` / ``flush_taps``: the reduction
       block and filter taps per partial (forward / backward-data); ``threads``: thread count;
       ``scale_exp``: ``Ea + Eb`` (the FP32 scale is ``2**scale_exp``).
+    - ``kernel_seconds``: wall seconds spent inside the generated kernel(s) of this call
+      (their launches over the threads), without packing, padding or schedule analysis: the
+      clock the tuner and ``dfpgen bench`` compare schedules by.
     """
     pass_kind: str
     overflow: str
@@ -49,3 +52,4 @@ class RunInfo:
     threads: int = 1
     scale_exp: int = 0
     possibly_saturated: int | None = 0
+    kernel_seconds: float = 0.0

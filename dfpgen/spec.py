@@ -20,6 +20,9 @@ from .errors import DfpError
 from .layer_tables import DEFAULT_BATCH, MODELS, RESNET50, find_layer, model_table
 
 PASSES = ("fwd", "bwd_data", "bwd_weight")
+# exact: non-saturating dot products, flush interval proven on the operands; fast: saturating,
+# the paper's long chains (dfpgen/plan_exact.py, docs/ARCHITECTURE.md §1)
+OVERFLOW_MODES = ("exact", "fast")
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -109,6 +112,31 @@ class ConvSpec:
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
         return (self.N, self.K, self.P, self.Q)
+
+    # A pass's geometry in the spec's own dimensions (table ``_PASS_GEOMETRY`` below): what
+    # the planners, which sit below the pass registry (dfpgen/passes.py), read of a pass.
+    @property
+    def reduction_size(self) -> int:
+        """What the integer dot products sum over: C (forward), K (backward-data), N*P*Q
+        pixels (backward-weight)."""
+        return _PASS_GEOMETRY[self.pass_kind][0](self)
+
+    @property
+    def tile_channels(self) -> int:
+        """Channels along the register tile's vectors: K (forward), C (backward-data), K
+        (backward-weight)."""
+        return _PASS_GEOMETRY[self.pass_kind][1](self)
+
+    @property
+    def tile_row(self) -> int:
+        """Positions along the register tile's other axis: Q output pixels (forward),
+        ceil(W / stride_w) pixels of one output phase (backward-data), C (backward-weight)."""
+        return _PASS_GEOMETRY[self.pass_kind][2](self)
+
+    @property
+    def result_shape(self) -> tuple[int, int, int, int]:
+        """The pass's output: Y (N, K, P, Q), dX (N, C, H, W) or dW (K, C, R, S)."""
+        return _PASS_GEOMETRY[self.pass_kind][3](self)
 
     def with_pass(self, pass_kind: str) -> "ConvSpec":
         return replace(self, pass_kind=pass_kind)
@@ -259,3 +287,11 @@ def model_specs(model: str, *, batch: int = DEFAULT_BATCH, pass_kind: str = "fwd
     batch ``batch``; :class:`DfpError` for an unknown model."""
     return [(name, count, parse_full(f"n{batch}{geo}", pass_kind))
             for name, count, geo in model_table(model)]
+
+
+# pass -> (reduction_size, tile_channels, tile_row, result_shape) of a ConvSpec
+_PASS_GEOMETRY = {
+    "fwd": (lambda s: s.C, lambda s: s.K, lambda s: s.Q, lambda s: s.output_shape),
+    "bwd_data": (lambda s: s.K, lambda s: s.C, lambda s: -(-s.W // s.stride[1]), lambda s: s.input_shape),
+    "bwd_weight": (lambda s: s.N * s.P * s.Q, lambda s: s.K, lambda s: s.C, lambda s: s.weight_shape),
+}

@@ -84,15 +84,6 @@ class CpuTarget:
             return True
         return self.is_x86 and self.isa.supported(self.feature_set)
 
-    def _compile_for(self) -> tuple[str, str] | None:
-        if not self.is_x86:
-            return None
-        if self.tier in _TIER_COMPILE:
-            return _TIER_COMPILE[self.tier]
-        if self.tier in _TIER_FOREIGN_COMPILE and not self.executable:
-            return _TIER_FOREIGN_COMPILE[self.tier]
-        return None
-
     @property
     def compile_cpu(self) -> str:
         if self.is_x86 and self.isa.compile_cpu:

@@ -83,9 +83,7 @@ def _reduction_and_output(spec) -> tuple[int, int, int]:
     Backward-data runs as stride-1 sub-convolutions over dY (one per output phase), so its
     reduction is over K, its output vectors hold C, and a row holds ceil(W / stride_w) pixels.
     """
-    if spec.pass_kind == "bwd_data":
-        return spec.K, spec.C, -(-spec.W // spec.stride[1])
-    return spec.C, spec.K, spec.Q
+    return spec.reduction_size, spec.tile_channels, spec.tile_row
 
 
 def accumulator_budget(k_vecs: int, pixels: int, unroll: str, isa) -> int:

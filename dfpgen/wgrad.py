@@ -5,10 +5,12 @@ over pixels m = (n*P + p)*Q + q (docs/ARCHITECTURE.md §3). The reduction runs i
 VNNI (``vpdpwssd``, INT16 pairs along the pixel dimension) and is flushed to FP32 every
 ``flush`` pixels, in the order of :func:`dfpgen.reference.conv2d_bwd_weight`.
 
-This module packs the operands (layouts in :mod:`dfpgen.plan_wgrad`) with a generated one-pass
-packer (``templates/conv_bwd_weight_pack.ll.j2``), picks the flush interval (exact: proven on
-the operands; fast: ``FAST_FLUSH``), loads the generated kernel
-(``templates/conv_bwd_weight.ll.j2``) and runs its work items over threads.
+The pass runs in the same steps as the other two (``dfpgen.conv.conv2d_weight`` calls them):
+:func:`prepare` checks and packs the operands (layouts in :mod:`dfpgen.plan_wgrad`) with a
+generated one-pass packer (``templates/conv_bwd_weight_pack.ll.j2``) and picks the flush
+interval (exact: proven on the operands, :func:`dfpgen.plan_exact.exact_flush`; fast:
+``FAST_FLUSH``); ``dfpgen.pass_kernels.get_kernel`` loads the :class:`WgradKernel`
+(``templates/conv_bwd_weight.ll.j2``); :func:`execute` runs its work items over threads.
 
 Measured (Zen 4, 1 thread, thread CPU time on a shared machine, so approximate; vpdpwssd peak
 117 GMAC/s): n8c128h28w28k128r3s3p1 kernel ~90 GMAC/s fast / ~80 exact, packing 6-9 % of
@@ -27,12 +29,15 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from . import passes
 from . import plan_wgrad as pw
 from . import wgrad_schedule as ws
 from .decisions import lookup
 from .errors import DfpError
 from .kernels import load_kernel
 from .pack import aligned_zeros
+from .passes import check_overflow
+from .plan_exact import exact_flush
 from .render import render
 from .runinfo import RunInfo
 from .spec import ConvSpec
@@ -40,31 +45,19 @@ from .target import CpuTarget, host_target
 from .threads import num_threads, parallel_for, threads_for
 from .tuning import TuningConfig
 
-INT32_MAX = 2 ** 31 - 1
 # Fast mode default: 256 pixels per INT32 partial (the forward's c_block x R x S is 144 for a
 # 3x3 layer). A partial of dense Gaussian DFP16 data (sigma ~ max/5 on both operands) then has
 # an RMS of ~ 2**29.5, so saturation is a > 3 sigma event; 1024 pixels saturated visibly on
 # such data. ReLU activations and sparse gradients stay far below. Flush cost: ~5% of the
 # kernel at 256 (128 pairs of 26 vpdpwssds per flush of 26 accumulators).
 FAST_FLUSH = 256
-TEMPLATE = "conv_bwd_weight.ll.j2"
+TEMPLATE = passes.get("bwd_weight").template
 
 _KERNEL_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
                                 ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                 ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                 ctypes.c_int64, ctypes.c_int64)
-
-@dataclass(frozen=True)
-class WgradTimes:
-    """Seconds spent in each phase of the last call (for benchmarks)."""
-    pack: float
-    kernel: float
-    total: float
-
-
-last_times: WgradTimes | None = None
-
 
 def _mantissa(t, name: str, ndim: int) -> np.ndarray:
     m = getattr(t, "mantissa", None)
@@ -73,31 +66,6 @@ def _mantissa(t, name: str, ndim: int) -> np.ndarray:
     if m.dtype != np.int16 or m.ndim != ndim:
         raise DfpError(f"{name}.mantissa must be an int16 array with {ndim} dims, got {m.dtype} {m.shape}")
     return m
-
-
-def exact_flush(a_pix: np.ndarray, b_pix: np.ndarray) -> int:
-    """Largest power-of-two flush interval (pixels, even) whose INT32 partials provably fit.
-
-    ``a_pix[m] >= max_c |X_rs[m, c]|`` over all taps and ``b_pix[m] = max_k |dY[m, k]|``:
-    every partial over a chunk of pixels is at most ``sum_chunk a_pix * b_pix`` (triangle
-    inequality), so chunks whose such sums are <= 2**31 - 1 cannot overflow. This is never looser
-    than ``flush * max|X| * max|dY| <= 2**31 - 1`` and far tighter on sparse (ReLU) data.
-    Wrapping INT32 adds make intermediate overflow harmless: only the partial must fit.
-    """
-    # chunk sums for f = 2, 4, 8, ... by pairwise halving (chunks [0, f), [f, 2f), ...; the
-    # last one shorter): about one pass over the pixels in all, stopping at the first overflow
-    level = a_pix.reshape(-1).astype(np.int64) * b_pix.reshape(-1)
-    best, f = 2, 1
-    while True:
-        if level.size % 2:
-            level = np.append(level, 0)
-        level = level[0::2] + level[1::2]
-        f *= 2
-        if level.max(initial=0) > INT32_MAX:
-            return best
-        best = f
-        if level.size <= 1:
-            return best
 
 
 PACK_TEMPLATE = "conv_bwd_weight_pack.ll.j2"
@@ -220,9 +188,6 @@ def release_buffers() -> None:
     _tls.__dict__.pop("pool", None)
 
 
-_families: set[tuple] = set()  # (spec, target, scaled) whose exact-mode kernels are loaded
-
-
 @lru_cache(maxsize=1024)
 def _plan(spec, config, target, overflow, scaled):
     return pw.plan(spec, config, target, overflow, scaled)
@@ -242,26 +207,40 @@ def _conv_kernel(p: pw.WgradPlan, target: CpuTarget):
     return _KERNEL_TYPE(k.address)
 
 
-def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, overflow: str = "exact",
-                    threads: int | None = None, config: TuningConfig | None = None,
-                    target: CpuTarget | None = None) -> tuple[np.ndarray, RunInfo]:
-    """FP32 dW (K, C, R, S) from DFP16 X (N, C, H, W) and DFP16 dY (N, K, P, Q).
+@dataclass(frozen=True)
+class WgradOperands:
+    """Both operands of one backward-weight call, packed for the kernel, with the flush
+    interval proven on them (:func:`prepare`).
 
-    Mirrors ``torch.nn.grad.conv2d_weight(input, weight_size, grad_output, stride, padding,
-    dilation)`` (groups 1) on the dequantized operands. ``overflow="exact"`` flushes INT32
-    partials at the largest power-of-two interval proven safe on these operands
-    (:func:`exact_flush`) and is bit-identical to ``reference.conv2d_bwd_weight(...,
-    flush_pixels=info.flush)`` for every tier, config and thread count; ``"fast"`` uses
-    saturating ``vpdpwssds`` with ``config.flush`` (default ``FAST_FLUSH`` = 256) pixels per
-    partial and counts the lanes found saturated at flushes (``info.saturated``; a lane that
-    saturates and is pulled back before the flush is not seen). Without saturation fast mode
-    gives the exact partials of its schedule; with it, layers with R*S > 1 and odd Q may differ
-    from the reference's ``saturate=True`` model, which pairs pixels across rows where this
-    kernel pairs them within a row. ``config.flush`` > 0 in exact mode caps the proven interval.
-    Returns ``(dW float32 (K, C, R, S) C-contiguous, RunInfo)``. Raises :class:`DfpError` on
-    shape mismatches, non-DFP operands, a -32768 mantissa or an unknown mode.
+    ``spec``: the pass as the kernel runs it (a 1x1 layer without padding becomes one row of
+    N*P*Q pixels); ``weight_shape``: dW's (K, C, R, S); ``xw`` / ``dyp``: the packed X and dY
+    (layouts in :mod:`dfpgen.plan_wgrad`, buffers valid until the calling thread's next call);
+    ``flush``: pixels per INT32 partial; ``scaled``: the flush multiplies by 2**E in the
+    kernel; ``scale_exp``: Ex + Edy; ``config``: the config given or tuned (``None``: the
+    default follows the flush interval, :func:`kernel_config`); ``threads``: the count to run.
     """
-    global last_times
+    spec: ConvSpec
+    weight_shape: tuple[int, int, int, int]
+    xw: np.ndarray
+    dyp: np.ndarray
+    flush: int
+    scaled: bool
+    scale_exp: int
+    config: TuningConfig | None
+    threads: int
+    seconds: float  # spent validating and packing
+
+
+def prepare(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, overflow: str = "exact",
+            threads: int | None = None, config: TuningConfig | None = None,
+            target: CpuTarget | None = None) -> WgradOperands:
+    """Check and pack DFP16 X (N, C, H, W) and DFP16 dY (N, K, P, Q) for dW (K, C, R, S), and
+    pick the flush interval: ``overflow="exact"`` the largest power of two proven safe on these
+    operands (:func:`dfpgen.plan_exact.exact_flush` over :func:`tap_max`), capped by
+    ``config.flush`` when that is > 0; ``"fast"`` ``config.flush`` or ``FAST_FLUSH`` = 256.
+    ``config=None`` takes the tuned decision if there is one. Raises :class:`DfpError` on
+    shape mismatches, non-DFP operands, a -32768 mantissa, an odd fast-mode flush or an
+    unknown mode."""
     t0 = time.perf_counter()
     x = _mantissa(xq, "x", 4)
     dy = _mantissa(dyq, "grad_output", 4)
@@ -276,11 +255,10 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     if dy.shape != spec.output_shape:
         raise DfpError(f"grad_output shape {dy.shape} does not match the output {spec.output_shape} "
                        f"of {spec.geometry()}")
-    if overflow not in pw.MODES:
-        raise DfpError(f"overflow must be one of {pw.MODES}, got {overflow!r}")
+    check_overflow(overflow)
     target = target or host_target()
     if config is None:
-        # A decision of `dfpgen tune` (same lookup as kernels.get_kernel for the other passes).
+        # a decision of `dfpgen tune` (the lookup kernels of the other passes get too)
         config = lookup(spec, target, overflow)
     scale_exp = int(xq.exponent) + int(dyq.exponent)
     scaled = not pw.unscaled_ok(scale_exp)
@@ -294,7 +272,6 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
     N = spec.N
     # Layouts depend on the spec only, so packing can use any plan of it.
     p = _plan(spec, config or _default_config(spec, target, None), target, overflow, scaled)
-
     nthreads = threads or (config.threads if config is not None else 0)
     if not nthreads:
         nthreads = threads_for(spec.N * spec.P * spec.Q * C * K * R * S)
@@ -306,47 +283,75 @@ def conv2d_weight_q(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, o
         raise DfpError("x or grad_output holds the mantissa -32768; DFP16 mantissas are limited to +/-32767")
     b_pix = dam.reshape(N, spec.P, 2 * p.Q2)[:, :, :spec.Q]  # (N, P, Q): max over K
     if overflow == "exact":
-        a_pix = tap_max(xam, p)
-        flush = exact_flush(a_pix, b_pix)
+        flush = exact_flush(tap_max(xam, p), b_pix)
         if config is not None and config.flush:
             flush = max(2, min(flush, config.flush - config.flush % 2))
     else:
         flush = (config.flush if config is not None else 0) or FAST_FLUSH
         if flush % 2:
             raise DfpError(f"backward-weight flush interval must be even (INT16 pairs), got {flush}")
-    if config is None:
-        config = _default_config(spec, target, flush)
-        p = _plan(spec, config, target, overflow, scaled)
-        if overflow == "exact" and (spec, target, scaled) not in _families:
-            # The register blocking follows the proven flush interval (short or long): load
-            # both kernels at a shape's first call, so drifting operands never build later.
-            for f in (2, None):
-                _conv_kernel(_plan(spec, _default_config(spec, target, f), target, overflow, scaled), target)
-            _families.add((spec, target, scaled))
-    seg, blocks = ws.schedule(p, flush)
-    t_pack = time.perf_counter() - t0
+    return WgradOperands(spec, (K, C, R, S), xw, dyp, flush, scaled, scale_exp, config, nthreads,
+                         time.perf_counter() - t0)
 
-    fn = _conv_kernel(p, target)
+
+def kernel_config(ops: WgradOperands, target: CpuTarget) -> TuningConfig:
+    """The config of the kernel to run on ``ops``: the given or tuned one, else the default
+    register blocking for the proven flush interval (short intervals keep the FP32 sums in
+    registers, :func:`dfpgen.plan_wgrad.default_config`)."""
+    return ops.config or _default_config(ops.spec, target, ops.flush)
+
+
+def exact_family(spec: ConvSpec, target: CpuTarget) -> tuple[TuningConfig, ...]:
+    """The default configs an exact-mode layer can be given as its operands drift (short and
+    long flush intervals): loaded together at a shape's first call, so none builds later."""
+    return tuple(_default_config(spec, target, f) for f in (2, None))
+
+
+class WgradKernel:
+    """The backward-weight kernel of ``(spec, config, target, mode)``: its plan
+    (:func:`dfpgen.plan_wgrad.plan`; ``scaled``: the flush multiplies by 2**E in the kernel)
+    and ctypes entry point, loaded through :func:`dfpgen.kernels.load_kernel`."""
+
+    def __init__(self, spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str,
+                 scaled: bool = False):
+        self.spec, self.config, self.target, self.mode = spec, config, target, mode
+        self.plan = _plan(spec, config, target, mode, scaled)
+        self.fn = _conv_kernel(self.plan, target)
+
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        return (self.plan.symbol,)
+
+
+def execute(kernel: WgradKernel, ops: WgradOperands, threads: int | None = None) -> tuple[np.ndarray, RunInfo]:
+    """Run ``kernel`` on the packed operands ``ops``. Returns ``(dW float32 (K, C, R, S)
+    C-contiguous, RunInfo)``; bit-identical to ``reference.conv2d_bwd_weight(...,
+    flush_pixels=info.flush)`` for every tier, config and thread count in exact mode."""
+    p, flush = kernel.plan, ops.flush
+    nthreads = threads or ops.threads
+    seg, blocks = ws.schedule(p, flush)
+    K, C, R, S = ops.weight_shape
     # tiles: the kernel's first cache block initialises them
     out = _buffer("out", (p.RS * C * p.Kp,), np.float32)
     acc = _buffer("acc", (p.RS * C * p.Kp,), np.int32)
     split = pw.work_split(p, nthreads)
     sat = np.zeros(split.items, np.int64)
-    s1, s2 = _scales(scale_exp) if scaled else (1.0, 1.0)
+    s1, s2 = _scales(ops.scale_exp) if ops.scaled else (1.0, 1.0)
     cols = pw.column_table(p)
     dw = np.empty((K, C, R, S), np.float32)
     # unscaled flushes: the kernel's last write multiplies by 2**E (exact: plan_wgrad.unscaled_ok)
-    fs = 1.0 if scaled else float(np.float32(2.0 ** scale_exp))
-    args = (xw.ctypes.data, dyp.ctypes.data, out.ctypes.data, acc.ctypes.data, seg.ctypes.data,
+    fs = 1.0 if ops.scaled else float(np.float32(2.0 ** ops.scale_exp))
+    args = (ops.xw.ctypes.data, ops.dyp.ctypes.data, out.ctypes.data, acc.ctypes.data, seg.ctypes.data,
             blocks.ctypes.data, len(blocks) - 1, flush // 2, s1, s2, sat.ctypes.data, cols.ctypes.data,
             dw.ctypes.data, fs, split.kb_group, split.group, split.n_groups)
+    fn = kernel.fn
     t1 = time.perf_counter()
     parallel_for(split.items, lambda b, e: fn(*args, b, e), nthreads)
     t_kernel = time.perf_counter() - t1
-    last_times = WgradTimes(pack=t_pack, kernel=t_kernel, total=time.perf_counter() - t0)
-    info = RunInfo(pass_kind="bwd_weight", overflow=overflow, flush=flush, saturated=int(sat.sum()),
-                   tier=target.tier, symbol=p.symbol, symbols=(p.symbol,), config=dict(config.__dict__),
-                   c_block=config.c_block, threads=min(nthreads, split.items),
-                   scale_exp=int(xq.exponent) + int(dyq.exponent),
-                   possibly_saturated=None if overflow == "fast" else 0)  # not tracked here
+    config = kernel.config
+    info = RunInfo(pass_kind="bwd_weight", overflow=kernel.mode, flush=flush, saturated=int(sat.sum()),
+                   tier=kernel.target.tier, symbol=p.symbol, symbols=(p.symbol,), config=dict(config.__dict__),
+                   c_block=config.c_block, threads=min(nthreads, split.items), scale_exp=ops.scale_exp,
+                   possibly_saturated=None if kernel.mode == "fast" else 0,  # not tracked here
+                   kernel_seconds=t_kernel)
     return dw, info

@@ -9,9 +9,9 @@ import threading
 
 from dfpgen.dfp import DFP16, DfpFormat
 from dfpgen.errors import DfpError
+from dfpgen.spec import OVERFLOW_MODES
 
 ENV_DISABLE = "DFPGEN_DISABLE"
-OVERFLOW_MODES = ("exact", "fast")
 ROUNDINGS = ("nearest", "stochastic")
 NONFINITE_POLICIES = ("raise", "skip")  # see dfpgen.runtime.nonfinite
 

@@ -8,7 +8,8 @@ import torch
 
 from dfpgen import plan_wgrad as pw
 from dfpgen import wgrad_schedule as ws
-from dfpgen import reference, wgrad
+from dfpgen import plan_exact, reference, wgrad
+from dfpgen.conv import conv2d_weight
 from dfpgen.dfp import DfpTensor, quantize
 from dfpgen.errors import DfpError
 from dfpgen.jit import compile_ir, emit_assembly
@@ -64,7 +65,7 @@ def operands(shape, rng, kind="real"):
 
 def run(shape, xq, dyq, **kw):
     sp = spec_of(shape)
-    return wgrad.conv2d_weight_q(xq, sp.weight_shape, dyq, sp.stride, sp.padding, sp.dilation, **kw)
+    return conv2d_weight(xq, sp.weight_shape, dyq, sp.stride, sp.padding, sp.dilation, return_info=True, **kw)
 
 
 def ref(shape, xq, dyq, flush, saturate=False):
@@ -101,13 +102,13 @@ def test_exact_flush_is_proven_and_largest():
     rng = np.random.default_rng(3)
     a = rng.integers(0, 32768, 1000)
     b = rng.integers(0, 32768, 1000)
-    f = wgrad.exact_flush(a, b)
+    f = plan_exact.exact_flush(a, b)
     prod = a * b
     sums = lambda F: np.add.reduceat(prod, np.arange(0, prod.size, F))  # noqa: E731
     assert f >= 2 and f % 2 == 0
     assert sums(f).max() <= 2 ** 31 - 1
     assert sums(2 * f).max() > 2 ** 31 - 1
-    assert wgrad.exact_flush(np.zeros(10, np.int64), b[:10]) >= 10  # all-zero X: one chunk
+    assert plan_exact.exact_flush(np.zeros(10, np.int64), b[:10]) >= 10  # all-zero X: one chunk
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: spec_of(s).geometry())
@@ -328,13 +329,13 @@ def test_bad_inputs():
     xq, dyq = operands(shape, np.random.default_rng(11), "small")
     sp = spec_of(shape)
     with pytest.raises(DfpError, match="channels"):
-        wgrad.conv2d_weight_q(xq, (sp.K, sp.C + 1, 3, 3), dyq, 1, 1)
+        wgrad.prepare(xq, (sp.K, sp.C + 1, 3, 3), dyq, 1, 1)
     with pytest.raises(DfpError, match="grad_output shape"):
-        wgrad.conv2d_weight_q(xq, sp.weight_shape, dyq, 2, 1)
+        wgrad.prepare(xq, sp.weight_shape, dyq, 2, 1)
     with pytest.raises(DfpError, match="overflow"):
         run(shape, xq, dyq, overflow="maybe")
     with pytest.raises(DfpError, match="DfpTensor"):
-        wgrad.conv2d_weight_q(xq.mantissa, sp.weight_shape, dyq, 1, 1)
+        wgrad.prepare(xq.mantissa, sp.weight_shape, dyq, 1, 1)
     bad = xq.mantissa.copy()
     bad[0, 0, 0, 0] = -32768
     with pytest.raises(DfpError, match="-32768"):

@@ -265,7 +265,7 @@ def test_bad_inputs_raise_named_errors(call, match):
 
 
 def test_get_kernel_is_memoised_and_symbol_names_the_layer():
-    from dfpgen.kernels import get_kernel
+    from dfpgen.pass_kernels import get_kernel
     spec = dfpgen.ConvSpec(1, 8, 6, 6, 16, 3, 3, padding=(1, 1))
     from dfpgen.target import host_target
     from dfpgen.tuning import default_config

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from dfpgen import isa
-from dfpgen.measure import kernel_sources
+from dfpgen.pass_kernels import kernel_sources
 from dfpgen.jit import emit_assembly
 from dfpgen.spec import ConvSpec
 from dfpgen.target import host_target

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import dfpgen
-from dfpgen import conv, kernels
+from dfpgen import conv, pass_kernels
 from dfpgen.target import TIERS, host_target
 from conv_cases import operands
 
@@ -48,7 +48,7 @@ def test_tier_saturates_like_vpdpwssds(tier):
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_every_tier_renders_with_its_instructions(tier, mode):
     spec = dfpgen.ConvSpec(1, 8, 5, 5, 16, 3, 3, padding=(1, 1))
-    ir = kernels.kernel_sources(spec, target=host_target(tier), overflow=mode)[0][2]
+    ir = pass_kernels.kernel_sources(spec, target=host_target(tier), overflow=mode)[0][2]
     want = {"avx512_vnni": "vpdpwssd", "vnni256": "vpdpwssd", "avx2": "pmadd.wd", "generic": "shufflevector"}[tier]
     assert want in ir
     if tier == "generic":

@@ -8,7 +8,7 @@ import pytest
 
 import dfpgen
 from dfpgen import conv, jit, reference
-from dfpgen.kernels import kernel_sources
+from dfpgen.pass_kernels import kernel_sources
 from dfpgen.plan import plan_fwd
 from dfpgen.plan_bwd import plan_bwd_data
 from dfpgen.spec import ConvSpec, parse_full
@@ -117,18 +117,16 @@ def test_kernel_sources_name_every_phase_and_open_with_pseudo_code():
         assert f"define void @{sym}(" in ir and "for (tap in taps)" in ir
 
 
-def test_get_kernel_builders_are_registered_per_pass(monkeypatch):
-    from dfpgen import kernels
-    built = []
-
-    class Dummy:
-        def __init__(self, spec, config, target, mode, has_bias):
-            built.append((spec.pass_kind, mode, has_bias))
-
-    monkeypatch.setitem(kernels._BUILDERS, "bwd_weight", f"{__name__}:_DUMMY")
-    globals()["_DUMMY"] = Dummy
-    spec = ConvSpec(1, 4, 5, 5, 4, 3, 3, pass_kind="bwd_weight")
-    k = kernels.get_kernel(spec, TuningConfig(k_vecs=1, pixels=4, c_block=8), overflow="exact")
-    assert isinstance(k, Dummy) and built == [("bwd_weight", "exact", False)]
+def test_get_kernel_builds_the_kernel_class_of_each_pass_family():
+    from dfpgen import fwd, pass_kernels, passes, wgrad
+    assert pass_kernels.KERNEL_CLASSES == {"conv": fwd.ConvKernel, "wgrad": wgrad.WgradKernel}
+    cfg = TuningConfig(k_vecs=1, pixels=4, c_block=8)
+    for p, tag in (("fwd", "_fwd_"), ("bwd_data", "_bwd_data_"), ("bwd_weight", "_bwdw_")):
+        spec = ConvSpec(1, 4, 5, 5, 4, 3, 3, pass_kind=p)
+        k = pass_kernels.get_kernel(spec, cfg.replace(flush=8) if p == "bwd_weight" else cfg, overflow="exact")
+        assert isinstance(k, pass_kernels.KERNEL_CLASSES[passes.get(p).family]), p
+        assert k.spec == spec and k.mode == "exact" and all(tag in s for s in k.symbols)
     with pytest.raises(dfpgen.DfpError, match="overflow"):
-        kernels.get_kernel(spec, overflow="sometimes")
+        pass_kernels.get_kernel(spec, overflow="sometimes")
+    with pytest.raises(dfpgen.DfpError, match="pass must be one of"):
+        passes.get("bwd_input")
