@@ -104,6 +104,32 @@ class IsaTier:
         return ""
 
 
+@dataclass(frozen=True)
+class DotStep:
+    """What the shared dot-product macro (``templates/isa_dot.ll.j2``) prints for one tier and
+    overflow mode: the spelling ``dot`` and LLVM ``intrinsic``, whether the step saturates,
+    ``lanes`` INT32 lanes and the IR vector types (``ivec`` <L x i32>, ``hvec`` <2L x i16>,
+    ``wvec`` <2L x i32>, the even / odd lane shuffles of the plain-IR spelling)."""
+    dot: str
+    intrinsic: str
+    saturating: bool
+    lanes: int
+    ivec: str
+    hvec: str
+    wvec: str
+    even_mask: str
+    odd_mask: str
+
+
+def dot_step(isa: "IsaTier", saturating: bool) -> DotStep:
+    """The :class:`DotStep` of tier ``isa`` (``saturating``: fast mode)."""
+    n = isa.lanes
+    return DotStep(isa.dot, isa.dot_intrinsic(saturating), saturating, n, f"<{n} x i32>",
+                   f"<{2 * n} x i16>", f"<{2 * n} x i32>",
+                   "<" + ", ".join(f"i32 {2 * i}" for i in range(n)) + ">",
+                   "<" + ", ".join(f"i32 {2 * i + 1}" for i in range(n)) + ">")
+
+
 TIERS: dict[str, IsaTier] = {t.name: t for t in (
     IsaTier("avx512_vnni", frozenset({"avx512f", "avx512bw", "avx512vnni"}), None, 512, 32,
             "vnni", "vpdpwssd zmm", "vpdpwssd", 0, 0, 0, None,

@@ -21,6 +21,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from .errors import DfpError
+from .isa import DotStep, dot_step
 from .spec import OVERFLOW_MODES
 from .tuning import TuningConfig, accumulator_budget
 
@@ -97,6 +98,7 @@ class KernelPlan:
     tier: str
     dot: str              # the tier's dot-product spelling (dfpgen.isa.IsaTier.dot)
     dot_intrinsic: str    # its LLVM intrinsic (VNNI: saturating in fast mode)
+    dp: DotStep           # what templates/isa_dot.ll.j2 prints for one dot step
     mode: str
     has_bias: bool
     lanes: int
@@ -139,8 +141,6 @@ class KernelPlan:
     w_ukv: tuple[tuple[int, ...], ...]
     y_off: tuple[tuple[int, ...], ...]
     b_kv: tuple[int, ...]
-    even_mask: str
-    odd_mask: str
     registers_used: int
     registers: int
     unroll: str
@@ -160,9 +160,7 @@ class KernelPlan:
 
 def _vec_types(tier: str, lanes: int) -> dict:
     return {"ivec": f"<{lanes} x i32>", "hvec": f"<{2 * lanes} x i16>",
-            "fvec": f"<{lanes} x float>", "bvec": f"<{lanes} x i1>",
-            "even_mask": "<" + ", ".join(f"i32 {2 * i}" for i in range(lanes)) + ">",
-            "odd_mask": "<" + ", ".join(f"i32 {2 * i + 1}" for i in range(lanes)) + ">"}
+            "fvec": f"<{lanes} x float>", "bvec": f"<{lanes} x i1>"}
 
 
 def _block(name: str, pairs: int, step: int) -> Block:
@@ -217,7 +215,8 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
               f"_{target.tier}_{mode}{'_b' if has_bias else ''}_{_descriptor_hash(fields)}")
     return KernelPlan(
         symbol=symbol, pass_kind=pass_kind, tier=target.tier, dot=target.isa.dot,
-        dot_intrinsic=target.isa.dot_intrinsic(mode == "fast"), mode=mode, has_bias=has_bias,
+        dot_intrinsic=target.isa.dot_intrinsic(mode == "fast"), dp=dot_step(target.isa, mode == "fast"),
+        mode=mode, has_bias=has_bias,
         lanes=lanes, **_vec_types(target.tier, lanes), k_vecs=kv, kvl=kvl,
         out_blocks=out_blocks, out_pad=out_pad, red_pairs=red_pairs,
         pixels=wb, q_full=q_full, wb_tail=wb_tail, po=sub.rows,

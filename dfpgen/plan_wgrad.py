@@ -49,6 +49,7 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import DfpError
+from .isa import DotStep, dot_step
 from .spec import OVERFLOW_MODES, ConvSpec
 from .target import CpuTarget
 from .tuning import TuningConfig
@@ -86,6 +87,7 @@ class WgradPlan:
     tier: str
     dot: str              # the tier's dot-product spelling (dfpgen.isa.IsaTier.dot)
     dot_intrinsic: str    # its LLVM intrinsic (VNNI: saturating in fast mode)
+    dp: DotStep           # what templates/isa_dot.ll.j2 prints for one dot step
     mode: str
     lanes: int            # INT32 lanes per vector
     i16_lanes: int        # 2 * lanes
@@ -139,14 +141,6 @@ class WgradPlan:
                 "tile_off": [[c * self.Kp + i * self.lanes for i in range(v.kv)] for c in range(v.cw)],
             })
         return out
-
-    @property
-    def even_idx(self) -> list[int]:
-        return list(range(0, 2 * self.lanes, 2))
-
-    @property
-    def odd_idx(self) -> list[int]:
-        return list(range(1, 2 * self.lanes, 2))
 
     @property
     def kb_channels(self) -> int:
@@ -348,7 +342,8 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
            + ("_sc" if scaled else ""))
     return WgradPlan(
         spec=spec, config=config, tier=target.tier, dot=target.isa.dot,
-        dot_intrinsic=target.isa.dot_intrinsic(mode == "fast"), mode=mode, lanes=lanes, i16_lanes=2 * lanes,
+        dot_intrinsic=target.isa.dot_intrinsic(mode == "fast"),
+        dp=dot_step(target.isa, mode == "fast"), mode=mode, lanes=lanes, i16_lanes=2 * lanes,
         vec_bytes=4 * lanes, kv=kv, kv_tail=kv_tail, n_kb=n_kb, cb=cb, cb_tail=cb_tail, n_cb=n_cb,
         n_cols=n_cols,
         C=C, K=spec.K, Kp=Kp, Ks=Ks, Cs=Cs, RS=RS, Hp=Hp, Wp=Wp, Q2=Q2, x_pair_stride=cpp * Cs,
