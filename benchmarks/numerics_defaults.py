@@ -2,7 +2,7 @@
 """Measurements behind the DFP16 defaults: magnitude bits P in {15, 14, 13, 12} x overflow
 mode in {exact, fast}, on realistic tensors.
 
-1. ResNet-50 layer shapes (in-repo ``dfpgen.runtime.models.resnet50``, 10 classes) fed with
+1. ResNet-50 layer shapes (in-repo ``dfpgen.examples.models.resnet50``, 10 classes) fed with
    real data: Fashion-MNIST images upsampled to ``--input`` pixels and repeated to 3
    channels, batch ``--l-batch``. After ``--warm`` FP32 SGD steps, one more step captures,
    for the layers in ``LAYERS``, the FP32 input X, weight W and output gradient dY. Every
@@ -42,7 +42,7 @@ import dfpgen  # noqa: E402
 import dfpgen.runtime as dfp  # noqa: E402
 from dfpgen import OverflowWarning  # noqa: E402
 from dfpgen.dfp import DfpFormat  # noqa: E402
-from dfpgen.runtime import data, models  # noqa: E402
+from dfpgen.examples import data, models  # noqa: E402
 
 BITS = (15, 14, 13, 12)
 MODES = ("exact", "fast")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One training step (forward + backward + SGD update), DFP16 vs FP32 vs bf16 autocast.
 
-Models: the torchvision-shaped ResNet-50 (in-repo, ``dfpgen.runtime.models.resnet50``) at
+Models: the torchvision-shaped ResNet-50 (in-repo, ``dfpgen.examples.models.resnet50``) at
 224x224 and the Fashion-MNIST ResNet-20 (1x28x28), same run, same thread count. Each
 precision gets ``--warmup`` untimed steps (DFP16 compiles or loads its kernels there), then
 ``--repeats`` timed steps; the table gives the median step time, images/s, the ratio to FP32
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import dfpgen.runtime as dfp
-from dfpgen.runtime import models
+from dfpgen.examples import models
 
 PRECISIONS = ("fp32", "dfp16", "bf16")  # also "dfp16_unfused": convert(fuse=False)
 

@@ -45,9 +45,10 @@ from typing import Callable
 import numpy as np
 
 from . import cache, decisions, passes
+from .spec import model_specs
 from .errors import DfpError, OverflowWarning
 from .measure import kernel_timer, make_runner, random_operands, time_runner  # noqa: F401
-from .spec import PASSES, ConvSpec
+from .spec import PASSES, ConvSpec  # noqa: F401  (autotune.PASSES: what tune_model and the CLI accept)
 from .target import CpuTarget, host_target
 from .threads import num_threads
 from .tuning import SHORT_PATTERN, TuningConfig
@@ -341,7 +342,6 @@ def tune_model(model: str = "resnet50", budget: float = 600.0, *, batch: int = 3
     Each layer gets a share of what is left, weighted by its MACs x occurrence count (big,
     frequent layers get more time); already-tuned layers cost nothing unless ``force``.
     """
-    from .spec import model_specs
     layers = [(count, spec.with_pass(p)) for _, count, spec in model_specs(model, batch=batch) for p in passes]
     weights = [count * spec.macs for count, spec in layers]
     t0, results = time.perf_counter(), []

@@ -38,6 +38,7 @@ Shapes: X, R, dY float32 (M, C) C-contiguous; per-channel arrays (C,). Threads s
 from __future__ import annotations
 
 import ctypes
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,8 @@ from . import threads as _threads
 from .dfp import DFP16, DfpFormat, EXP_MIN, exponent_for, scale_factors
 from .errors import DfpError
 from .kernels import cfunction, load_kernel
+from .dfp import raise_nonfinite
+from .pack import empty_aligned
 from .render import render
 from .target import CpuTarget, host_target
 
@@ -64,7 +67,6 @@ _PROTOS = {
 
 
 def _llvm_float(v: float) -> str:
-    import struct
     return "0x%016X" % struct.unpack("<Q", struct.pack("<d", float(v)))[0]
 
 
@@ -207,7 +209,6 @@ def batch_stats(x: np.ndarray, *, name: str = "BatchNorm input", threads: int | 
     _threads.parallel_for(nch, lambda b, e: fn(*ptrs, b, e, M, C, Cv), _nthreads(threads, nch, CHUNK * C))
     st = combine_partials(psum, psq, pmin, pmax, C, M)
     if not (np.isfinite(st.sum).all() and np.isfinite(st.sumsq).all()):
-        from .dfp import raise_nonfinite
         if not np.isfinite(x).all():
             raise_nonfinite(x, name=name)
         raise DfpError(f"{name}: the sum of squares overflows float64 (values too large for BatchNorm)")
@@ -332,7 +333,6 @@ def forward(x: np.ndarray, stats: BnStats, scale, shift, *, relu: bool = True,
     s1x, s2x = scale_factors(x_exp); s1y, s2y = scale_factors(y_exp)
     dqy = float(dequant_scale(y_exp))
     Cp = C + C % 2
-    from .pack import empty_aligned
     x_q = empty_aligned((M, C)) if save_x else None
     y_q = empty_aligned((M, Cp)) if write_q else None
     y_f = empty_aligned((M, C), np.float32) if write_f else None
@@ -413,7 +413,6 @@ def backward(dy: np.ndarray, x_q: np.ndarray, x_exp: int, sc, sh, mean, invstd, 
     k1 = _pad(k.astype(np.float32), Cv)
     k2 = _pad((k2x * exs).astype(np.float32), Cv)
     k3 = _pad(k3.astype(np.float32), Cv)
-    from .pack import empty_aligned
     dx = empty_aligned((M, C), np.float32)
     dres = empty_aligned((M, C), np.float32) if residual else None
     dxk = _kernel("bwd_dx", target, **flags)

@@ -39,6 +39,10 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
+import filelock
+import platformdirs
+
+from .env import flag, raw
 from .errors import CacheWarning
 from .jit import llvm_versions
 from .render import generator_hash
@@ -58,11 +62,9 @@ _disk_warned = False
 # ----------------------------------------------------------------------------- location
 def cache_dir() -> Path:
     """The cache root: ``$DFPGEN_CACHE_DIR`` or ``platformdirs.user_cache_dir("dfpgen")``."""
-    from .env import raw
     env = raw(ENV_DIR)
     if env:
         return Path(env).expanduser()
-    import platformdirs
     return Path(platformdirs.user_cache_dir("dfpgen"))
 
 
@@ -70,7 +72,6 @@ def disk_enabled() -> bool:
     """False when ``$DFPGEN_CACHE`` is ``0``, ``off``, ``no`` or ``false``; True when it is
     unset, empty, ``1``, ``on``, ``yes`` or ``true``. Raises :class:`dfpgen.DfpError` naming
     the variable for any other value."""
-    from .env import flag
     return flag(ENV_CACHE, True)
 
 
@@ -161,7 +162,6 @@ def _warn_disk_once(exc: BaseException) -> None:
 
 
 def _file_lock(path: Path):
-    import filelock
     path.parent.mkdir(parents=True, exist_ok=True)
     return filelock.FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
 

@@ -41,12 +41,15 @@ import numpy as np
 
 from .dfp import DFP16, DfpFormat, DfpTensor, quantize
 from .errors import DfpError, OverflowWarning
-from .fwd import FMA_MIN_SCALE_EXP, PackedWeight, execute
 from . import passes, wgrad
+from .fwd import FMA_MIN_SCALE_EXP, PackedWeight, execute
 from .pass_kernels import get_kernel
 from .pack import quantize_pack
 from .plan_exact import exact_blocks, exact_schedule
 from .runinfo import RunInfo
+from .threads import num_threads
+from .decisions import resolve_config
+from .target import CpuTarget, host_target
 from .spec import ConvSpec, _pair
 from .tuning import TuningConfig
 
@@ -177,7 +180,6 @@ def load_exact_family(spec: ConvSpec, base: TuningConfig, target, bias: bool, fm
     if key in _families:
         _seen.add(fast_key)
         return
-    from .threads import num_threads
     cfgs = exact_family(spec, base)
 
     def load(cfg):
@@ -226,7 +228,6 @@ def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: D
     ``wq``: a DfpTensor or a :class:`PackedWeight`."""
     passes.check_overflow(overflow)
     if overflow == "exact":
-        from .decisions import resolve_config
         base, target = resolve_config(spec, config, overflow="exact", target=target)
         density = passes.of(spec).tap_density(spec)
         hi, lo = _channel_range(act.mantissa)
@@ -249,7 +250,6 @@ def _check_call(overflow: str, threads, target=None, config=None):
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                 or threads < 0):
         raise DfpError(f"threads must be None or an int >= 0 (0 or None: the default count), got {threads!r}")
-    from .target import CpuTarget, host_target
     if isinstance(target, str):
         target = host_target(target)
     elif target is not None and not isinstance(target, CpuTarget):

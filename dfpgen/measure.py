@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from . import conv, passes
+from .dfp import quantize
 from .spec import ConvSpec
 from .target import CpuTarget
 from .tuning import TuningConfig
@@ -18,7 +19,6 @@ from .tuning import TuningConfig
 
 def random_operands(spec: ConvSpec, seed: int = 0) -> dict:
     """Random DFP16 operands of ``spec``'s pass (normal floats, quantized): ``x``, ``w``, ``dy``."""
-    from .dfp import quantize
     rng = np.random.default_rng(seed)
     ops = {}
     for name, shape in (("x", spec.input_shape), ("w", spec.weight_shape), ("dy", spec.output_shape)):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .errors import DfpError
+from .kernels import load_kernel
 from .target import CpuTarget, host_target
 
 ABI_VERSION = 2
@@ -70,7 +71,7 @@ exit:
 def _dot_ir(symbol: str, isa, n: int) -> str:
     """The peak loop of ``isa``'s INT16 dot step (``dfpgen.isa.IsaTier``), ``n`` accumulators."""
     lanes = isa.lanes
-    v, o, w = f"<{lanes} x i32>", f"<{2 * lanes} x i16>", f"<{2 * lanes} x i32>"
+    v, o = f"<{lanes} x i32>", f"<{2 * lanes} x i16>"
     if isa.dot == "vnni":
         name = "@" + isa.dot_intrinsic(False)
         decl = f"declare {v} {name}({v}, {o}, {o})"
@@ -96,7 +97,6 @@ def _fma_ir(symbol: str, bits: int, n: int) -> str:
 
 
 def _time_loop(symbol: str, ir: str, target: CpuTarget, macs_per_iter: int, min_seconds: float) -> tuple[float, float]:
-    from .kernels import load_kernel
     k = load_kernel(symbol, {"kind": "peak", "abi": ABI_VERSION}, lambda: ir, target)
     fn = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)(k.address)
     buf = (ctypes.c_uint8 * 256)()

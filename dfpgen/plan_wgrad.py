@@ -316,7 +316,7 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     n_cols = RS * n_cb
     # Column blocks per work item: as many as keep their INT32 + FP32 tiles within
     # GROUP_TILE_BYTES (L2), and few enough that there are MIN_ITEMS items for the threads.
-    (uh, uw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    (uh, uw), (dh, dw) = spec.stride, spec.dilation
     P, Q = spec.P, spec.Q
     Q2 = -(-Q // 2)
     if spec.R == 1:

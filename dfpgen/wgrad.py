@@ -25,7 +25,6 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -76,13 +75,27 @@ PACK_CHUNK = 16      # channels per vector step of the pack kernel (256-bit load
 MIN_PACK_ROWS_PER_THREAD = 8
 
 
+@dataclass(frozen=True)
+class PackPlan:
+    """What ``templates/conv_bwd_weight_pack.ll.j2`` prints: ``chunk`` channels per vector
+    step, ``pair_lanes`` = 2 * chunk INT16 lanes of a stored pair vector, ``lane_idx`` the
+    chunk's lanes, ``interleave`` the shuffle that zips two columns into pairs, ``params`` the
+    names of the int64 parameter block (``PACK_PARAMS``)."""
+    symbol: str
+    tier: str
+    chunk: int
+    pair_lanes: int
+    lane_idx: tuple[int, ...]
+    interleave: tuple[int, ...]
+    params: tuple[str, ...]
+
+
 @lru_cache(maxsize=None)
 def _pack_kernel(target: CpuTarget):
-    fields = {"symbol": f"dfp_bwdw_pack_pairs_{target.tier}", "tier": target.tier, "chunk": PACK_CHUNK,
-              "pair_lanes": 2 * PACK_CHUNK, "lane_idx": list(range(PACK_CHUNK)), "params": PACK_PARAMS,
-              "interleave": [k for c in range(PACK_CHUNK) for k in (c, c + PACK_CHUNK)]}
-    p = SimpleNamespace(**fields)  # the template reads p.<field>
-    k = load_kernel(fields["symbol"], {"pass": "bwd_weight_pack", "chunk": PACK_CHUNK, "abi": 1},
+    p = PackPlan(f"dfp_bwdw_pack_pairs_{target.tier}", target.tier, PACK_CHUNK, 2 * PACK_CHUNK,
+                 tuple(range(PACK_CHUNK)), tuple(k for c in range(PACK_CHUNK) for k in (c, c + PACK_CHUNK)),
+                 PACK_PARAMS)
+    k = load_kernel(p.symbol, {"pass": "bwd_weight_pack", "chunk": PACK_CHUNK, "abi": 1},
                     lambda: render(PACK_TEMPLATE, p=p), target)
     return _PACK_TYPE(k.address)
 

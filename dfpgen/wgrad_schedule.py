@@ -144,7 +144,6 @@ def _row_segments(N, P, Q, uh, cpp, C, Hp, Wp, Kp, flush) -> np.ndarray:
     Q2 = -(-Q // 2)
     M = N * P * Q
     segs: list[tuple[int, int, int, int]] = []
-    flush_after = 1 << 32
 
     def xoff(n, p, j):  # pair j of output row (n, p), tap (0, 0)
         return ((n * Hp + p * uh) * Wp + j * cpp) * C

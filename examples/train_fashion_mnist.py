@@ -57,7 +57,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dfpgen.runtime as dfp  # noqa: E402
-from dfpgen.runtime import data, models  # noqa: E402
+from dfpgen.examples import data, models  # noqa: E402
 
 PRECISIONS = ("fp32", "dfp16", "bf16")
 

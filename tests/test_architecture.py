@@ -67,3 +67,56 @@ def test_the_core_package_never_imports_torch():
             # only when torch is installed: the one named exception.
             if f.name != "baseline.py":
                 assert not any(n.split(".")[0] == "torch" for n in names), f.name
+
+
+# Where a pass or tier name may be compared with a literal: only the planners' guards that
+# refuse a spec of another pass (docs/ARCHITECTURE.md, "Layering"); everything else asks the
+# pass registry (dfpgen/passes.py) or the tier record (dfpgen/isa.py).
+_NAME_BRANCHES_ALLOWED = {("plan.py", "pass_kind"), ("plan_bwd.py", "pass_kind"), ("tuning.py", "pass_kind")}
+_PASS_NAMES = {"fwd", "bwd_data", "bwd_weight"}
+_TIER_NAMES = {"avx512_vnni", "vnni256", "avx2", "generic"}
+
+
+def _literal_names(node) -> set[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return set().union(*(_literal_names(e) for e in node.elts)) if node.elts else set()
+    return set()
+
+
+def _name_branches(tree) -> list[tuple[int, str]]:
+    """(line, 'pass_kind' | 'tier') of every comparison of a pass or tier name with a literal."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        names = set().union(*(_literal_names(s) for s in sides))
+        for s in sides:
+            attr = s.attr if isinstance(s, ast.Attribute) else s.id if isinstance(s, ast.Name) else ""
+            if attr.endswith("pass_kind") and names & _PASS_NAMES:
+                found.append((node.lineno, "pass_kind"))
+            elif attr.endswith("tier") and names & _TIER_NAMES:
+                found.append((node.lineno, "tier"))
+    return found
+
+
+def test_pass_and_tier_names_are_branched_on_only_in_the_registry_and_the_tier_table():
+    runtime = PKG.parent / "runtime"
+    bad = []
+    for f in [*PKG.glob("*.py"), *runtime.glob("*.py")]:
+        for line, kind in _name_branches(ast.parse(f.read_text())):
+            if (f.name, kind) not in _NAME_BRANCHES_ALLOWED or f.parent == runtime:
+                bad.append(f"{f.parent.name}/{f.name}:{line} ({kind})")
+    assert not bad, bad
+    for t in (PKG.parent / "templates").glob("*.j2"):
+        text = t.read_text()
+        assert not any(f"p.tier == '{n}'" in text or f'p.tier == "{n}"' in text for n in _TIER_NAMES), t.name
+        assert not any(f"pass_kind == '{n}'" in text or f'pass_kind == "{n}"' in text for n in _PASS_NAMES), t.name
+
+
+def test_the_name_branch_finder_finds_branches():
+    tree = ast.parse('if spec.pass_kind == "fwd": pass\nif tier in ("avx2", "generic"): pass\n'
+                     'if x == "fwd": pass\n')
+    assert _name_branches(tree) == [(1, "pass_kind"), (2, "tier")]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from dfpgen.runtime import data
+from dfpgen.examples import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))

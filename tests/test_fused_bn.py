@@ -14,7 +14,7 @@ from torch import nn
 import dfpgen.runtime as dfp
 from dfpgen import bn_reference, threads as dthreads
 from dfpgen.dfp import quantize
-from dfpgen.runtime import models
+from dfpgen.examples import models
 from dfpgen.runtime.fuse import FusionWarning
 from dfpgen.runtime.fused_bn import DFPBatchNorm2d, FusedReLU
 

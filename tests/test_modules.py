@@ -11,7 +11,7 @@ from torch import nn
 import dfpgen
 import dfpgen.runtime as dfp
 from dfpgen import DfpFormat
-from dfpgen.runtime import models
+from dfpgen.examples import models
 
 
 def test_state_dict_round_trip_conv_and_linear():

@@ -14,7 +14,8 @@ import dfpgen
 import dfpgen.runtime as dfp
 from dfpgen import OverflowWarning
 from dfpgen.dfp import DfpFormat, exponent_for
-from dfpgen.runtime import data, ops
+from dfpgen.examples import data
+from dfpgen.runtime import ops
 from dfpgen.target import TIERS
 from dfpgen.runtime.numerics import NumericsMonitor, headroom_bits, relative_error
 

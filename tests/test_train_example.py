@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dfpgen.runtime import data
+from dfpgen.examples import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "train_fashion_mnist.py")
