@@ -296,8 +296,8 @@ def _empty(shape, spec: ConvSpec, overflow: str, return_info: bool):
     return ConvResult(out, info) if return_info else out
 
 
-def _finish(y_nhwc: np.ndarray, info: RunInfo, return_info: bool):
-    if info.saturated or info.possibly_saturated:
+def _finish(y_nhwc: np.ndarray, info: RunInfo, return_info: bool, warn: bool = True):
+    if warn and (info.saturated or info.possibly_saturated):
         warnings.warn(f"DFP16 {info.pass_kind}: {info.saturated} INT32 lanes saturated at a flush in fast "
                       f"mode, up to {info.possibly_saturated} output partials at some step (flush "
                       f"interval {info.flush}); use overflow='exact' for a proven result",
@@ -308,7 +308,8 @@ def _finish(y_nhwc: np.ndarray, info: RunInfo, return_info: bool):
 
 def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = DEFAULT_OVERFLOW,
            fmt: DfpFormat = DFP16, seed: int = 0, threads: int | None = None,
-           config: TuningConfig | None = None, return_info: bool = False, target=None):
+           config: TuningConfig | None = None, return_info: bool = False, target=None,
+           warn_overflow: bool = True):
     """DFP16 forward convolution.
 
     ``x``: float NCHW (N, C, H, W) (any strides; channels_last is cheapest) or a DfpTensor;
@@ -316,7 +317,9 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
     after the last partial). Returns float32 (N, K, P, Q), or ``ConvResult(output, RunInfo)``
     with ``return_info=True``. Raises :class:`DfpError` for mismatched shapes, wrong ndim,
     NaN/Inf operands (named), groups (C of w != C of x), an unknown overflow mode; warns
-    :class:`OverflowWarning` with the count when fast mode saturated. In exact mode the
+    :class:`OverflowWarning` with the count when fast mode saturated (``warn_overflow=False``:
+    the caller reads ``RunInfo.saturated`` / ``possibly_saturated`` and reports it itself, as
+    ``dfpgen.runtime`` does once per layer shape and pass). In exact mode the
     reduction block and flush interval come from the operands (``dfpgen.plan_exact``), not
     from ``config`` (whose register blocking still applies). An empty batch gives an empty
     output.
@@ -344,19 +347,21 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
     if _pointwise_on_pixels(spec):
         # N images of 1x1 = one row of N pixels (same NHWC memory): full register blocks
         res = conv2d(_as_row(xq), wq, b, overflow=overflow, threads=threads, config=config,
+                     warn_overflow=warn_overflow,
                      return_info=True, target=target)
         return _from_row(res, return_info)
     fma = xq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP
     cfg, ft = _schedule(spec, overflow, config, xq, wq, target, b is not None, fma)
     kern = _kernel(spec, cfg, overflow, target, bias=b is not None, fma=fma)
     y, info = execute(kern, xq, wq, b, xq.exponent + wq.exponent, threads, ft)
-    return _finish(y, info, return_info)
+    return _finish(y, info, return_info, warn_overflow)
 
 
 def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *,
                  overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat = DFP16, seed: int = 0,
                  threads: int | None = None, config: TuningConfig | None = None,
-                 return_info: bool = False, target=None):
+                 return_info: bool = False, target=None,
+                 warn_overflow: bool = True):
     """DFP16 backward-data: dX (float32 NCHW ``input_shape``) from ``w`` (KCRS) and
     ``grad_output`` dY (N, K, P, Q), as ``torch.nn.grad.conv2d_input``. Stride > 1 runs one
     stride-1 sub-convolution per output phase. Same keywords, errors and return as
@@ -376,19 +381,21 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
         return _empty((0, c, h, wd), spec, overflow, return_info)
     if _pointwise_on_pixels(spec):
         res = conv2d_input((1, c, 1, n), wq, _as_row(dyq), overflow=overflow, threads=threads,
+                           warn_overflow=warn_overflow,
                            config=config, return_info=True, target=target)
         return _from_row(res, return_info)
     fma = dyq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP
     cfg, ft = _schedule(spec, overflow, config, dyq, wq, target, False, fma)
     kern = _kernel(spec, cfg, overflow, target, bias=False, fma=fma)
     dx, info = execute(kern, dyq, wq, None, dyq.exponent + wq.exponent, threads, ft)
-    return _finish(dx, info, return_info)
+    return _finish(dx, info, return_info, warn_overflow)
 
 
 def conv2d_weight(x, weight_shape, grad_output, stride=1, padding=0, dilation=1, *,
                   overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat = DFP16, seed: int = 0,
                   threads: int | None = None, config: TuningConfig | None = None,
-                  return_info: bool = False, target=None):
+                  return_info: bool = False, target=None,
+                  warn_overflow: bool = True):
     """DFP16 backward-weight: dW (float32 KCRS ``weight_shape``) from ``x`` (NCHW) and
     ``grad_output`` dY, as ``torch.nn.grad.conv2d_weight`` (kernel: ``dfpgen.wgrad``)."""
     target, config = _check_call(overflow, threads, target, config)
@@ -411,7 +418,7 @@ def conv2d_weight(x, weight_shape, grad_output, stride=1, padding=0, dilation=1,
         _load_wgrad_family(ops.spec, target, ops.scaled)
     kern = _kernel(ops.spec, cfg, overflow, target, scaled=ops.scaled)
     dw, info = wgrad.execute(kern, ops)
-    if info.saturated:
+    if warn_overflow and info.saturated:
         warnings.warn(f"DFP16 bwd_weight: {info.saturated} INT32 lanes saturated in fast mode "
                       f"(flush interval {info.flush})", OverflowWarning, stacklevel=2)
     return ConvResult(dw, info) if return_info else dw
@@ -432,7 +439,8 @@ def _load_wgrad_family(spec: ConvSpec, target, scaled: bool) -> None:
 
 def linear(x, w, bias=None, *, overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat = DFP16,
            seed: int = 0, threads: int | None = None, config: TuningConfig | None = None,
-           return_info: bool = False, target=None):
+           return_info: bool = False, target=None,
+           warn_overflow: bool = True):
     """DFP16 ``x @ w.T + bias``: x float (N, C) or a 2-D DfpTensor, w (K, C), bias (K,) or None.
     Runs as a 1x1 convolution over N pixels of one row. Returns float32 (N, K)."""
     target, config = _check_call(overflow, threads, target, config)
@@ -457,10 +465,12 @@ def linear(x, w, bias=None, *, overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat 
     if xq.shape[3] == 0:  # an empty batch: conv2d's empty-batch path checks C and the bias
         xq = DfpTensor(np.zeros((0, xq.shape[1], 1, 1), np.int16), xq.exponent, xq.fmt)
         res = conv2d(xq, wq, bias, overflow=overflow, threads=threads, config=config,
+                     warn_overflow=warn_overflow,
                      return_info=True, target=target)
         out = res.output[:, :, 0, 0]
         return ConvResult(out, res.info) if return_info else out
     res = conv2d(xq, wq, bias, overflow=overflow, threads=threads, config=config,
+                 warn_overflow=warn_overflow,
                  return_info=True, target=target)
     out = res.output[0, :, 0, :].T
     return ConvResult(out, res.info) if return_info else out

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import List, Optional, Sequence, Tuple
+import warnings
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from dfpgen.dfp import DfpFormat, DfpTensor
+from dfpgen.errors import OverflowWarning
 
 # Observers (dfpgen.runtime.numerics.NumericsMonitor): callables that get one dict per pass
 # that ran (pass_kind, info = RunInfo, seed, operands, output); nothing is built without one.
@@ -161,6 +163,34 @@ def saved_input(buf: Tensor, x_exp: Tensor, channels: int, bits: int) -> DfpTens
     return DfpTensor(m, int(x_exp.item()), _fmt(bits, "nearest"))
 
 
+# --- fast-mode saturation: one warning per layer shape and pass ---------------------
+# A training loop in fast mode would otherwise warn at every step with a new count (the
+# warnings module shows each distinct message); NumericsMonitor keeps the counts per layer.
+_saturation_warned: set[tuple] = set()
+
+
+def _report_saturation(info, shape: tuple) -> None:
+    """Warn :class:`OverflowWarning` the first time a (pass, layer shape) saturates."""
+    if not (info.saturated or info.possibly_saturated):
+        return
+    key = (info.pass_kind, shape)
+    if key in _saturation_warned:
+        return
+    _saturation_warned.add(key)
+    seen = f"{info.saturated} lanes at a flush"
+    if info.possibly_saturated:
+        seen += f", up to {info.possibly_saturated} partials at some step"
+    warnings.warn(f"DFP16 {info.pass_kind} of the layer with input {shape[0]} and weight {shape[1]}: "
+                  f"fast mode saturated INT32 partials ({seen}, flush interval {info.flush}); not "
+                  "reported again for this layer shape and pass (dfpgen.runtime.NumericsMonitor "
+                  "counts every call; overflow='exact' proves no partial saturates)",
+                  OverflowWarning, stacklevel=2)
+
+
+def _shape_key(x_shape, weight_shape, stride, padding, dilation) -> tuple:
+    return (tuple(x_shape[1:]), tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation))
+
+
 # --- conv2d -------------------------------------------------------------------------
 
 
@@ -174,7 +204,8 @@ def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, 
     b = None if bias is None else bias.detach().float().contiguous().numpy()
     y, info = conv.conv2d(qx, wq, b, tuple(stride), tuple(padding),
                           tuple(dilation), overflow=overflow, fmt=fmt, threads=_threads(threads),
-                          return_info=True)
+                          return_info=True, warn_overflow=False)
+    _report_saturation(info, _shape_key(x.shape, weight.shape, stride, padding, dilation))
     if observers:
         _observe(pass_kind="fwd", info=info, seed=seed, x=x, weight=weight, bias=bias, x_q=qx,
                  output=y, stride=stride, padding=padding, dilation=dilation, fmt=fmt)
@@ -218,8 +249,9 @@ def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilatio
     gfmt = _fmt(bits, grad_rounding)
     qdy = pack.quantize_pack(_np_activation(grad_y), gfmt, seed=int(seed.item()), name="conv2d grad_output dY",
                              threads=_threads(threads))
-    kw = dict(overflow=overflow, fmt=_fmt(bits, "nearest"), threads=_threads(threads))
+    kw = dict(overflow=overflow, fmt=_fmt(bits, "nearest"), threads=_threads(threads), warn_overflow=False)
     args = (tuple(stride), tuple(padding), tuple(dilation))
+    shape = _shape_key((n, c, h, w), weight.shape, stride, padding, dilation)
     gx = gw = grad_y.new_empty((0,))
     ev = dict(seed=seed, grad_y=grad_y, dy_q=qdy, weight=weight, stride=stride,
               padding=padding, dilation=dilation, fmt=gfmt)
@@ -227,12 +259,14 @@ def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilatio
         wq = packed_weight(weight if wkey is None else wkey, kw["fmt"], "conv2d_input weight W")
         res = conv.conv2d_input((n, c, h, w), wq, qdy, *args, return_info=True, **kw)
         gx = _to_torch(res.output, channels_last)
+        _report_saturation(res.info, shape)
         if observers:
             _observe(pass_kind="bwd_data", info=res.info, output=res.output, **ev)
     if need_weight:
         qx = saved_input(x_buf, x_exp, c, bits)
         res = conv.conv2d_weight(qx, (k, c, r, s), qdy, *args, return_info=True, **kw)
         gw = _to_torch(res.output, False)
+        _report_saturation(res.info, shape)
         if observers:
             _observe(pass_kind="bwd_weight", info=res.info, output=res.output, x_q=qx, **ev)
     return gx, gw

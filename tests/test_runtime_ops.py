@@ -199,3 +199,37 @@ def test_empty_batch_keeps_pytorch_shapes():
     y.sum().backward()
     assert torch.equal(wt.grad, torch.zeros_like(wt))
     assert dfp.linear(torch.randn(0, 7), torch.randn(2, 7)).shape == (0, 2)
+
+
+def test_fast_mode_saturation_warns_once_per_layer_shape_and_pass(monkeypatch):
+    import re
+    import warnings
+
+    from dfpgen.errors import OverflowWarning
+    from dfpgen.runtime import ops
+    monkeypatch.setattr(ops, "_saturation_warned", set())
+    torch.manual_seed(0)
+    # all-equal mantissas at the DFP16 maximum: every long fast-mode partial saturates
+    x = torch.full((2, 64, 6, 6), 1.0, requires_grad=True)
+    w = torch.full((8, 64, 3, 3), 1.0, requires_grad=True)
+    w2 = torch.full((8, 64, 1, 1), 1.0, requires_grad=True)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            y = dfp.conv2d(x, w, padding=1, overflow="fast") + dfp.conv2d(x, w2, overflow="fast")
+            y.sum().backward()
+    msgs = [str(r.message) for r in rec if issubclass(r.category, OverflowWarning)]
+    keys = {re.match(r"DFP16 (\w+) of the layer with input (\(.*?\)) and weight (\(.*?\)):", m).groups()
+            for m in msgs}
+    # one per (pass, layer shape) that saturated, however many steps ran
+    assert len(msgs) == len(keys) and len(keys) >= 2, msgs
+    assert all("not reported again" in m for m in msgs)
+    assert {k[2] for k in keys} == {"(8, 64, 3, 3)", "(8, 64, 1, 1)"}
+    # the numpy API still warns at every saturating call
+    xq = dfpgen.quantize(np.ones((1, 64, 6, 6), np.float32))
+    wq = dfpgen.quantize(np.ones((8, 64, 3, 3), np.float32))
+    with warnings.catch_warnings(record=True) as rec2:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            dfpgen.conv2d(xq, wq, padding=1, overflow="fast")
+    assert sum(issubclass(r.category, OverflowWarning) for r in rec2) == 2
