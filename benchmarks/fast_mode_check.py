@@ -22,37 +22,37 @@ import numpy as np
 import torch
 
 import dfpgen
-from dfpgen import conv, fwd, jit, kernels, pass_kernels
+from dfpgen import conv, fwd_family, jit, kernels, pass_kernels
 from dfpgen.spec import parse_layer
 from dfpgen.threads import num_threads
 
 
-def _base_kernel(part: fwd.SubKernel, base_templates: str) -> fwd.SubKernel:
+def _base_kernel(part: fwd_family.SubKernel, base_templates: str) -> fwd_family.SubKernel:
     """``part``'s plan rendered from ``base_templates``, under its own symbol."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(base_templates),
                              undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True)
     sym = part.plan.symbol
-    ir = env.get_template(fwd.TEMPLATE).render(p=part.plan).replace(f"@{sym}(", f"@{sym}_base(")
+    ir = env.get_template(fwd_family.TEMPLATE).render(p=part.plan).replace(f"@{sym}(", f"@{sym}_base(")
     target = dfpgen.host_target()
     obj = jit.compile_ir(ir, cpu=target.compile_cpu, features=target.compile_features,
                          name=sym + "_base").obj
     addr = jit.load(obj, [sym + "_base"])[sym + "_base"]
-    k = object.__new__(fwd.SubKernel)
+    k = object.__new__(fwd_family.SubKernel)
     k.sub, k.plan, k.spec_s, k.transposed = part.sub, part.plan, part.spec_s, part.transposed
     k.loaded = kernels.LoadedKernel(sym + "_base", addr, "built", 0.0)
-    k.fn = fwd._PROTO(addr)
+    k.fn = fwd_family._PROTO(addr)
     return k
 
 
 def _buffers(kernel, act, wq):
     part = kernel.parts[0]
     p = part.plan
-    xbuf = fwd._activation_buffer(act, kernel.pad, 2 * p.red_pairs)
+    xbuf = fwd_family._activation_buffer(act, kernel.pad, 2 * p.red_pairs)
     spec = kernel.spec
     n, _, oh, ow = spec.result_shape
     ybuf = np.empty((n, oh, ow, p.out_pad), np.float32)
-    return xbuf, part.pack_weights(fwd.weights_krsc(wq)), ybuf
+    return xbuf, part.pack_weights(fwd_family.weights_krsc(wq)), ybuf
 
 
 def _median(fn, repeats):

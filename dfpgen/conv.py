@@ -41,8 +41,8 @@ import numpy as np
 
 from .dfp import DFP16, DfpFormat, DfpTensor, quantize
 from .errors import DfpError, OverflowWarning
-from . import passes, wgrad
-from .fwd import FMA_MIN_SCALE_EXP, PackedWeight, execute
+from . import passes, bwd_weight
+from .fwd_family import FMA_MIN_SCALE_EXP, PackedWeight, execute
 from .pass_kernels import get_kernel
 from .pack import quantize_pack
 from .plan_exact import exact_blocks, exact_schedule
@@ -397,7 +397,7 @@ def conv2d_weight(x, weight_shape, grad_output, stride=1, padding=0, dilation=1,
                   return_info: bool = False, target=None,
                   warn_overflow: bool = True):
     """DFP16 backward-weight: dW (float32 KCRS ``weight_shape``) from ``x`` (NCHW) and
-    ``grad_output`` dY, as ``torch.nn.grad.conv2d_weight`` (kernel: ``dfpgen.wgrad``)."""
+    ``grad_output`` dY, as ``torch.nn.grad.conv2d_weight`` (kernel: ``dfpgen.bwd_weight``)."""
     target, config = _check_call(overflow, threads, target, config)
     xq = _quantize_act(x, fmt, seed, "conv2d_weight input X", threads)
     dyq = _quantize_act(grad_output, fmt, seed, "conv2d_weight grad_output dY", threads)
@@ -411,27 +411,27 @@ def conv2d_weight(x, weight_shape, grad_output, stride=1, padding=0, dilation=1,
             raise DfpError(f"conv2d_weight: grad_output shape {dyq.shape} != {(0,) + spec.output_shape[1:]}, "
                            f"the forward output of input {xq.shape} and weight {(k, c, r, s)}")
         return _empty((k, c, r, s), spec, overflow, return_info)
-    ops = wgrad.prepare(xq, tuple(weight_shape), dyq, stride, padding, dilation, overflow=overflow,
+    ops = bwd_weight.prepare(xq, tuple(weight_shape), dyq, stride, padding, dilation, overflow=overflow,
                         threads=threads, config=config, target=target)
-    cfg = wgrad.kernel_config(ops, target)
+    cfg = bwd_weight.kernel_config(ops, target)
     if ops.config is None and overflow == "exact":
-        _load_wgrad_family(ops.spec, target, ops.scaled)
+        _load_bwd_weight_family(ops.spec, target, ops.scaled)
     kern = _kernel(ops.spec, cfg, overflow, target, scaled=ops.scaled)
-    dw, info = wgrad.execute(kern, ops)
+    dw, info = bwd_weight.execute(kern, ops)
     if warn_overflow and info.saturated:
         warnings.warn(f"DFP16 bwd_weight: {info.saturated} INT32 lanes saturated in fast mode "
                       f"(flush interval {info.flush})", OverflowWarning, stacklevel=2)
     return ConvResult(dw, info) if return_info else dw
 
 
-def _load_wgrad_family(spec: ConvSpec, target, scaled: bool) -> None:
+def _load_bwd_weight_family(spec: ConvSpec, target, scaled: bool) -> None:
     """Load both default backward-weight kernels of an exact-mode shape at its first call (the
     register blocking follows the proven flush interval, short or long), so drifting operands
     never build later."""
     key = (spec, target, scaled)
     if key in _families:
         return
-    for cfg in wgrad.exact_family(spec, target):
+    for cfg in bwd_weight.exact_family(spec, target):
         _kernel(spec, cfg, "exact", target, scaled=scaled)
     with _families_lock:
         _families.add(key)

@@ -44,9 +44,9 @@ class IsaTier:
       the tier, so that ``dfpgen show --asm`` can print another machine's code.
     - ``fwd_single_vector``: the forward default uses one output-channel vector over the pixel
       block (measured faster on Zen 4, benchmarks/RESULTS.md, tuning section).
-    - ``wgrad_blocks`` / ``wgrad_blocks_short``: backward-weight default register block
+    - ``bwd_weight_blocks`` / ``bwd_weight_blocks_short``: backward-weight default register block
       (K-vectors, channels) for long and for short (< 64 pixels) flush intervals, and
-      ``wgrad_search`` the blocks the tuner tries.
+      ``bwd_weight_search`` the blocks the tuner tries.
     - ``peak_accumulators``: independent accumulators of the peak loops (enough to hide the
       latency, few enough to stay in registers with the two operands).
     - ``flush_regs``: registers the forward-family flush keeps live through the dot loop (the
@@ -71,10 +71,10 @@ class IsaTier:
     compile_cpu: str | None
     foreign_cpu: tuple[str, str]
     fwd_single_vector: bool
-    wgrad_blocks: tuple[int, int]
-    wgrad_blocks_4vec: tuple[int, int]
-    wgrad_blocks_short: tuple[int, int]
-    wgrad_search: tuple[tuple[int, int], ...]
+    bwd_weight_blocks: tuple[int, int]
+    bwd_weight_blocks_4vec: tuple[int, int]
+    bwd_weight_blocks_short: tuple[int, int]
+    bwd_weight_search: tuple[tuple[int, int], ...]
     peak_accumulators: int
     flush_regs: int = 0
     fold_weights: bool = False

@@ -9,13 +9,13 @@ from __future__ import annotations
 import threading
 from functools import lru_cache
 
-from . import fwd, passes, wgrad
+from . import bwd_weight, fwd_family, passes
 from .decisions import resolve_config
 from .render import render
 from .target import CpuTarget
 
 # ConvPass.family -> the kernel class of the module executing that family of passes
-KERNEL_CLASSES = {"conv": fwd.ConvKernel, "wgrad": wgrad.WgradKernel}
+KERNEL_CLASSES = {"fwd_family": fwd_family.ConvKernel, "bwd_weight": bwd_weight.BwdWeightKernel}
 
 _kernels: dict[tuple, object] = {}
 _lock = threading.Lock()
@@ -29,10 +29,10 @@ def _target_key(target: CpuTarget) -> str:
 def get_kernel(spec, config=None, *, overflow: str = "fast", target: CpuTarget | None = None, **variant):
     """The kernel object of conv pass ``spec`` (memory -> disk -> render + compile), scheduled
     by :func:`dfpgen.decisions.resolve_config`. Forward / backward-data: a
-    :class:`dfpgen.fwd.ConvKernel` (``.parts``: one loaded kernel, or one per output phase;
+    :class:`dfpgen.fwd_family.ConvKernel` (``.parts``: one loaded kernel, or one per output phase;
     ``variant``: ``bias``, and ``fma=False`` to flush with a separate multiply and add when the
     product scale 2**(Ea+Eb) is a float32 subnormal). Backward-weight: a
-    :class:`dfpgen.wgrad.WgradKernel` (``variant``: ``scaled``, the flush multiplies by 2**E
+    :class:`dfpgen.bwd_weight.BwdWeightKernel` (``variant``: ``scaled``, the flush multiplies by 2**E
     in the kernel). Raises :class:`dfpgen.DfpError` for an unknown overflow mode or an illegal
     config."""
     passes.check_overflow(overflow)

@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import plan_wgrad, reference, tuning
+from . import plan_bwd_weight, reference, tuning
 from .errors import DfpError
 from .plan import ConvPassPlan, plan_fwd_pass
-from .plan_bwd import plan_bwd_data
+from .plan_bwd_data import plan_bwd_data
 from .spec import OVERFLOW_MODES, PASSES, ConvSpec
 from .target import CpuTarget
 from .tuning import TuningConfig
@@ -36,10 +36,10 @@ class ConvPass:
       ``search_space(spec, target)``: the legal configs the tuner may time, default first.
     - ``plan_pass(spec, config, target, overflow, *, has_bias, fma)``: the pass's plan (a
       :class:`dfpgen.plan.ConvPassPlan` for the forward family, a
-      :class:`dfpgen.plan_wgrad.WgradPlan` for backward-weight), raising :class:`DfpError`
+      :class:`dfpgen.plan_bwd_weight.BwdWeightPlan` for backward-weight), raising :class:`DfpError`
       when ``config`` cannot be planned; ``template``: the Jinja file that renders one kernel.
-    - ``family``: the execution module's kind of kernel (``"conv"``: :mod:`dfpgen.fwd`,
-      ``"wgrad"``: :mod:`dfpgen.wgrad`).
+    - ``family``: the execution module of the pass (``"fwd_family"``: :mod:`dfpgen.fwd_family`
+      for forward and backward-data, ``"bwd_weight"``: :mod:`dfpgen.bwd_weight`).
     - ``schedule_from_operands``: in exact mode the reduction block and flush interval come
       from the operands' maxima (``dfpgen.plan_exact.exact_schedule``), so a config's
       ``c_block`` / ``flush`` do not choose the kernel's bits; backward-weight proves its
@@ -103,7 +103,7 @@ def _plan_bwd_data(spec, config, target, overflow="fast", *, has_bias=False, fma
 
 
 def _plan_bwd_weight(spec, config, target, overflow="exact", *, scaled=False):
-    return plan_wgrad.plan(spec, config, target, overflow, scaled)
+    return plan_bwd_weight.plan(spec, config, target, overflow, scaled)
 
 
 def _ref_fwd(s: ConvSpec, ops: dict, info, saturate: bool = False):
@@ -124,19 +124,20 @@ def _ref_bwd_weight(s: ConvSpec, ops: dict, info, saturate: bool = False):
 _REGISTRY = {p.name: p for p in (
     ConvPass(name="fwd", title="forward",
              default_config=tuning.default_config, search_space=tuning.search_space,
-             plan_pass=_plan_fwd, template="conv_fwd.ll.j2", family="conv", schedule_from_operands=True,
+             plan_pass=_plan_fwd, template="conv_fwd.ll.j2", family="fwd_family", schedule_from_operands=True,
              fast_bit_fields=("c_block", "flush"), api="conv2d", api_args=("x", "w"),
              torch_grad_mask=None, cost_pixels=lambda s: s.Q, weight_bound_axes=(1, 0, 2),
              tap_density=lambda s: 1.0, reference=_ref_fwd),
     ConvPass(name="bwd_data", title="backward-data",
              default_config=tuning.default_config, search_space=tuning.search_space,
-             plan_pass=_plan_bwd_data, template="conv_fwd.ll.j2", family="conv", schedule_from_operands=True,
+             plan_pass=_plan_bwd_data, template="conv_fwd.ll.j2", family="fwd_family", schedule_from_operands=True,
              fast_bit_fields=("c_block", "flush"), api="conv2d_input", api_args=("input_shape", "w", "dy"),
              torch_grad_mask=(True, False, False), cost_pixels=lambda s: s.W, weight_bound_axes=(1, 2, 0),
              tap_density=lambda s: 1.0 / (s.stride[0] * s.stride[1]), reference=_ref_bwd_data),
     ConvPass(name="bwd_weight", title="backward-weight",
-             default_config=plan_wgrad.default_config, search_space=plan_wgrad.search_space,
-             plan_pass=_plan_bwd_weight, template="conv_bwd_weight.ll.j2", family="wgrad", schedule_from_operands=False,
+             default_config=plan_bwd_weight.default_config, search_space=plan_bwd_weight.search_space,
+             plan_pass=_plan_bwd_weight, template="conv_bwd_weight.ll.j2", family="bwd_weight",
+             schedule_from_operands=False,
              fast_bit_fields=("flush",), api="conv2d_weight", api_args=("x", "weight_shape", "dy"),
              torch_grad_mask=(False, True, False), cost_pixels=lambda s: s.C, weight_bound_axes=None,
              tap_density=lambda s: 1.0, reference=_ref_bwd_weight),

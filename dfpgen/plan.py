@@ -4,7 +4,7 @@ Forward and backward-data share one kernel family (``templates/conv_fwd.ll.j2``)
 correlation of a pre-padded NHWC INT16 buffer (pairs along the reduction channels) with
 packed weights ``[block][tap][pair][k_vecs * lanes][2]``, writing FP32 NHWC. A
 :class:`SubConv` describes one such correlation in buffer coordinates (the forward pass is
-one; backward-data with stride u is u_h * u_w of them, see ``plan_bwd``); the plan adds the
+one; backward-data with stride u is u_h * u_w of them, see ``plan_bwd_data``); the plan adds the
 schedule: register blocking (``k_vecs`` output-channel vectors x ``pixels`` output pixels
 along Q, with a pixel tail), reduction blocks of ``c_block`` channels (with a tail block),
 the filter taps in the reference's order with a flush after every ``flush_taps`` taps and

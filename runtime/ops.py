@@ -118,11 +118,11 @@ def _drop_weight(key: int, ref) -> None:
 
 
 def packed_weight(weight: Tensor, fmt: DfpFormat, name: str = "conv2d weight W"):
-    """The DFP16 :class:`dfpgen.fwd.PackedWeight` of ``weight`` (float (K, C, R, S), or (O, F)
+    """The DFP16 :class:`dfpgen.fwd_family.PackedWeight` of ``weight`` (float (K, C, R, S), or (O, F)
     read as (O, F, 1, 1)), from the cache while the tensor is unchanged; same bits as
     quantizing it afresh."""
     from dfpgen import conv
-    from dfpgen.fwd import PackedWeight
+    from dfpgen.fwd_family import PackedWeight
     try:
         version = weight._version
     except RuntimeError:  # inference tensors keep no version counter: never cached

@@ -72,7 +72,7 @@ def test_the_core_package_never_imports_torch():
 # Where a pass or tier name may be compared with a literal: only the planners' guards that
 # refuse a spec of another pass (docs/ARCHITECTURE.md, "Layering"); everything else asks the
 # pass registry (dfpgen/passes.py) or the tier record (dfpgen/isa.py).
-_NAME_BRANCHES_ALLOWED = {("plan.py", "pass_kind"), ("plan_bwd.py", "pass_kind"), ("tuning.py", "pass_kind")}
+_NAME_BRANCHES_ALLOWED = {("plan.py", "pass_kind"), ("plan_bwd_data.py", "pass_kind"), ("tuning.py", "pass_kind")}
 _PASS_NAMES = {"fwd", "bwd_data", "bwd_weight"}
 _TIER_NAMES = {"avx512_vnni", "vnni256", "avx2", "generic"}
 

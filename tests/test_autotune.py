@@ -174,7 +174,7 @@ def test_real_kernels_tune_exactly(fresh, pass_kind):
     spec = parse_layer("n1c16h8w8k16r3s3p1", pass_kind=pass_kind)
     r = autotune.tune(spec, budget=3.0, repeats=2)
     assert r.candidates[0].status == "ok" and r.seconds > 0
-    assert r.timing == "kernel"  # kernel_timer still matches dfpgen.fwd / dfpgen.wgrad
+    assert r.timing == "kernel"  # kernel_timer still matches dfpgen.fwd_family / dfpgen.bwd_weight
     assert all(c.status != "error" for c in r.candidates), [c.note for c in r.candidates if c.status == "error"]
     assert autotune.lookup(spec) == r.config
     ok, note = check_exact(spec, r.config)

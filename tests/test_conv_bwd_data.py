@@ -10,7 +10,7 @@ import torch
 import dfpgen
 from dfpgen import conv, reference
 from dfpgen.dfp import quantize
-from dfpgen.plan_bwd import plan_bwd_data
+from dfpgen.plan_bwd_data import plan_bwd_data
 from dfpgen.target import host_target
 from dfpgen.tuning import default_config
 from conv_cases import SHAPES, ids, operands

@@ -1,4 +1,4 @@
-"""Backward-weight kernel (dfpgen.wgrad): bit-exact against dfpgen.reference in exact mode,
+"""Backward-weight kernel (dfpgen.bwd_weight): bit-exact against dfpgen.reference in exact mode,
 saturation reporting in fast mode, every tier / config / thread count, and PyTorch float64."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dfpgen import plan_wgrad as pw
-from dfpgen import wgrad_schedule as ws
-from dfpgen import plan_exact, reference, wgrad
+from dfpgen import plan_bwd_weight as pw
+from dfpgen import bwd_weight_schedule as ws
+from dfpgen import plan_exact, reference, bwd_weight
 from dfpgen.conv import conv2d_weight
 from dfpgen.dfp import DfpTensor, quantize
 from dfpgen.errors import DfpError
@@ -119,7 +119,7 @@ def test_tap_max_bounds_every_tap(shape):
     rng = np.random.default_rng(13)
     x = rng.integers(-32767, 32768, sp.input_shape).astype(np.int16)
     p = pw.plan(sp, pw.default_config(sp, HOST), HOST)
-    _, xam = wgrad.pack_pairs(x, (sp.N, p.Hp, p.Wp), pad=sp.padding, istep=p.pack_istep,
+    _, xam = bwd_weight.pack_pairs(x, (sp.N, p.Hp, p.Wp), pad=sp.padding, istep=p.pack_istep,
                               delta=sp.stride[1], cout=p.Cs, hstep=p.pack_hstep)
     (uh, uw), (ph, pw_), (dh, dw) = sp.stride, sp.padding, sp.dilation
     want = np.zeros((sp.N, sp.P, sp.Q), np.int32)
@@ -131,7 +131,7 @@ def test_tap_max_bounds_every_tap(shape):
                     if 0 <= h < sp.H and 0 <= w < sp.W:
                         v = np.abs(x[:, :, h, w].astype(np.int32)).max(axis=1)
                         want[:, pp, q] = np.maximum(want[:, pp, q], v)
-    assert np.array_equal(wgrad.tap_max(xam, p), want)
+    assert np.array_equal(bwd_weight.tap_max(xam, p), want)
 
 
 def test_config_flush_caps_exact_interval():
@@ -187,7 +187,7 @@ def test_threads_and_buffer_reuse_do_not_change_bits():
     two, info = run(shape, xq, dyq, threads=2)
     assert info.threads == 2
     assert np.array_equal(one, two)
-    wgrad.release_buffers()  # fresh pool: same bits as with reused (dirty) buffers
+    bwd_weight.release_buffers()  # fresh pool: same bits as with reused (dirty) buffers
     again, _ = run(shape, xq, dyq, threads=2)
     assert np.array_equal(one, again)
 
@@ -202,7 +202,7 @@ def test_search_space_renders_verifies_and_is_exact():
     for cfg in space:
         for mode in ("exact", "fast"):
             p = pw.plan(sp, cfg, HOST, mode)
-            compile_ir(render(wgrad.TEMPLATE, p=p), cpu=HOST.compile_cpu, features=HOST.compile_features)
+            compile_ir(render(bwd_weight.TEMPLATE, p=p), cpu=HOST.compile_cpu, features=HOST.compile_features)
         dw, info = run(shape, xq, dyq, config=cfg)
         if expect is None:
             expect = ref(shape, xq, dyq, info.flush).fp32
@@ -329,13 +329,13 @@ def test_bad_inputs():
     xq, dyq = operands(shape, np.random.default_rng(11), "small")
     sp = spec_of(shape)
     with pytest.raises(DfpError, match="channels"):
-        wgrad.prepare(xq, (sp.K, sp.C + 1, 3, 3), dyq, 1, 1)
+        bwd_weight.prepare(xq, (sp.K, sp.C + 1, 3, 3), dyq, 1, 1)
     with pytest.raises(DfpError, match="grad_output shape"):
-        wgrad.prepare(xq, sp.weight_shape, dyq, 2, 1)
+        bwd_weight.prepare(xq, sp.weight_shape, dyq, 2, 1)
     with pytest.raises(DfpError, match="overflow"):
         run(shape, xq, dyq, overflow="maybe")
     with pytest.raises(DfpError, match="DfpTensor"):
-        wgrad.prepare(xq.mantissa, sp.weight_shape, dyq, 1, 1)
+        bwd_weight.prepare(xq.mantissa, sp.weight_shape, dyq, 1, 1)
     bad = xq.mantissa.copy()
     bad[0, 0, 0, 0] = -32768
     with pytest.raises(DfpError, match="-32768"):
@@ -351,7 +351,7 @@ def test_default_kernels_do_not_spill_vector_registers(flush):
     sp = ConvSpec(8, 128, 28, 28, 128, 3, 3, 1, 1, pass_kind="bwd_weight")
     for mode in ("exact", "fast"):
         p = pw.plan(sp, pw.default_config(sp, HOST, flush), HOST, mode)
-        asm = emit_assembly(render(wgrad.TEMPLATE, p=p), cpu=HOST.compile_cpu, features=HOST.compile_features)
+        asm = emit_assembly(render(bwd_weight.TEMPLATE, p=p), cpu=HOST.compile_cpu, features=HOST.compile_features)
         assert "vpdpwssd" in asm or HOST.tier not in ("avx512_vnni", "vnni256")
         spills = [ln for ln in asm.splitlines() if "(%rsp)" in ln and ("mm" in ln)]
         assert not spills, spills[:5]
@@ -372,7 +372,7 @@ def test_pack_pairs_matches_numpy(layout):
         src = base
     for pad, istep, delta, Hout, Wout, cout, hstep in (((1, 2), 1, 1, 7, 12, 37, 1), ((0, 0), 2, 1, 5, 5, 48, 1),
                                                        ((2, 1), 4, 2, 8, 3, 40, 1), ((1, 0), 4, 2, 4, 3, 37, 2)):
-        dst, amax = wgrad.pack_pairs(src, (2, Hout, Wout), pad=pad, istep=istep, delta=delta, cout=cout,
+        dst, amax = bwd_weight.pack_pairs(src, (2, Hout, Wout), pad=pad, istep=istep, delta=delta, cout=cout,
                                      hstep=hstep)
         xp = np.zeros((2, 37, Hout * hstep + 8, Wout * istep + delta + 8), np.int64)
         xp[:, :, pad[0]:pad[0] + 5, pad[1]:pad[1] + 9] = base

@@ -12,7 +12,7 @@ from dfpgen.pass_kernels import kernel_sources
 from dfpgen.jit import emit_assembly
 from dfpgen.spec import ConvSpec
 from dfpgen.target import host_target
-from dfpgen import plan_wgrad, tuning
+from dfpgen import plan_bwd_weight, tuning
 
 # A 3x3 stride-1 layer, a 1x1 layer and a stride-2 3x3 layer (phase split in backward-data).
 GEOMETRIES = [(2, 64, 14, 14, 64, 3, 3, 1, 1), (2, 128, 7, 7, 256, 1, 1, 1, 0),
@@ -21,7 +21,7 @@ GEOMETRIES = [(2, 64, 14, 14, 64, 3, 3, 1, 1), (2, 128, 7, 7, 256, 1, 1, 1, 0),
 
 def _default(spec, target, mode):
     if spec.pass_kind == "bwd_weight":
-        return plan_wgrad.default_config(spec, target, None if mode == "fast" else 8)
+        return plan_bwd_weight.default_config(spec, target, None if mode == "fast" else 8)
     return tuning.default_config(spec, target)
 
 
@@ -63,7 +63,7 @@ def test_tier_records_are_consistent():
         assert t.lanes * 32 == t.vector_bits and t.registers in (16, 32)
         assert t.dot in ("vnni", "pmaddwd", "generic")
         assert (t.dot == "vnni") == t.vnni and (t.dot_intrinsic(False) != "") == (t.dot != "generic")
-        for kv, cb in (t.wgrad_blocks, t.wgrad_blocks_4vec, t.wgrad_blocks_short, *t.wgrad_search):
-            assert plan_wgrad.registers_needed(kv, cb, t, saturating=True) <= t.registers, (t.name, kv, cb)
+        for kv, cb in (t.bwd_weight_blocks, t.bwd_weight_blocks_4vec, t.bwd_weight_blocks_short, *t.bwd_weight_search):
+            assert plan_bwd_weight.registers_needed(kv, cb, t, saturating=True) <= t.registers, (t.name, kv, cb)
     with pytest.raises(Exception, match="unknown ISA tier"):
         isa.tier("avx1024")

@@ -10,7 +10,7 @@ import dfpgen
 from dfpgen import conv, jit, reference
 from dfpgen.pass_kernels import kernel_sources
 from dfpgen.plan import plan_fwd
-from dfpgen.plan_bwd import plan_bwd_data
+from dfpgen.plan_bwd_data import plan_bwd_data
 from dfpgen.spec import ConvSpec, parse_full
 from dfpgen.target import host_target
 from dfpgen.tuning import TuningConfig, default_config, search_space
@@ -118,8 +118,9 @@ def test_kernel_sources_name_every_phase_and_open_with_pseudo_code():
 
 
 def test_get_kernel_builds_the_kernel_class_of_each_pass_family():
-    from dfpgen import fwd, pass_kernels, passes, wgrad
-    assert pass_kernels.KERNEL_CLASSES == {"conv": fwd.ConvKernel, "wgrad": wgrad.WgradKernel}
+    from dfpgen import bwd_weight, fwd_family, pass_kernels, passes
+    assert pass_kernels.KERNEL_CLASSES == {"fwd_family": fwd_family.ConvKernel,
+                                           "bwd_weight": bwd_weight.BwdWeightKernel}
     cfg = TuningConfig(k_vecs=1, pixels=4, c_block=8)
     for p, tag in (("fwd", "_fwd_"), ("bwd_data", "_bwd_data_"), ("bwd_weight", "_bwdw_")):
         spec = ConvSpec(1, 4, 5, 5, 4, 3, 3, pass_kind=p)

@@ -3,7 +3,7 @@ and where the INT32 partials are flushed.
 
 The reduction runs over pixels m = (n*P + p)*Q + q; chunks of ``flush`` consecutive m end in
 a flush, exactly as :func:`dfpgen.reference.conv2d_bwd_weight`. The kernel reads pixel pairs
-(2j, 2j+1) within output rows (``dfpgen.plan_wgrad``), so a chunk boundary at an odd pixel
+(2j, 2j+1) within output rows (``dfpgen.plan_bwd_weight``), so a chunk boundary at an odd pixel
 splits a pair: that pair runs twice with one half of dY masked off. Pair-aligned boundaries
 inside a row are taken by an in-loop countdown, so a row is one segment when Q is even.
 """
@@ -29,7 +29,7 @@ def _schedule_cached(N, P, Q, uh, cpp, C, Hp, Wp, Kp, flush, block_pairs):
 
 
 def schedule(p, flush: int) -> tuple[np.ndarray, np.ndarray]:
-    """Segments and blocks of plan ``p`` (a ``plan_wgrad.WgradPlan``) for a flush interval
+    """Segments and blocks of plan ``p`` (a ``plan_bwd_weight.BwdWeightPlan``) for a flush interval
     of ``flush`` pixels (even, >= 2).
 
     Returns ``(segments int64 [S, 4], blocks int64 [B + 1])``; a segment is a run of pixel

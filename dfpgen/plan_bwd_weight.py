@@ -1,4 +1,4 @@
-"""Pure planner of the backward-weight pass: ``(spec, config, target, mode) -> WgradPlan``.
+"""Pure planner of the backward-weight pass: ``(spec, config, target, mode) -> BwdWeightPlan``.
 
 GEMM view per filter tap (r, s) (docs/ARCHITECTURE.md §3):
 
@@ -53,7 +53,7 @@ from .isa import DotStep, dot_step
 from .spec import OVERFLOW_MODES, ConvSpec
 from .target import CpuTarget
 from .tuning import TuningConfig
-from .wgrad_schedule import CNT_SHIFT, SEG_FIELDS
+from .bwd_weight_schedule import CNT_SHIFT, SEG_FIELDS
 
 K_PAD = 16           # dY / dW K-padding: one zmm of INT32 lanes, also a multiple of 8 (ymm)
 GROUP_TILE_BYTES = 256 * 1024  # INT32 + FP32 dW tiles of one work item: stay in L2
@@ -80,7 +80,7 @@ class Variant:
 
 
 @dataclass(frozen=True)
-class WgradPlan:
+class BwdWeightPlan:
     """Everything the backward-weight template prints; computed here, never in the template."""
     spec: ConvSpec
     config: TuningConfig
@@ -221,7 +221,7 @@ def _candidates(n: int) -> list[int]:
 
 
 @lru_cache(maxsize=256)
-def work_split(p: WgradPlan, threads: int) -> WorkSplit:
+def work_split(p: BwdWeightPlan, threads: int) -> WorkSplit:
     """Group K-blocks and column blocks into work items (pure).
 
     An item streams the packed X of its columns once per K-group and the packed dY of its
@@ -253,7 +253,7 @@ def work_split(p: WgradPlan, threads: int) -> WorkSplit:
     return best[1]
 
 
-def column_table(p: WgradPlan) -> np.ndarray:
+def column_table(p: BwdWeightPlan) -> np.ndarray:
     """int64 [n_cols, 4]: per column block (C-block b, tap rs), C-block-major: the Xw
     offset (i32 units) of its first channel at pair 0 of the output row, the offset of its
     FP32 tile in ``out[rs][c][Kp]``, its channel count and the offset of (k=0, c0, r, s) in
@@ -290,7 +290,7 @@ def unscaled_ok(scale_exp: int) -> bool:
 
 
 def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "exact",
-         scaled: bool = False) -> WgradPlan:
+         scaled: bool = False) -> BwdWeightPlan:
     """Plan one backward-weight kernel. Raises :class:`DfpError` on an illegal config
     (register budget exceeded, unroll other than 'none', unknown mode)."""
     if mode not in OVERFLOW_MODES:
@@ -340,7 +340,7 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     fp32_regs = registers_needed(kv, cb, target.isa, mode == "fast") + kv * cb <= target.registers
     sym = (f"dfp_conv_bwdw_{spec.geometry()}_kb{kv}_cb{cb}_pp{config.c_block}_{target.tier}_{mode}"
            + ("_sc" if scaled else ""))
-    return WgradPlan(
+    return BwdWeightPlan(
         spec=spec, config=config, tier=target.tier, dot=target.isa.dot,
         dot_intrinsic=target.isa.dot_intrinsic(mode == "fast"),
         dp=dot_step(target.isa, mode == "fast"), mode=mode, lanes=lanes, i16_lanes=2 * lanes,
@@ -368,8 +368,8 @@ def default_config(spec: ConvSpec, target: CpuTarget, flush: int | None = None) 
     kvecs_total = round_up(spec.K, K_PAD) // lanes
     short = flush is not None and flush < SHORT_FLUSH
     t = target.isa
-    kv, cb = t.wgrad_blocks_short if short else (
-        t.wgrad_blocks_4vec if kvecs_total == 4 else t.wgrad_blocks)
+    kv, cb = t.bwd_weight_blocks_short if short else (
+        t.bwd_weight_blocks_4vec if kvecs_total == 4 else t.bwd_weight_blocks)
     kv = min(kv, kvecs_total)
     cb = min(cb, spec.C)
     return TuningConfig(k_vecs=kv, pixels=cb, c_block=128, flush=0, unroll="none", threads=0)
@@ -378,7 +378,7 @@ def default_config(spec: ConvSpec, target: CpuTarget, flush: int | None = None) 
 def search_space(spec: ConvSpec, target: CpuTarget) -> list[TuningConfig]:
     """Legal register blocks (budget-checked) x cache block sizes, for the autotuner."""
     out = []
-    for kv, cb in target.isa.wgrad_search:
+    for kv, cb in target.isa.bwd_weight_search:
         if registers_needed(kv, cb, target.isa, saturating=True) > target.registers:  # both modes
             continue
         for pp in (64, 256):

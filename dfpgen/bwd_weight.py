@@ -6,10 +6,10 @@ VNNI (``vpdpwssd``, INT16 pairs along the pixel dimension) and is flushed to FP3
 ``flush`` pixels, in the order of :func:`dfpgen.reference.conv2d_bwd_weight`.
 
 The pass runs in the same steps as the other two (``dfpgen.conv.conv2d_weight`` calls them):
-:func:`prepare` checks and packs the operands (layouts in :mod:`dfpgen.plan_wgrad`) with a
+:func:`prepare` checks and packs the operands (layouts in :mod:`dfpgen.plan_bwd_weight`) with a
 generated one-pass packer (``templates/conv_bwd_weight_pack.ll.j2``) and picks the flush
 interval (exact: proven on the operands, :func:`dfpgen.plan_exact.exact_flush`; fast:
-``FAST_FLUSH``); ``dfpgen.pass_kernels.get_kernel`` loads the :class:`WgradKernel`
+``FAST_FLUSH``); ``dfpgen.pass_kernels.get_kernel`` loads the :class:`BwdWeightKernel`
 (``templates/conv_bwd_weight.ll.j2``); :func:`execute` runs its work items over threads.
 
 Measured (Zen 4, 1 thread, thread CPU time on a shared machine, so approximate; vpdpwssd peak
@@ -29,8 +29,8 @@ from functools import lru_cache
 import numpy as np
 
 from . import passes
-from . import plan_wgrad as pw
-from . import wgrad_schedule as ws
+from . import plan_bwd_weight as pw
+from . import bwd_weight_schedule as ws
 from .decisions import lookup
 from .errors import DfpError
 from .kernels import load_kernel
@@ -143,7 +143,7 @@ def _pixel_row(m: np.ndarray) -> np.ndarray:
     return nhwc.reshape(1, 1, N * P * Q, C).transpose(0, 3, 1, 2)
 
 
-def tap_max(xam: np.ndarray, p: pw.WgradPlan) -> np.ndarray:
+def tap_max(xam: np.ndarray, p: pw.BwdWeightPlan) -> np.ndarray:
     """int32 (N, P, Q): for each output pixel m, max over taps (r, s) and channels c of
     |X_rs[m, c]|, from the packer's per-column maxima ``xam`` (N, Hp, Wp, 2) of Xw."""
     spec = p.spec
@@ -208,12 +208,12 @@ def _plan(spec, config, target, overflow, scaled):
 
 @lru_cache(maxsize=1024)
 def _default_config(spec, target, flush):
-    """``plan_wgrad.default_config`` memoised."""
+    """``plan_bwd_weight.default_config`` memoised."""
     return pw.default_config(spec, target, flush)
 
 
 @lru_cache(maxsize=256)
-def _conv_kernel(p: pw.WgradPlan, target: CpuTarget):
+def _conv_kernel(p: pw.BwdWeightPlan, target: CpuTarget):
     """The kernel of plan ``p`` as a ctypes callable; memoised because ``load_kernel`` hashes
     the full key (JSON + sha256) on every call, ~0.1 ms that small layers notice."""
     k = load_kernel(p.symbol, p.key(), lambda: render(TEMPLATE, p=p), target)
@@ -221,13 +221,13 @@ def _conv_kernel(p: pw.WgradPlan, target: CpuTarget):
 
 
 @dataclass(frozen=True)
-class WgradOperands:
+class BwdWeightOperands:
     """Both operands of one backward-weight call, packed for the kernel, with the flush
     interval proven on them (:func:`prepare`).
 
     ``spec``: the pass as the kernel runs it (a 1x1 layer without padding becomes one row of
     N*P*Q pixels); ``weight_shape``: dW's (K, C, R, S); ``xw`` / ``dyp``: the packed X and dY
-    (layouts in :mod:`dfpgen.plan_wgrad`, buffers valid until the calling thread's next call);
+    (layouts in :mod:`dfpgen.plan_bwd_weight`, buffers valid until the calling thread's next call);
     ``flush``: pixels per INT32 partial; ``scaled``: the flush multiplies by 2**E in the
     kernel; ``scale_exp``: Ex + Edy; ``config``: the config given or tuned (``None``: the
     default follows the flush interval, :func:`kernel_config`); ``threads``: the count to run.
@@ -246,7 +246,7 @@ class WgradOperands:
 
 def prepare(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, overflow: str = "exact",
             threads: int | None = None, config: TuningConfig | None = None,
-            target: CpuTarget | None = None) -> WgradOperands:
+            target: CpuTarget | None = None) -> BwdWeightOperands:
     """Check and pack DFP16 X (N, C, H, W) and DFP16 dY (N, K, P, Q) for dW (K, C, R, S), and
     pick the flush interval: ``overflow="exact"`` the largest power of two proven safe on these
     operands (:func:`dfpgen.plan_exact.exact_flush` over :func:`tap_max`), capped by
@@ -303,14 +303,14 @@ def prepare(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, overflow:
         flush = (config.flush if config is not None else 0) or FAST_FLUSH
         if flush % 2:
             raise DfpError(f"backward-weight flush interval must be even (INT16 pairs), got {flush}")
-    return WgradOperands(spec, (K, C, R, S), xw, dyp, flush, scaled, scale_exp, config, nthreads,
+    return BwdWeightOperands(spec, (K, C, R, S), xw, dyp, flush, scaled, scale_exp, config, nthreads,
                          time.perf_counter() - t0)
 
 
-def kernel_config(ops: WgradOperands, target: CpuTarget) -> TuningConfig:
+def kernel_config(ops: BwdWeightOperands, target: CpuTarget) -> TuningConfig:
     """The config of the kernel to run on ``ops``: the given or tuned one, else the default
     register blocking for the proven flush interval (short intervals keep the FP32 sums in
-    registers, :func:`dfpgen.plan_wgrad.default_config`)."""
+    registers, :func:`dfpgen.plan_bwd_weight.default_config`)."""
     return ops.config or _default_config(ops.spec, target, ops.flush)
 
 
@@ -320,9 +320,9 @@ def exact_family(spec: ConvSpec, target: CpuTarget) -> tuple[TuningConfig, ...]:
     return tuple(_default_config(spec, target, f) for f in (2, None))
 
 
-class WgradKernel:
+class BwdWeightKernel:
     """The backward-weight kernel of ``(spec, config, target, mode)``: its plan
-    (:func:`dfpgen.plan_wgrad.plan`; ``scaled``: the flush multiplies by 2**E in the kernel)
+    (:func:`dfpgen.plan_bwd_weight.plan`; ``scaled``: the flush multiplies by 2**E in the kernel)
     and ctypes entry point, loaded through :func:`dfpgen.kernels.load_kernel`."""
 
     def __init__(self, spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str,
@@ -336,7 +336,7 @@ class WgradKernel:
         return (self.plan.symbol,)
 
 
-def execute(kernel: WgradKernel, ops: WgradOperands, threads: int | None = None) -> tuple[np.ndarray, RunInfo]:
+def execute(kernel: BwdWeightKernel, ops: BwdWeightOperands, threads: int | None = None) -> tuple[np.ndarray, RunInfo]:
     """Run ``kernel`` on the packed operands ``ops``. Returns ``(dW float32 (K, C, R, S)
     C-contiguous, RunInfo)``; bit-identical to ``reference.conv2d_bwd_weight(...,
     flush_pixels=info.flush)`` for every tier, config and thread count in exact mode."""
@@ -352,7 +352,7 @@ def execute(kernel: WgradKernel, ops: WgradOperands, threads: int | None = None)
     s1, s2 = _scales(ops.scale_exp) if ops.scaled else (1.0, 1.0)
     cols = pw.column_table(p)
     dw = np.empty((K, C, R, S), np.float32)
-    # unscaled flushes: the kernel's last write multiplies by 2**E (exact: plan_wgrad.unscaled_ok)
+    # unscaled flushes: the kernel's last write multiplies by 2**E (exact: plan_bwd_weight.unscaled_ok)
     fs = 1.0 if ops.scaled else float(np.float32(2.0 ** ops.scale_exp))
     args = (ops.xw.ctypes.data, ops.dyp.ctypes.data, out.ctypes.data, acc.ctypes.data, seg.ctypes.data,
             blocks.ctypes.data, len(blocks) - 1, flush // 2, s1, s2, sat.ctypes.data, cols.ctypes.data,
