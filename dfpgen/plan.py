@@ -96,9 +96,7 @@ class KernelPlan:
     symbol: str
     pass_kind: str
     tier: str
-    dot: str              # the tier's dot-product spelling (dfpgen.isa.IsaTier.dot)
-    dot_intrinsic: str    # its LLVM intrinsic (VNNI: saturating in fast mode)
-    dp: DotStep           # what templates/isa_dot.ll.j2 prints for one dot step
+    dp: DotStep           # the tier's dot step (spelling, intrinsic, types): templates/isa_dot.ll.j2
     mode: str
     has_bias: bool
     lanes: int
@@ -214,8 +212,7 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
               f"_fl{config.c_block * flush_taps}{'_u4' if step == 4 else ''}"
               f"_{target.tier}_{mode}{'_b' if has_bias else ''}_{_descriptor_hash(fields)}")
     return KernelPlan(
-        symbol=symbol, pass_kind=pass_kind, tier=target.tier, dot=target.isa.dot,
-        dot_intrinsic=target.isa.dot_intrinsic(mode == "fast"), dp=dot_step(target.isa, mode == "fast"),
+        symbol=symbol, pass_kind=pass_kind, tier=target.tier, dp=dot_step(target.isa, mode == "fast"),
         mode=mode, has_bias=has_bias,
         lanes=lanes, **_vec_types(target.tier, lanes), k_vecs=kv, kvl=kvl,
         out_blocks=out_blocks, out_pad=out_pad, red_pairs=red_pairs,

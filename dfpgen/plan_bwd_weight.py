@@ -85,9 +85,7 @@ class BwdWeightPlan:
     spec: ConvSpec
     config: TuningConfig
     tier: str
-    dot: str              # the tier's dot-product spelling (dfpgen.isa.IsaTier.dot)
-    dot_intrinsic: str    # its LLVM intrinsic (VNNI: saturating in fast mode)
-    dp: DotStep           # what templates/isa_dot.ll.j2 prints for one dot step
+    dp: DotStep           # the tier's dot step (spelling, intrinsic, types): templates/isa_dot.ll.j2
     mode: str
     lanes: int            # INT32 lanes per vector
     i16_lanes: int        # 2 * lanes
@@ -341,9 +339,7 @@ def plan(spec: ConvSpec, config: TuningConfig, target: CpuTarget, mode: str = "e
     sym = (f"dfp_conv_bwdw_{spec.geometry()}_kb{kv}_cb{cb}_pp{config.c_block}_{target.tier}_{mode}"
            + ("_sc" if scaled else ""))
     return BwdWeightPlan(
-        spec=spec, config=config, tier=target.tier, dot=target.isa.dot,
-        dot_intrinsic=target.isa.dot_intrinsic(mode == "fast"),
-        dp=dot_step(target.isa, mode == "fast"), mode=mode, lanes=lanes, i16_lanes=2 * lanes,
+        spec=spec, config=config, tier=target.tier, dp=dot_step(target.isa, mode == "fast"), mode=mode, lanes=lanes, i16_lanes=2 * lanes,
         vec_bytes=4 * lanes, kv=kv, kv_tail=kv_tail, n_kb=n_kb, cb=cb, cb_tail=cb_tail, n_cb=n_cb,
         n_cols=n_cols,
         C=C, K=spec.K, Kp=Kp, Ks=Ks, Cs=Cs, RS=RS, Hp=Hp, Wp=Wp, Q2=Q2, x_pair_stride=cpp * Cs,
