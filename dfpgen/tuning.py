@@ -35,6 +35,20 @@ SHORT_PATTERN = r"kb(\d+)_wb(\d+)_cb(\d+)_fl(\d+)(_u4)?"
 
 @dataclass(frozen=True)
 class TuningConfig:
+    """One schedule of a conv pass; the fields are read through the pass's register tile
+    (``ConvSpec.tile_channels`` x ``ConvSpec.tile_row``, see dfpgen/passes.py):
+
+    - ``k_vecs``: vectors of ``tile_channels`` per register block (output channels forward,
+      input channels backward-data, output channels backward-weight);
+    - ``pixels``: extent of the block along ``tile_row`` (output pixels forward / backward-data,
+      input channels backward-weight);
+    - ``c_block``: forward family: reduction channels per INT32 partial block (even, INT16
+      pairs); backward-weight: pixel pairs per cache block;
+    - ``flush``: INT16 products per partial before the FP32 flush (forward family: a multiple
+      of ``c_block``; backward-weight: pixels, even); 0: chosen by the overflow mode;
+    - ``unroll``: ``"none"`` or ``"4vnni"`` (four pair steps in flight, VNNI tiers);
+    - ``threads``: 0 for the runtime's count.
+    """
     k_vecs: int = 2
     pixels: int = 14
     c_block: int = 16
