@@ -38,7 +38,6 @@ Shapes: X, R, dY float32 (M, C) C-contiguous; per-channel arrays (C,). Threads s
 from __future__ import annotations
 
 import ctypes
-import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +48,7 @@ from .errors import DfpError
 from .kernels import cfunction, load_kernel
 from .dfp import raise_nonfinite
 from .pack import empty_aligned
-from .render import render
+from .render import llvm_float, render
 from .target import CpuTarget, host_target
 
 ABI_VERSION = 1
@@ -66,14 +65,36 @@ _PROTOS = {
 }
 
 
-def _llvm_float(v: float) -> str:
-    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", float(v)))[0]
+@dataclass(frozen=True)
+class BnPlan:
+    """What ``templates/bn_act.ll.j2`` prints for one kernel: ``kind`` (stats | fwd |
+    bwd_reduce | bwd_dx), symbol, tier, ``lanes`` FP32 lanes per vector (and -lanes, lanes-1),
+    ``chunk`` rows per statistics partial, the fused operations (``relu``, ``residual``), what
+    the forward writes (``save_x``: the INT16 input for backward, ``write_q``: the DFP16
+    output, ``write_f``: the FP32 output), the format's mantissa limit (also as LLVM float
+    literals) and the lane index vector."""
+    kind: str
+    symbol: str
+    tier: str
+    lanes: int
+    lanes_m1: int
+    neg_lanes: int
+    chunk: int
+    relu: bool
+    residual: bool
+    save_x: bool
+    write_q: bool
+    write_f: bool
+    max_mantissa: int
+    max_f: str
+    neg_max_f: str
+    lane_ids_i32: str
 
 
 def kernel_plan(kind: str, target: CpuTarget, *, relu: bool = True, residual: bool = False,
                 save_x: bool = True, write_q: bool = True, write_f: bool = True,
-                fmt: DfpFormat = DFP16) -> dict:
-    """Every field ``templates/bn_act.ll.j2`` prints for one kernel ``kind`` (see :data:`KINDS`)."""
+                fmt: DfpFormat = DFP16) -> "BnPlan":
+    """The :class:`BnPlan` of one kernel ``kind`` (see :data:`KINDS`); DfpError for another kind."""
     if kind not in KINDS:
         raise DfpError(f"unknown BatchNorm kernel kind {kind!r}; one of {KINDS}")
     lanes = target.lanes
@@ -82,14 +103,14 @@ def kernel_plan(kind: str, target: CpuTarget, *, relu: bool = True, residual: bo
         flags = ("_relu" if relu else "_id") + ("_res" if residual else "")
     if kind == "fwd":
         flags += ("_x" if save_x else "") + ("_q" if write_q else "") + ("_f" if write_f else "") + f"_p{fmt.bits}"
-    return {
-        "kind": kind, "symbol": f"dfp_bn_{kind}{flags}_v{lanes}_{target.tier}", "tier": target.tier,
-        "lanes": lanes, "lanes_m1": lanes - 1, "neg_lanes": -lanes, "chunk": CHUNK,
-        "relu": bool(relu), "residual": bool(residual), "save_x": bool(save_x),
-        "write_q": bool(write_q), "write_f": bool(write_f), "max_mantissa": fmt.max_mantissa,
-        "max_f": _llvm_float(fmt.max_mantissa), "neg_max_f": _llvm_float(-fmt.max_mantissa),
-        "lane_ids_i32": ", ".join(f"i32 {i}" for i in range(lanes)),
-    }
+    return BnPlan(
+        kind=kind, symbol=f"dfp_bn_{kind}{flags}_v{lanes}_{target.tier}", tier=target.tier,
+        lanes=lanes, lanes_m1=lanes - 1, neg_lanes=-lanes, chunk=CHUNK,
+        relu=bool(relu), residual=bool(residual), save_x=bool(save_x),
+        write_q=bool(write_q), write_f=bool(write_f), max_mantissa=fmt.max_mantissa,
+        max_f=llvm_float(fmt.max_mantissa), neg_max_f=llvm_float(-fmt.max_mantissa),
+        lane_ids_i32=", ".join(f"i32 {i}" for i in range(lanes)),
+    )
 
 
 def render_kernel(kind: str, target: CpuTarget | None = None, **flags) -> str:
@@ -112,9 +133,9 @@ def _kernel(kind: str, target: CpuTarget, **flags):
 def _load(kind: str, target: CpuTarget, **flags):
     plan = kernel_plan(kind, target, **flags)
     fields = {"kernel": "bn_act", "abi": ABI_VERSION, "chunk": CHUNK,
-              **{k: plan[k] for k in ("kind", "lanes", "relu", "residual", "save_x", "write_q",
-                                      "write_f", "max_mantissa")}}
-    k = load_kernel(plan["symbol"], fields, lambda: render("bn_act.ll.j2", p=plan), target)
+              **{k: getattr(plan, k) for k in ("kind", "lanes", "relu", "residual", "save_x", "write_q",
+                                               "write_f", "max_mantissa")}}
+    k = load_kernel(plan.symbol, fields, lambda: render("bn_act.ll.j2", p=plan), target)
     return cfunction(k, _PROTOS[kind])
 
 

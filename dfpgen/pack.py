@@ -21,7 +21,7 @@ into the padded buffer (same bits, more passes).
 from __future__ import annotations
 
 import ctypes
-import struct
+from dataclasses import dataclass
 
 import numpy as np
 try:
@@ -35,7 +35,7 @@ from .dfp import (DFP16, DfpFormat, DfpTensor, check_seed, exponent_for, fmix32,
                   scale_factors)
 from .errors import DfpError
 from .kernels import cfunction, load_kernel
-from .render import render
+from .render import llvm_float, render
 from .target import CpuTarget, host_target
 
 ABI_VERSION = 1
@@ -57,33 +57,61 @@ _NCHW_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int6
 _PROTOS = {"maxabs": _MAXABS_T, "pack_nhwc": _NHWC_T, "pack_nchw": _NCHW_T}
 
 
-def _llvm_float(v: float) -> str:
-    """An LLVM IR float literal (the double's hex pattern; exact for float32 values)."""
-    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", float(v)))[0]
-
-
 def _i32(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def kernel_plan(kind: str, fmt: DfpFormat, target: CpuTarget) -> dict:
-    """Every field the template prints, for ``kind`` in maxabs | pack_nhwc | pack_nchw."""
+@dataclass(frozen=True)
+class PackPlan:
+    """What ``templates/quantize_pack.ll.j2`` prints for one kernel ``kind`` (maxabs |
+    pack_nhwc | pack_nchw): symbol and tier, ``lanes`` FP32 lanes per vector (and the
+    constants derived from it, so the template computes nothing), the format's rounding and
+    mantissa limit (as LLVM float literals too), the stochastic hash's multipliers, and the
+    NCHW kernel's register transpose (``stages``, ``shuffles``, ``tpairs``, ``trows``:
+    :func:`_transpose_plan`)."""
+    kind: str
+    symbol: str
+    tier: str
+    lanes: int
+    neg_lanes: int
+    rounding: str
+    max_mantissa: int
+    max_f: str
+    neg_max_f: str
+    two24: str
+    fmix_m1: int
+    fmix_m2: int
+    lane_ids_i64: str
+    lane_ids_i32: str
+    two_lanes: int
+    neg_two_lanes: int
+    lanes_m1: int
+    lanes_x2_m1: int
+    vec_bytes: int
+    stages: int
+    shuffles: tuple
+    tpairs: tuple
+    trows: tuple
+
+
+def kernel_plan(kind: str, fmt: DfpFormat, target: CpuTarget) -> PackPlan:
+    """The :class:`PackPlan` of ``kind`` in maxabs | pack_nhwc | pack_nchw."""
     lanes = target.vector_bits // 32
     if kind == "maxabs":
         symbol = f"dfp_maxabs_f32_v{lanes}_{target.tier}"
     else:
         symbol = f"dfp_{kind}_{fmt.rounding}_p{fmt.bits}_v{lanes}_{target.tier}"
-    return {
-        "kind": kind, "symbol": symbol, "tier": target.tier, "lanes": lanes,
-        "neg_lanes": -lanes, "rounding": fmt.rounding, "max_mantissa": fmt.max_mantissa,
-        "max_f": _llvm_float(fmt.max_mantissa), "neg_max_f": _llvm_float(-fmt.max_mantissa),
-        "two24": _llvm_float(2.0 ** 24), "fmix_m1": _i32(0x85EBCA6B), "fmix_m2": _i32(0xC2B2AE35),
-        "lane_ids_i64": ", ".join(f"i64 {i}" for i in range(lanes)),
-        "lane_ids_i32": ", ".join(f"i32 {i}" for i in range(lanes)),
-        "two_lanes": 2 * lanes, "neg_two_lanes": -2 * lanes, "lanes_m1": lanes - 1, "lanes_x2_m1": 2 * lanes - 1,
-        "vec_bytes": 4 * lanes,
+    return PackPlan(
+        kind=kind, symbol=symbol, tier=target.tier, lanes=lanes,
+        neg_lanes=-lanes, rounding=fmt.rounding, max_mantissa=fmt.max_mantissa,
+        max_f=llvm_float(fmt.max_mantissa), neg_max_f=llvm_float(-fmt.max_mantissa),
+        two24=llvm_float(2.0 ** 24), fmix_m1=_i32(0x85EBCA6B), fmix_m2=_i32(0xC2B2AE35),
+        lane_ids_i64=", ".join(f"i64 {i}" for i in range(lanes)),
+        lane_ids_i32=", ".join(f"i32 {i}" for i in range(lanes)),
+        two_lanes=2 * lanes, neg_two_lanes=-2 * lanes, lanes_m1=lanes - 1, lanes_x2_m1=2 * lanes - 1,
+        vec_bytes=4 * lanes,
         **_transpose_plan(lanes),
-    }
+    )
 
 
 def _transpose_plan(lanes: int) -> dict:
@@ -105,9 +133,9 @@ def _transpose_plan(lanes: int) -> dict:
             shuffles.append({"dst": new[i], "a": names[i], "b": names[i + s], "mask": lo})
             shuffles.append({"dst": new[i + s], "a": names[i], "b": names[i + s], "mask": hi})
         names, s = new, s // 2
-    return {"stages": stage, "shuffles": shuffles,
-            "tpairs": [{"q": q} for q in range(lanes)],
-            "trows": [{"j": j, "src": names[j]} for j in range(lanes)]}
+    return {"stages": stage, "shuffles": tuple(shuffles),
+            "tpairs": tuple({"q": q} for q in range(lanes)),
+            "trows": tuple({"j": j, "src": names[j]} for j in range(lanes))}
 
 
 def render_kernel(kind: str, fmt: DfpFormat = DFP16, target: CpuTarget | None = None) -> str:
@@ -130,10 +158,10 @@ _callables: dict[tuple, object] = {}
 
 def _load(kind: str, fmt: DfpFormat, target: CpuTarget):
     plan = kernel_plan(kind, fmt, target)
-    fields = {"kernel": "quantize_pack", "abi": ABI_VERSION, **{k: plan[k] for k in ("kind", "lanes")}}
+    fields = {"kernel": "quantize_pack", "abi": ABI_VERSION, "kind": plan.kind, "lanes": plan.lanes}
     if kind != "maxabs":
         fields["format"] = fmt.key()
-    k = load_kernel(plan["symbol"], fields, lambda: render("quantize_pack.ll.j2", p=plan), target)
+    k = load_kernel(plan.symbol, fields, lambda: render("quantize_pack.ll.j2", p=plan), target)
     return cfunction(k, _PROTOS[kind])
 
 

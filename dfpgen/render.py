@@ -7,6 +7,7 @@ an empty string in the IR.
 from __future__ import annotations
 
 import hashlib
+import struct
 from functools import lru_cache
 from importlib import resources
 
@@ -61,3 +62,8 @@ def generator_hash() -> str:
         if p.name.endswith(".j2"):
             h.update(p.name.encode()); h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def llvm_float(v: float) -> str:
+    """An LLVM IR float literal (the double's hex pattern; exact for float32 values)."""
+    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", float(v)))[0]

@@ -144,7 +144,7 @@ def test_lower_tiers_same_bits(tier):
         for kind in ("maxabs", "pack_nhwc", "pack_nchw"):
             asm = emit_assembly(render_kernel(kind, SR, target), cpu=target.compile_cpu,
                                 features=target.compile_features)
-            assert kernel_plan(kind, SR, target)["symbol"] + ":" in asm
+            assert kernel_plan(kind, SR, target).symbol + ":" in asm
             assert "zmm" not in asm
         return
     x = np.random.default_rng(9).standard_normal((2, 19, 3, 9)).astype(np.float32)
