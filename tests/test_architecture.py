@@ -120,3 +120,12 @@ def test_the_name_branch_finder_finds_branches():
     tree = ast.parse('if spec.pass_kind == "fwd": pass\nif tier in ("avx2", "generic"): pass\n'
                      'if x == "fwd": pass\n')
     assert _name_branches(tree) == [(1, "pass_kind"), (2, "tier")]
+
+
+def test_the_architecture_note_names_every_file_of_the_data_path():
+    root = PKG.parent
+    note = (root / "docs" / "ARCHITECTURE.md").read_text()
+    files = [*PKG.glob("*.py"), *(root / "runtime").glob("*.py"), *(root / "templates").glob("*.j2"),
+             *(root / "examples").glob("*.py")]
+    missing = [str(f.relative_to(root)) for f in files if f.name != "__init__.py" and f.name not in note]
+    assert len(files) > 50 and not missing, missing
