@@ -27,13 +27,27 @@ from dfpgen.spec import parse_layer
 from dfpgen.threads import num_threads
 
 
+class _LegacyPlan:
+    """A plan as templates before the shared dot macro read it: ``p.dot``, ``p.dot_intrinsic``,
+    ``p.even_mask``, ``p.odd_mask`` beside the plan's own fields (they now live in ``p.dp``)."""
+
+    def __init__(self, plan):
+        self._plan = plan
+
+    def __getattr__(self, name):
+        dp = self._plan.dp
+        legacy = {"dot": dp.dot, "dot_intrinsic": dp.intrinsic, "even_mask": dp.even_mask,
+                  "odd_mask": dp.odd_mask}
+        return legacy[name] if name in legacy else getattr(self._plan, name)
+
+
 def _base_kernel(part: fwd_family.SubKernel, base_templates: str) -> fwd_family.SubKernel:
     """``part``'s plan rendered from ``base_templates``, under its own symbol."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(base_templates),
                              undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True)
     sym = part.plan.symbol
-    ir = env.get_template(fwd_family.TEMPLATE).render(p=part.plan).replace(f"@{sym}(", f"@{sym}_base(")
+    ir = env.get_template(fwd_family.TEMPLATE).render(p=_LegacyPlan(part.plan)).replace(f"@{sym}(", f"@{sym}_base(")
     target = dfpgen.host_target()
     obj = jit.compile_ir(ir, cpu=target.compile_cpu, features=target.compile_features,
                          name=sym + "_base").obj

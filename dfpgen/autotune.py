@@ -30,7 +30,7 @@ rejected candidate is never stored.
 
 The decision (config, median seconds, GMAC/s of the chosen and of the default config, every
 candidate's timing) goes to :func:`dfpgen.cache.store_tuning`; :func:`lookup` is what
-``kernels.get_kernel`` calls when it is given no config.
+``pass_kernels.get_kernel`` calls when it is given no config.
 """
 from __future__ import annotations
 

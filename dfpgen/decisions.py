@@ -1,9 +1,9 @@
 """Stored tuning decisions: lookup, store and the given -> tuned -> default resolution of a
 pass's schedule.
 
-This module sits below both the kernel loader (``dfpgen.kernels``) and the tuner
-(``dfpgen.autotune``): kernels ask it which config to build, the tuner tells it what it
-decided, and neither imports the other. A decision is keyed like a kernel minus its config
+This module sits below both ``dfpgen.pass_kernels`` (``get_kernel``) and the tuner
+(``dfpgen.autotune``): ``get_kernel`` asks it which config to build, the tuner tells it what
+it decided, and neither imports the other. A decision is keyed like a kernel minus its config
 (spec with its pass, target, overflow mode, thread count it was timed with) and stored in the
 tuning cache (:func:`dfpgen.cache.store_tuning`); a memory dict in front of the disk makes a
 lookup cheap enough for every call.

@@ -313,7 +313,8 @@ def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int
     first = kernel.parts[0].plan if kernel.parts else None
     n, out, oh, ow = spec.result_shape
     if first is None:  # every output pixel meets no tap (e.g. 1x1, stride > 1 phases only)
-        return np.zeros((n, oh, ow, out), np.float32), run_info(kernel, 0, threads, scale_exp, flush_taps)
+        return np.zeros((n, oh, ow, out), np.float32), run_info(kernel, 0, threads, scale_exp,
+                                                                flush_taps=flush_taps)
     if kernel.parts[0].sub.phases:
         xbuf = phase_buffer(act.mantissa, spec, kernel.parts[0].sub, 2 * first.red_pairs)
     else:

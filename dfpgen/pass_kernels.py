@@ -11,11 +11,14 @@ from functools import lru_cache
 
 from . import bwd_weight, fwd_family, passes
 from .decisions import resolve_config
+from .errors import DfpError
 from .render import render
 from .target import CpuTarget
 
-# ConvPass.family -> the kernel class of the module executing that family of passes
+# ConvPass.family -> the kernel class of the module executing that family of passes, and the
+# variant keywords that class takes with their defaults (every key holds all of them)
 KERNEL_CLASSES = {"fwd_family": fwd_family.ConvKernel, "bwd_weight": bwd_weight.BwdWeightKernel}
+VARIANTS = {"fwd_family": {"bias": False, "fma": True}, "bwd_weight": {"scaled": False}}
 
 _kernels: dict[tuple, object] = {}
 _lock = threading.Lock()
@@ -33,16 +36,23 @@ def get_kernel(spec, config=None, *, overflow: str = "fast", target: CpuTarget |
     ``variant``: ``bias``, and ``fma=False`` to flush with a separate multiply and add when the
     product scale 2**(Ea+Eb) is a float32 subnormal). Backward-weight: a
     :class:`dfpgen.bwd_weight.BwdWeightKernel` (``variant``: ``scaled``, the flush multiplies by 2**E
-    in the kernel). Raises :class:`dfpgen.DfpError` for an unknown overflow mode or an illegal
-    config."""
+    in the kernel). Raises :class:`dfpgen.DfpError` for an unknown overflow mode, an option
+    the pass's kernel does not take, or an illegal config."""
     passes.check_overflow(overflow)
+    family = passes.of(spec).family
+    allowed = VARIANTS[family]
+    unknown = sorted(set(variant) - set(allowed))
+    if unknown:
+        raise DfpError(f"get_kernel: {', '.join(unknown)} is not an option of a {spec.pass_kind} kernel "
+                       f"(options: {', '.join(allowed) or 'none'})")
+    variant = {k: bool(variant.get(k, d)) for k, d in allowed.items()}
     config, target = resolve_config(spec, config, overflow=overflow, target=target)
-    key = (spec, config, overflow, tuple(sorted(variant.items())), _target_key(target))
+    key = (spec, config, overflow, tuple(variant.items()), _target_key(target))
     with _lock:
         hit = _kernels.get(key)
     if hit is not None:
         return hit
-    k = KERNEL_CLASSES[passes.of(spec).family](spec, config, target, overflow, **variant)
+    k = KERNEL_CLASSES[family](spec, config, target, overflow, **variant)
     with _lock:
         return _kernels.setdefault(key, k)
 

@@ -34,7 +34,8 @@ class ConvPass:
       how messages spell it.
     - ``default_config(spec, target)``: the heuristic :class:`TuningConfig`;
       ``search_space(spec, target)``: the legal configs the tuner may time, default first.
-    - ``plan_pass(spec, config, target, overflow, *, has_bias, fma)``: the pass's plan (a
+    - ``plan_pass(spec, config, target, overflow, **variant)``: the pass's plan (variant:
+      ``has_bias`` and ``fma`` for the forward family, ``scaled`` for backward-weight; a
       :class:`dfpgen.plan.ConvPassPlan` for the forward family, a
       :class:`dfpgen.plan_bwd_weight.BwdWeightPlan` for backward-weight), raising :class:`DfpError`
       when ``config`` cannot be planned; ``template``: the Jinja file that renders one kernel.

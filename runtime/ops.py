@@ -180,15 +180,17 @@ def _report_saturation(info, shape: tuple) -> None:
     seen = f"{info.saturated} lanes at a flush"
     if info.possibly_saturated:
         seen += f", up to {info.possibly_saturated} partials at some step"
-    warnings.warn(f"DFP16 {info.pass_kind} of the layer with input {shape[0]} and weight {shape[1]}: "
+    warnings.warn(f"DFP16 {info.pass_kind} of the layer with weight {shape[0]}: "
                   f"fast mode saturated INT32 partials ({seen}, flush interval {info.flush}); not "
                   "reported again for this layer shape and pass (dfpgen.runtime.NumericsMonitor "
                   "counts every call; overflow='exact' proves no partial saturates)",
                   OverflowWarning, stacklevel=2)
 
 
-def _shape_key(x_shape, weight_shape, stride, padding, dilation) -> tuple:
-    return (tuple(x_shape[1:]), tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation))
+def _shape_key(weight_shape, stride, padding, dilation) -> tuple:
+    """A layer's shape for the once-only warning: its weight (K, C, R, S) and geometry, not the
+    activation's size (a linear layer runs as a row of batch-many pixels)."""
+    return (tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation))
 
 
 # --- conv2d -------------------------------------------------------------------------
@@ -205,7 +207,7 @@ def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, 
     y, info = conv.conv2d(qx, wq, b, tuple(stride), tuple(padding),
                           tuple(dilation), overflow=overflow, fmt=fmt, threads=_threads(threads),
                           return_info=True, warn_overflow=False)
-    _report_saturation(info, _shape_key(x.shape, weight.shape, stride, padding, dilation))
+    _report_saturation(info, _shape_key(weight.shape, stride, padding, dilation))
     if observers:
         _observe(pass_kind="fwd", info=info, seed=seed, x=x, weight=weight, bias=bias, x_q=qx,
                  output=y, stride=stride, padding=padding, dilation=dilation, fmt=fmt)
@@ -251,7 +253,7 @@ def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilatio
                              threads=_threads(threads))
     kw = dict(overflow=overflow, fmt=_fmt(bits, "nearest"), threads=_threads(threads), warn_overflow=False)
     args = (tuple(stride), tuple(padding), tuple(dilation))
-    shape = _shape_key((n, c, h, w), weight.shape, stride, padding, dilation)
+    shape = _shape_key(weight.shape, stride, padding, dilation)
     gx = gw = grad_y.new_empty((0,))
     ev = dict(seed=seed, grad_y=grad_y, dy_q=qdy, weight=weight, stride=stride,
               padding=padding, dilation=dilation, fmt=gfmt)

@@ -93,3 +93,15 @@ def test_grad_output_shape_mismatch_is_named():
         conv.conv2d_input((1, 3, 8, 8), w, np.ones((1, 4, 5, 5), np.float32), padding=1)
     with pytest.raises(dfpgen.DfpError, match="C=2"):
         conv.conv2d_input((1, 2, 8, 8), w, np.ones((1, 4, 8, 8), np.float32), padding=1)
+
+
+def test_a_pass_where_no_output_meets_a_tap_reports_nothing_saturated():
+    # 1x1 filter, stride 2, padding 1 on a 1x1 input: dX's only pixel meets no dY pixel
+    w = np.ones((4, 4, 1, 1), np.float32)
+    dy = np.ones((1, 4, 2, 2), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an OverflowWarning here would be a false alarm
+        dx, info = conv.conv2d_input((1, 4, 1, 1), w, dy, stride=2, padding=1, overflow="exact",
+                                     return_info=True)
+    assert np.array_equal(dx, np.zeros((1, 4, 1, 1), np.float32))
+    assert (info.saturated, info.possibly_saturated, info.overflow) == (0, 0, "exact")

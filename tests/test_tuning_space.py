@@ -131,3 +131,10 @@ def test_get_kernel_builds_the_kernel_class_of_each_pass_family():
         pass_kernels.get_kernel(spec, overflow="sometimes")
     with pytest.raises(dfpgen.DfpError, match="pass must be one of"):
         passes.get("bwd_input")
+    # options are the pass family's, normalised: the defaults spelt out give the same object
+    fwd_spec = ConvSpec(1, 4, 5, 5, 4, 3, 3)
+    assert pass_kernels.get_kernel(fwd_spec, cfg) is pass_kernels.get_kernel(fwd_spec, cfg, bias=0, fma=True)
+    with pytest.raises(dfpgen.DfpError, match="bias is not an option of a bwd_weight kernel"):
+        pass_kernels.get_kernel(spec, cfg.replace(flush=8), bias=True)
+    with pytest.raises(dfpgen.DfpError, match="scaled is not an option of a fwd kernel"):
+        pass_kernels.get_kernel(fwd_spec, cfg, scaled=True)
