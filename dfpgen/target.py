@@ -14,10 +14,13 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
+import llvmlite.binding as llvm
+
 from . import isa
 from .env import choice
 from .errors import DfpError
 from .isa import IsaTier
+from .jit import host_cpu
 
 TIERS = isa.NAMES
 ENV_ISA = "DFPGEN_ISA"
@@ -130,8 +133,6 @@ def best_tier(features: frozenset[str], is_x86: bool) -> str:
 
 @lru_cache(maxsize=None)
 def _host(isa: str | None) -> CpuTarget:
-    import llvmlite.binding as llvm
-    from .jit import host_cpu
     cpu, feats = host_cpu()
     triple = llvm.get_process_triple()
     is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
