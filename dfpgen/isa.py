@@ -113,6 +113,7 @@ class DotStep:
     dot: str
     intrinsic: str
     saturating: bool
+    mnemonic: str  # what the header comment calls the step (e.g. vpdpwssds, vpmaddwd + vpaddd)
     lanes: int
     ivec: str
     hvec: str
@@ -124,7 +125,10 @@ class DotStep:
 def dot_step(isa: "IsaTier", saturating: bool) -> DotStep:
     """The :class:`DotStep` of tier ``isa`` (``saturating``: fast mode)."""
     n = isa.lanes
-    return DotStep(isa.dot, isa.dot_intrinsic(saturating), saturating, n, f"<{n} x i32>",
+    mnemonic = {"vnni": "vpdpwssds" if saturating else "vpdpwssd",
+                "pmaddwd": "vpmaddwd + saturating add" if saturating else "vpmaddwd + vpaddd"}.get(
+        isa.dot, "sext, mul, add")
+    return DotStep(isa.dot, isa.dot_intrinsic(saturating), saturating, mnemonic, n, f"<{n} x i32>",
                    f"<{2 * n} x i16>", f"<{2 * n} x i32>",
                    "<" + ", ".join(f"i32 {2 * i}" for i in range(n)) + ">",
                    "<" + ", ".join(f"i32 {2 * i + 1}" for i in range(n)) + ">")

@@ -112,9 +112,9 @@ def test_budgeted_tune_stores_and_reuses_its_decision(tmp_path):
 def test_rejected_candidate_is_reported_and_never_stored(tmp_path):
     from dfpgen import autotune
     from dfpgen.spec import parse_layer
-    from dfpgen.target import host_target
+    from dfpgen.target import native_target  # the subprocess runs without DFPGEN_ISA
     from dfpgen.tuning import default_config, search_space
-    spec, t = parse_layer(TUNE), host_target()
+    spec, t = parse_layer(TUNE), native_target()
     default = default_config(spec, t)
     space = autotune._distinct(search_space(spec, t), default, "exact", spec)
     first, _ = autotune.staged_candidates(spec, t, default, space)
