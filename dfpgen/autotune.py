@@ -21,7 +21,7 @@ timed on buffers prepared once (:func:`kernel_timer`), so per-call packing and p
 not drown the differences between schedules. Every candidate's FP32 output must equal the
 default kernel's bit for bit (``np.array_equal``) under the same flush schedule: in exact
 mode (the default) every config gives the same bits; in fast mode the reference is the
-default blocking run with the candidate's ``c_block`` / ``flush`` (:func:`_bit_fields`).
+default blocking run with the candidate's ``c_block`` / ``flush`` (``ConvPass.bit_fields``, dfpgen/passes.py).
 A candidate that differs is reported as ``rejected`` and can never be the stored decision.
 
 Test hook (documented, minimal): ``DFPGEN_TUNE_CORRUPT=<config.short()>`` makes the
@@ -173,14 +173,6 @@ def _corrupt_hook(cfg: TuningConfig, out: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- tuning
-def _bit_fields(spec: ConvSpec, overflow: str) -> tuple[str, ...]:
-    """Config fields that may change the output bits (``ConvPass.bit_fields``). Forward /
-    backward-data: ``c_block`` and ``flush`` set the flush schedule in fast mode; in exact mode
-    ``dfpgen.conv`` picks both from the operands, so no field does. Backward-weight: ``flush``
-    (pixels per partial; ``c_block`` is a cache block there)."""
-    return passes.of(spec).bit_fields(overflow)
-
-
 def _distinct(space: list[TuningConfig], default: TuningConfig, overflow: str,
               spec: ConvSpec) -> list[TuningConfig]:
     """Drop configs that run the same kernel as one already listed: in exact mode the
@@ -225,7 +217,7 @@ def tune(spec: ConvSpec, *, target: CpuTarget | None = None, budget: float = DEF
     ops = random_operands(spec)
     macs = spec.macs
 
-    bit_fields = _bit_fields(spec, overflow)
+    bit_fields = rec.bit_fields(overflow)  # config fields that may change the output bits
     refs: dict[tuple, np.ndarray] = {}
 
     def reference_for(cfg: TuningConfig) -> np.ndarray:

@@ -176,21 +176,21 @@ def load_exact_family(spec: ConvSpec, base: TuningConfig, target, bias: bool, fm
     fast_key = (spec, base, bias, fma, target)
     if fast_key in _seen:
         return
-    key = (replace(spec, N=1), base, bias, fma, target)
+    _load_once((replace(spec, N=1), base, bias, fma, target), spec, exact_family(spec, base), target,
+               bias=bias, fma=fma)
+    _seen.add(fast_key)
+
+
+def _load_once(key: tuple, spec: ConvSpec, cfgs, target, **variant) -> None:
+    """Load the exact-mode kernels ``cfgs`` of ``spec`` unless ``key`` (the shape's family) was
+    loaded before: a shape's first call builds every kernel its drifting operands may need."""
     if key in _families:
-        _seen.add(fast_key)
         return
-    cfgs = exact_family(spec, base)
-
-    def load(cfg):
-        return _kernel(spec, cfg, "exact", target, bias=bias, fma=fma)
-
     # LLVM compiles without the GIL (llvmlite's ctypes calls release it)
     with ThreadPoolExecutor(max(1, min(num_threads(), len(cfgs)))) as pool:
-        list(pool.map(load, cfgs))
+        list(pool.map(lambda cfg: _kernel(spec, cfg, "exact", target, **variant), cfgs))
     with _families_lock:
         _families.add(key)
-        _seen.add(fast_key)
 
 
 _kernels: dict[tuple, object] = {}
@@ -415,26 +415,15 @@ def conv2d_weight(x, weight_shape, grad_output, stride=1, padding=0, dilation=1,
                         threads=threads, config=config, target=target)
     cfg = bwd_weight.kernel_config(ops, target)
     if ops.config is None and overflow == "exact":
-        _load_bwd_weight_family(ops.spec, target, ops.scaled)
+        # the register blocking follows the proven flush interval: both default kernels
+        _load_once((ops.spec, target, ops.scaled), ops.spec, bwd_weight.exact_family(ops.spec, target),
+                   target, scaled=ops.scaled)
     kern = _kernel(ops.spec, cfg, overflow, target, scaled=ops.scaled)
     dw, info = bwd_weight.execute(kern, ops)
     if warn_overflow and info.saturated:
         warnings.warn(f"DFP16 bwd_weight: {info.saturated} INT32 lanes saturated in fast mode "
                       f"(flush interval {info.flush})", OverflowWarning, stacklevel=2)
     return ConvResult(dw, info) if return_info else dw
-
-
-def _load_bwd_weight_family(spec: ConvSpec, target, scaled: bool) -> None:
-    """Load both default backward-weight kernels of an exact-mode shape at its first call (the
-    register blocking follows the proven flush interval, short or long), so drifting operands
-    never build later."""
-    key = (spec, target, scaled)
-    if key in _families:
-        return
-    for cfg in bwd_weight.exact_family(spec, target):
-        _kernel(spec, cfg, "exact", target, scaled=scaled)
-    with _families_lock:
-        _families.add(key)
 
 
 def linear(x, w, bias=None, *, overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat = DFP16,
