@@ -7,6 +7,7 @@ a second engine crashes the process (llvmlite 0.50 / LLVM 22).
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -100,6 +101,28 @@ def emit_assembly(ir: str, *, cpu: str, features: str, opt: int = 3, name: str =
     if opt > 0:
         _optimize(mod, tm, opt)
     return tm.emit_assembly(mod)
+
+
+# Scalar moves: a stack slot they touch holds one float or integer (a kernel argument such as
+# the flush scale, kept across the loop nest like the general-purpose registers LLVM also
+# spills there), not a vector of the register blocking.
+_SCALAR_MOVES = ("vmovss", "vmovsd", "vmovd", "vmovq", "movss", "movsd", "movd", "movq")
+
+
+def vector_spills(asm: str) -> list[str]:
+    """The lines of x86 AT&T ``asm`` that store a vector register to the stack or load one
+    from it: any ``ymm`` / ``zmm`` operand next to an ``(%rsp)`` address, or an ``xmm`` one
+    moved by a full-vector instruction. Scalar moves through ``xmm`` (``vmovss``, ``vmovd``
+    ...) are not counted: those slots hold one value, not a vector of the blocking."""
+    out = []
+    for ln in asm.splitlines():
+        if "(%rsp)" not in ln:
+            continue
+        parts = ln.split()
+        mnemonic = parts[0] if parts else ""
+        if re.search(r"%[yz]mm", ln) or ("%xmm" in ln and mnemonic not in _SCALAR_MOVES):
+            out.append(ln)
+    return out
 
 
 def optimized_ir(ir: str, *, cpu: str, features: str, opt: int = 3, name: str = "dfpgen") -> str:

@@ -12,7 +12,7 @@ from dfpgen import plan_exact, reference, bwd_weight
 from dfpgen.conv import conv2d_weight
 from dfpgen.dfp import DfpTensor, quantize
 from dfpgen.errors import DfpError
-from dfpgen.jit import compile_ir, emit_assembly
+from dfpgen.jit import compile_ir, emit_assembly, vector_spills
 from dfpgen.render import render
 from dfpgen.spec import ConvSpec, parse_full
 from dfpgen.target import TIERS, host_target
@@ -353,7 +353,7 @@ def test_default_kernels_do_not_spill_vector_registers(flush):
         p = pw.plan(sp, pw.default_config(sp, HOST, flush), HOST, mode)
         asm = emit_assembly(render(bwd_weight.TEMPLATE, p=p), cpu=HOST.compile_cpu, features=HOST.compile_features)
         assert "vpdpwssd" in asm or HOST.tier not in ("avx512_vnni", "vnni256")
-        spills = [ln for ln in asm.splitlines() if "(%rsp)" in ln and ("mm" in ln)]
+        spills = vector_spills(asm)
         assert not spills, spills[:5]
 
 

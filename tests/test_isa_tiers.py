@@ -9,7 +9,7 @@ import pytest
 
 from dfpgen import isa
 from dfpgen.pass_kernels import kernel_sources
-from dfpgen.jit import emit_assembly
+from dfpgen.jit import emit_assembly, vector_spills
 from dfpgen.spec import ConvSpec
 from dfpgen.target import host_target
 from dfpgen import plan_bwd_weight, tuning
@@ -26,7 +26,7 @@ def _default(spec, target, mode):
 
 
 def _spills(asm: str) -> list[str]:
-    return [ln for ln in asm.splitlines() if "(%rsp)" in ln and "mm" in ln]
+    return vector_spills(asm)
 
 
 # Known spills, kept visible: strict xfail, so the fix that removes one fails here until the
@@ -35,8 +35,11 @@ def _spills(asm: str) -> list[str]:
 # compare-and-blend sequences with temporaries).
 # avx2 bwd_data exact: a stride-2 phase kernel's 4-vector x 3-pixel block spills two ymm
 # values next to the run-time flush table.
+# Only vector spills count (dfpgen.jit.vector_spills): where LLVM keeps a scalar argument such
+# as the flush scale in a stack slot depends on the host CPU's scheduling model (the icelake /
+# rocketlake models do, znver5's and sapphirerapids' do not), and it is reloaded outside the
+# dot loops, like the general-purpose registers spilled there.
 KNOWN_SPILLS = {("avx2", "fwd", "fast"), ("avx2", "bwd_data", "fast"), ("avx2", "bwd_data", "exact"),
-                ("avx512_vnni", "bwd_weight", "fast"),
                 *((t, p, "fast") for t in ("avx512_vnni", "vnni256") for p in ("fwd", "bwd_data"))}
 # The generic tier is plain vector IR compiled for a 128-bit baseline, where LLVM splits each
 # 256-bit value over two registers: it makes no register promise (a portable fallback).
