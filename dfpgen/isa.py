@@ -56,6 +56,12 @@ class IsaTier:
       instruction's memory operand (``vpmaddwd ymm, ymm, m256``) once per pixel instead of
       holding it in a register: on 16 registers the freed ones go to accumulators, and
       L1 serves the extra loads.
+    - ``tuning_features``: LLVM tuning flags added to every compile of the tier.
+      ``+fast-dpwssd`` on the VNNI tiers: without it LLVM's machine combiner rewrites most
+      ``vpdpwssd`` of a kernel into ``vpmaddwd`` + ``vpaddd`` (to shorten each accumulator's
+      dependency chain) on every CPU model that lacks that tuning flag, all Intel ones and
+      ``x86-64-v4`` included; the register blocking already hides the dot's latency, so the
+      rewrite only doubles the vector instructions of a throughput-bound loop.
     """
     name: str
     needs: frozenset
@@ -78,6 +84,7 @@ class IsaTier:
     peak_accumulators: int
     flush_regs: int = 0
     fold_weights: bool = False
+    tuning_features: str = ""
 
     @property
     def lanes(self) -> int:
@@ -139,12 +146,12 @@ TIERS: dict[str, IsaTier] = {t.name: t for t in (
             "vnni", "vpdpwssd zmm", "vpdpwssd", 0, 0, 0, None,
             ("znver4", ""), True,
             (2, 13), (4, 6), (2, 7),
-            ((1, 28), (2, 13), (2, 14), (3, 8), (4, 6), (5, 4)), 24),
+            ((1, 28), (2, 13), (2, 14), (3, 8), (4, 6), (5, 4)), 24, tuning_features="+fast-dpwssd"),
     IsaTier("vnni256", frozenset({"avx512vl", "avx512vnni"}), frozenset({"avxvnni"}), 256, 32,
             "vnni", "vpdpwssd ymm", "vpdpwssd", 0, 0, 0, None,
             ("znver4", ""), True,
             (2, 13), (4, 6), (2, 7),
-            ((1, 28), (2, 13), (2, 14), (3, 8), (4, 6), (5, 4)), 24),
+            ((1, 28), (2, 13), (2, 14), (3, 8), (4, 6), (5, 4)), 24, tuning_features="+fast-dpwssd"),
     # 16 ymm, backward-weight: kv x cb accumulators + kv dY vectors + broadcast + flush scale
     # + the vpmaddwd product (+ 2 saturation constants in fast mode): 2 x 4 (14 exact, 16 fast)
     # and, with short flushes (FP32 accumulators in registers too), 2 x 2 (13).

@@ -31,7 +31,7 @@ proven from per-pixel maxima (:func:`exact_flush`); this one module serves all t
 """
 from __future__ import annotations
 
-from functools import lru_cache, partial
+from functools import partial
 
 import numpy as np
 
@@ -41,8 +41,6 @@ from .dfp import INT32_MAX
 # instructions of loop set-up per (tap, block) and about 100 per flush.
 TAP_COST, FLUSH_COST = 0.5, 3.5
 _BLOCKS = (128, 64, 32, 16, 8, 4, 2)
-# float32 temporaries per batch of flush groups in _group_maxima (16 MiB)
-MAX_GROUP_ELEMS = 1 << 22
 
 
 def _levels(a: np.ndarray, blocks) -> dict[int, np.ndarray]:
@@ -61,35 +59,21 @@ def _levels(a: np.ndarray, blocks) -> dict[int, np.ndarray]:
     return out
 
 
-@lru_cache(maxsize=None)
-def _tap_groups(taps: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(member, first)``: row i of ``member`` (groups, taps) float32 is 1 on the taps of
-    flush group i and 0 elsewhere; ``flush_taps = ft``'s groups (taps 0..ft-1, ft..2ft-1,
-    ..., the last one shorter, as the kernels group them) are the rows from ``first[ft - 1]``."""
-    rows, first = [], []
-    for ft in range(1, taps + 1):
-        first.append(len(rows))
-        rows.extend(range(t0, min(t0 + ft, taps)) for t0 in range(0, taps, ft))
-    member = np.zeros((len(rows), taps), np.float32)
-    for i, r in enumerate(rows):
-        member[i, list(r)] = 1.0
-    return member, np.array(first)
-
-
 def _group_maxima(level: np.ndarray) -> np.ndarray:
     """``(taps,)`` float: entry ``ft - 1`` is the largest sum over one flush group of ``ft``
-    taps of one (output, block) lane of ``level`` (taps, OUT, nb), for every ``ft`` at once:
-    one matrix product with the 0/1 group-membership matrix (still sums of non-negative
-    terms, so the error bound of ``exact_schedule`` holds), in batches of groups that keep
-    the temporary under ``MAX_GROUP_ELEMS`` floats on large layers."""
+    taps of one (output, block) lane of ``level`` (taps, OUT, nb), for every ``ft`` at once.
+    Each group's sum is a sequential ``np.add.reduceat`` over its taps (still sums of
+    non-negative terms, so the error bound of ``exact_schedule`` holds). No matrix product:
+    numpy hands those to its BLAS, whose worker threads then spin for a while after every
+    call, taking a core from the kernel threads (measured: a 2-thread forward of
+    res4_branch2b ran at the speed of one thread)."""
     taps = level.shape[0]
-    member, first = _tap_groups(taps)
     flat = level.reshape(taps, -1)
-    step = max(1, MAX_GROUP_ELEMS // max(flat.shape[1], 1))
-    best = np.empty(len(member), np.float64)
-    for g0 in range(0, len(member), step):
-        best[g0:g0 + step] = (member[g0:g0 + step] @ flat).max(axis=1, initial=0)
-    return np.maximum.reduceat(best, first)
+    out = np.empty(taps, np.float64)
+    for ft in range(1, taps + 1):
+        sums = flat if ft == 1 else np.add.reduceat(flat, np.arange(0, taps, ft), axis=0)
+        out[ft - 1] = sums.max(initial=0)
+    return out
 
 
 def score(block: int, ft: int, tap_density: float = 1.0) -> float:
@@ -128,7 +112,7 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     taps, out, red = w_tor.shape
     # float32 halves the memory traffic of this (per-call) search. Every sum is of
     # non-negative terms: products rounded once, <= 8 pairwise-halving levels (blocks up to
-    # 128), <= taps tap additions in any order (the matrix product of _group_maxima), so each
+    # 128), <= taps tap additions in any order (the group sums of _group_maxima), so each
     # computed sum is within gamma_n = n u / (1 - n u) of the true one (Higham 2002, §3.1;
     # u = 2**-24, n = taps + 9). Comparing against a limit shrunk by 2 n u keeps the proof:
     # true <= computed (1 + gamma_n) <= INT32_MAX.

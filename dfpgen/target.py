@@ -99,11 +99,15 @@ class CpuTarget:
 
     @property
     def compile_features(self) -> str:
-        if self.is_x86 and self.isa.compile_cpu:
-            return ""
-        if self.is_x86 and not self.executable:
-            return self.isa.foreign_cpu[1]
-        return self.features
+        if not self.is_x86:
+            return self.features
+        if self.isa.compile_cpu:
+            base = ""
+        elif not self.executable:
+            base = self.isa.foreign_cpu[1]
+        else:
+            base = self.features
+        return ",".join(f for f in (base, self.isa.tuning_features) if f)
 
     def require_executable(self) -> None:
         """Raise :class:`DfpError` if this host cannot run the tier's code."""

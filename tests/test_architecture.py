@@ -129,3 +129,29 @@ def test_the_architecture_note_names_every_file_of_the_data_path():
              *(root / "examples").glob("*.py")]
     missing = [str(f.relative_to(root)) for f in files if f.name != "__init__.py" and f.name not in note]
     assert len(files) > 50 and not missing, missing
+
+
+# numpy hands matrix products to its BLAS (OpenBLAS in the wheels), whose worker threads spin
+# for a while after each call: on the per-call path of a conv that takes a core from the
+# kernel threads. Only the reference (tests and `dfpgen cache verify`) may use them.
+_BLAS_CALLS = {"dot", "matmul", "tensordot", "einsum", "inner", "outer", "vdot", "linalg"}
+
+
+def _blas_uses(src: str) -> list[int]:
+    lines = []
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult):
+            lines.append(node.lineno)
+        elif (isinstance(node, ast.Attribute) and node.attr in _BLAS_CALLS
+              and isinstance(node.value, ast.Name) and node.value.id in ("np", "numpy")):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_per_call_path_makes_no_blas_call():
+    assert sorted(_blas_uses("y = a @ b\nz = np.linalg.norm(a)\nw = np.dot(a, b)\nd = isa.dot\n")) == [1, 2, 3]
+    for f in list(PKG.glob("*.py")) + list((PKG.parent / "runtime").glob("*.py")):
+        if f.name in ("reference.py", "bn_reference.py"):
+            continue
+        src = f.read_text()
+        assert not _blas_uses(src), (f.name, _blas_uses(src))

@@ -70,3 +70,27 @@ def test_tier_records_are_consistent():
             assert plan_bwd_weight.registers_needed(kv, cb, t, saturating=True) <= t.registers, (t.name, kv, cb)
     with pytest.raises(Exception, match="unknown ISA tier"):
         isa.tier("avx1024")
+
+
+@pytest.mark.parametrize("tier", [t for t in isa.NAMES if isa.tier(t).dot == "vnni"])
+@pytest.mark.parametrize("cpu", ["icelake-server", "sapphirerapids", "x86-64-v4", "znver4"])
+def test_vnni_kernels_keep_vpdpwssd_on_every_cpu_model(tier, cpu):
+    """Intel CPU models (and x86-64-v4) lack LLVM's fast-dpwssd tuning flag, and without it the
+    machine combiner rewrites most vpdpwssd of a kernel into vpmaddwd + vpaddd (measured on an
+    Intel AVX-512 host: 7 of 56 left in a res5_branch2b forward kernel, and 1.3x slower). The
+    tier's tuning features keep every dot step a vpdpwssd whatever the host CPU model."""
+    from dfpgen.target import CpuTarget
+    host = host_target()
+    feats = "+avx512f,+avx512bw,+avx512vl,+avx512vnni,+avx2,+fma,+avx,+sse4.2"
+    t = CpuTarget(host.triple, cpu, feats, tier)
+    assert "+fast-dpwssd" in t.compile_features.split(",")
+    spec = ConvSpec(4, 512, 7, 7, 512, 3, 3, stride=(1, 1), padding=(1, 1), pass_kind="fwd")
+    # the paper's chain: 16 channels x 3x3 taps per partial (exact mode's longest block here)
+    cfg = _default(spec, t, "exact").replace(c_block=16, flush=144)
+    for symbol, _, ir in kernel_sources(spec, cfg, t, "exact"):
+        asm = emit_assembly(ir, cpu=t.compile_cpu, features=t.compile_features, name=symbol)
+        assert asm.count("vpdpwssd") >= 7 and "vpmaddwd" not in asm, (cpu, asm.count("vpdpwssd"))
+    # the same IR without the tuning flag is what the rewrite does to it
+    bare = emit_assembly(ir, cpu=cpu, features=feats, name=symbol)
+    if cpu != "znver4":
+        assert "vpmaddwd" in bare
