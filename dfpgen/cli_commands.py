@@ -41,10 +41,13 @@ def _peak_total(target) -> float | None:
 
 
 # ----------------------------------------------------------------------------- exactness
-def check_exact(spec: ConvSpec, config, overflow: str = "exact", seed: int = 1) -> tuple[bool, str]:
+def check_exact(spec: ConvSpec, config, overflow: str = "exact", seed: int = 1,
+                target=None) -> tuple[bool, str]:
     """Run ``spec``'s pass with ``config`` on small random DFP16 operands (batch 1; for
     backward-weight as well) and compare its FP32 output bit for bit with
-    :mod:`dfpgen.reference` under the flush schedule the kernel reports. Returns (ok, note)."""
+    :mod:`dfpgen.reference` under the flush schedule the kernel reports. ``target``: the
+    CpuTarget to build and run for (default: the host's, ``$DFPGEN_ISA`` honoured).
+    Returns (ok, note)."""
     from dataclasses import replace
 
     from . import passes
@@ -54,7 +57,7 @@ def check_exact(spec: ConvSpec, config, overflow: str = "exact", seed: int = 1) 
     ops = random_operands(small, seed)
     with warnings.catch_warnings():  # fast mode may saturate: the reference saturates alike
         warnings.simplefilter("ignore", OverflowWarning)
-        out, info = make_runner(small, config, host_target(), ops, overflow, return_info=True)()
+        out, info = make_runner(small, config, target or host_target(), ops, overflow, return_info=True)()
     ref = passes.of(spec).reference(small, ops, info, overflow == "fast")
     out = np.asarray(out)
     if out.shape != ref.fp32.shape:
@@ -282,6 +285,28 @@ def entry_conv(e: dict):
     return None
 
 
+def entry_tier(e: dict) -> str | None:
+    """The ISA tier an entry was built for (kernels: their target's; tuning decisions: the
+    tier in their key fields), or ``None`` where the metadata does not say."""
+    f = e.get("fields") if isinstance(e.get("fields"), dict) else {}
+    t = f.get("target")
+    tier = t.get("tier") if isinstance(t, dict) else f.get("tier")
+    return tier if isinstance(tier, str) else None
+
+
+def entry_target(e: dict):
+    """The host target with the entry's own ISA tier (an entry built under ``DFPGEN_ISA=avx2``
+    is checked as AVX2 code whatever ``DFPGEN_ISA`` says now), or ``None`` when this CPU
+    cannot execute that tier. Entries that name no tier use the host's."""
+    from . import isa
+    from .target import host_target
+    tier = entry_tier(e)
+    if tier is None or tier not in isa.NAMES:
+        return host_target()
+    t = host_target(tier)
+    return t if t.executable else None
+
+
 def verify_entry(e: dict) -> tuple[bool, str]:
     """Check one cache entry: metadata readable, object hash, loads into the JIT, and for
     conv kernels and tuning decisions: exact against the reference on a small input."""
@@ -303,7 +328,10 @@ def verify_entry(e: dict) -> tuple[bool, str]:
         conv = entry_conv(e)
         if conv is None:
             return True, note
-        ok, why = check_exact(*conv)
+        target = entry_target(e)
+        if target is None:
+            return True, f"{note}; not run: built for ISA tier {entry_tier(e)!r}, which this CPU cannot execute"
+        ok, why = check_exact(*conv, target=target)
         return ok, (f"{note}; {why}" if ok else why)
     except Exception as exc:  # any failure is a bad entry, reported, not a crash
         return False, f"{type(exc).__name__}: {exc}"[:300]

@@ -57,6 +57,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dfpgen.runtime as dfp  # noqa: E402
+from dfpgen.errors import DfpError  # noqa: E402
 from dfpgen.examples import data, models  # noqa: E402
 
 PRECISIONS = ("fp32", "dfp16", "bf16")
@@ -386,6 +387,11 @@ def main(argv=None):
     args = parse_args(argv)
     if not data.available(args.data):
         print(f"error: {data.how_to_get(args.data)}", file=sys.stderr)
+        return 2
+    try:
+        dfp.check_environment()  # a bad DFPGEN_* variable: one line now, not a traceback later
+    except DfpError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     by_seed = None
     if args.compare:

@@ -10,7 +10,7 @@ functional: :func:`conv2d`, :func:`linear` (custom ops ``torch.ops.dfpgen.conv2d
 ``torch.ops.dfpgen.linear`` with autograd); settings: :func:`enabled`, :func:`set_enabled`,
 :func:`is_enabled` (env ``DFPGEN_DISABLE=1``), :func:`set_default_format`.
 """
-from .config import (default_format, default_grad_rounding, default_overflow, enabled,
+from .config import (check_environment, default_format, default_grad_rounding, default_overflow, enabled,
                      is_enabled, nonfinite_policy, set_default_format, set_enabled,
                      set_nonfinite_policy)
 from .convert import convert, dfp_layers, revert
@@ -26,4 +26,5 @@ __all__ = [
     "default_format", "default_overflow", "default_grad_rounding",
     "NumericsMonitor", "set_nonfinite_policy", "nonfinite_policy", "step_if_finite",
     "nonfinite_events", "NonfiniteStepWarning", "set_layer_policy", "layer_policies",
+    "check_environment",
 ]

@@ -261,3 +261,11 @@ def test_load_kernel_goes_through_the_cache(cache_tmp):
     f = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int32)(k.address)
     assert f(1) == 10 and k.source == "built"
     assert [e["symbol"] for e in cache.entries()] == ["dfp_test_lk"]
+
+
+def test_the_suite_never_writes_into_the_users_cache():
+    """tests/conftest.py points the suite at a cache of its own before dfpgen is imported."""
+    import platformdirs
+
+    from dfpgen import cache as c
+    assert c.cache_dir() != Path(platformdirs.user_cache_dir("dfpgen"))

@@ -163,6 +163,18 @@ def test_cache_verify_checks_tuned_conv_kernels_exactly(tmp_path):
     assert len(json.loads(dfpgen(tmp_path, "cache", "ls", "--json").stdout)) == len(before)
 
 
+def test_cache_verify_checks_each_entry_on_its_own_tier(tmp_path):
+    """Entries built under DFPGEN_ISA=avx2 and entries built for the host's tier share one
+    cache: verify, with or without the variable, runs each on the tier it was built for."""
+    for env in ({"DFPGEN_ISA": "avx2"}, {}):
+        r = dfpgen(tmp_path, "bench", "--layer", SMALL, "--repeats", "1", env=env or None)
+        assert r.returncode == 0, r.stderr
+    for env in ({"DFPGEN_ISA": "avx2"}, None):
+        v = dfpgen(tmp_path, "cache", "verify", env=env)
+        assert v.returncode == 0 and " 0 bad" in v.stdout, v.stdout + v.stderr
+        assert v.stdout.count("_avx2_") >= 1 and "exact on" in v.stdout, v.stdout
+
+
 def test_bench_json(tmp_path):
     r = dfpgen(tmp_path, "bench", "--layer", SMALL, "--repeats", "2", "--json")
     assert r.returncode == 0, r.stderr

@@ -30,6 +30,19 @@ def test_missing_data_gives_clear_error(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.skipif(not data.available(), reason="Fashion-MNIST idx files not installed")
+@pytest.mark.parametrize("var,value", [("DFPGEN_NUM_THREADS", "-3"), ("DFPGEN_ISA", "avx9"),
+                                       ("DFPGEN_CACHE", "maybe"), ("DFPGEN_DISABLE", "2")])
+def test_a_bad_variable_stops_the_example_in_one_line(tmp_path, var, value):
+    env = dict(os.environ, **{var: value})
+    r = subprocess.run([sys.executable, EXAMPLE, "--epochs", "1", "--train-subset", "64",
+                        "--test-subset", "64", "--no-progress", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: $" + var) and repr(value) in lines[0]
+
+
 @pytest.mark.skipif(not data.available(), reason=f"Fashion-MNIST idx files not in {data.default_dir()} "
                     "(apt-get install dataset-fashion-mnist)")
 def test_dfp16_short_training_run_learns(tmp_path):
