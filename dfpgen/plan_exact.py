@@ -62,17 +62,32 @@ def _levels(a: np.ndarray, blocks) -> dict[int, np.ndarray]:
 def _group_maxima(level: np.ndarray) -> np.ndarray:
     """``(taps,)`` float: entry ``ft - 1`` is the largest sum over one flush group of ``ft``
     taps of one (output, block) lane of ``level`` (taps, OUT, nb), for every ``ft`` at once.
-    Each group's sum is a sequential ``np.add.reduceat`` over its taps (still sums of
+    Each group's sum is a sequential add of its tap rows into one buffer (still sums of
     non-negative terms, so the error bound of ``exact_schedule`` holds). No matrix product:
     numpy hands those to its BLAS, whose worker threads then spin for a while after every
     call, taking a core from the kernel threads (measured: a 2-thread forward of
-    res4_branch2b ran at the speed of one thread)."""
+    res4_branch2b ran at the speed of one thread); row adds are also 14x faster than
+    ``np.add.reduceat`` over the tap axis (9 taps x 32768 lanes: 0.4 vs 5.5 ms)."""
     taps = level.shape[0]
     flat = level.reshape(taps, -1)
-    out = np.empty(taps, np.float64)
-    for ft in range(1, taps + 1):
-        sums = flat if ft == 1 else np.add.reduceat(flat, np.arange(0, taps, ft), axis=0)
-        out[ft - 1] = sums.max(initial=0)
+    out = np.zeros(taps, np.float64)
+    if flat.shape[1] == 0:
+        return out
+    row_max = flat.max(axis=1)
+    out[0] = row_max.max()
+    acc = np.empty(flat.shape[1], flat.dtype)
+    for ft in range(2, taps + 1):
+        best = 0.0
+        for t0 in range(0, taps, ft):
+            t1 = min(t0 + ft, taps)
+            if t1 - t0 == 1:
+                best = max(best, float(row_max[t0]))
+                continue
+            np.add(flat[t0], flat[t0 + 1], out=acc)
+            for t in range(t0 + 2, t1):
+                np.add(acc, flat[t], out=acc)
+            best = max(best, float(acc.max()))
+        out[ft - 1] = best
     return out
 
 
