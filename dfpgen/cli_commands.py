@@ -285,26 +285,19 @@ def entry_conv(e: dict):
     return None
 
 
-def entry_tier(e: dict) -> str | None:
-    """The ISA tier an entry was built for (kernels: their target's; tuning decisions: the
-    tier in their key fields), or ``None`` where the metadata does not say."""
-    f = e.get("fields") if isinstance(e.get("fields"), dict) else {}
-    t = f.get("target")
-    tier = t.get("tier") if isinstance(t, dict) else f.get("tier")
-    return tier if isinstance(tier, str) else None
-
-
 def entry_target(e: dict):
-    """The host target with the entry's own ISA tier (an entry built under ``DFPGEN_ISA=avx2``
-    is checked as AVX2 code whatever ``DFPGEN_ISA`` says now), or ``None`` when this CPU
-    cannot execute that tier. Entries that name no tier use the host's."""
+    """``(tier, target)``: the ISA tier an entry's key fields name and the host target with
+    that tier (an entry built under ``DFPGEN_ISA=avx2`` is checked as AVX2 code whatever
+    ``DFPGEN_ISA`` says now); target ``None`` when this CPU cannot execute the tier. Entries
+    that name no known tier use the host's."""
     from . import isa
     from .target import host_target
-    tier = entry_tier(e)
-    if tier is None or tier not in isa.NAMES:
-        return host_target()
+    f = e.get("fields") if isinstance(e.get("fields"), dict) else {}
+    tier = f["target"].get("tier") if isinstance(f.get("target"), dict) else None
+    if tier not in isa.NAMES:
+        return tier, host_target()
     t = host_target(tier)
-    return t if t.executable else None
+    return tier, (t if t.executable else None)
 
 
 def verify_entry(e: dict) -> tuple[bool, str]:
@@ -328,9 +321,9 @@ def verify_entry(e: dict) -> tuple[bool, str]:
         conv = entry_conv(e)
         if conv is None:
             return True, note
-        target = entry_target(e)
+        tier, target = entry_target(e)
         if target is None:
-            return True, f"{note}; not run: built for ISA tier {entry_tier(e)!r}, which this CPU cannot execute"
+            return True, f"{note}; not run: built for ISA tier {tier!r}, which this CPU cannot execute"
         ok, why = check_exact(*conv, target=target)
         return ok, (f"{note}; {why}" if ok else why)
     except Exception as exc:  # any failure is a bad entry, reported, not a crash

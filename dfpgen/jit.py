@@ -7,7 +7,6 @@ a second engine crashes the process (llvmlite 0.50 / LLVM 22).
 """
 from __future__ import annotations
 
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -118,9 +117,8 @@ def vector_spills(asm: str) -> list[str]:
     for ln in asm.splitlines():
         if "(%rsp)" not in ln:
             continue
-        parts = ln.split()
-        mnemonic = parts[0] if parts else ""
-        if re.search(r"%[yz]mm", ln) or ("%xmm" in ln and mnemonic not in _SCALAR_MOVES):
+        mnemonic = ln.split()[0]
+        if "%ymm" in ln or "%zmm" in ln or ("%xmm" in ln and mnemonic not in _SCALAR_MOVES):
             out.append(ln)
     return out
 

@@ -25,10 +25,6 @@ def _default(spec, target, mode):
     return tuning.default_config(spec, target)
 
 
-def _spills(asm: str) -> list[str]:
-    return vector_spills(asm)
-
-
 # Known spills, kept visible: strict xfail, so the fix that removes one fails here until the
 # mark goes too. Fast mode's saturation check costs registers the budgets do not count on any
 # tier (on AVX2 also the saturating add, which has no dword instruction and expands into
@@ -58,7 +54,7 @@ def test_default_kernels_of_every_tier_use_its_instruction_and_do_not_spill(tier
         for symbol, _, ir in kernel_sources(spec, _default(spec, t, mode), t, mode):
             asm = emit_assembly(ir, cpu=t.compile_cpu, features=t.compile_features, name=symbol)
             assert t.isa.dot_mnemonic in asm, (symbol, t.compile_cpu)
-            assert not _spills(asm), (symbol, _spills(asm)[:4])
+            assert not vector_spills(asm), (symbol, vector_spills(asm)[:4])
 
 
 def test_tier_records_are_consistent():
