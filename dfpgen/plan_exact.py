@@ -59,36 +59,46 @@ def _levels(a: np.ndarray, blocks) -> dict[int, np.ndarray]:
     return out
 
 
-def _group_maxima(level: np.ndarray) -> np.ndarray:
-    """``(taps,)`` float: entry ``ft - 1`` is the largest sum over one flush group of ``ft``
-    taps of one (output, block) lane of ``level`` (taps, OUT, nb), for every ``ft`` at once.
-    Each group's sum is a sequential add of its tap rows into one buffer (still sums of
-    non-negative terms, so the error bound of ``exact_schedule`` holds). No matrix product:
-    numpy hands those to its BLAS, whose worker threads then spin for a while after every
-    call, taking a core from the kernel threads (measured: a 2-thread forward of
-    res4_branch2b ran at the speed of one thread); row adds are also 14x faster than
-    ``np.add.reduceat`` over the tap axis (9 taps x 32768 lanes: 0.4 vs 5.5 ms)."""
-    taps = level.shape[0]
-    flat = level.reshape(taps, -1)
-    out = np.zeros(taps, np.float64)
-    if flat.shape[1] == 0:
-        return out
-    row_max = flat.max(axis=1)
-    out[0] = row_max.max()
-    acc = np.empty(flat.shape[1], flat.dtype)
-    for ft in range(2, taps + 1):
-        best = 0.0
-        for t0 in range(0, taps, ft):
-            t1 = min(t0 + ft, taps)
-            if t1 - t0 == 1:
-                best = max(best, float(row_max[t0]))
-                continue
-            np.add(flat[t0], flat[t0 + 1], out=acc)
-            for t in range(t0 + 2, t1):
-                np.add(acc, flat[t], out=acc)
-            best = max(best, float(acc.max()))
-        out[ft - 1] = best
-    return out
+class _GroupSums:
+    """The largest sum over one flush group of ``ft`` taps of any (output, block) lane of
+    ``level`` (taps, OUT, nb), for any ``ft``, from one float64 prefix sum over the taps:
+    each group's sum is one subtraction of two prefix rows, so a flush interval costs a few
+    whole-array numpy calls (not a Python loop over its groups and taps) and only the
+    intervals the search visits are evaluated. No matrix product: numpy hands those to its
+    BLAS, whose worker threads then spin for a while after every call, taking a core from
+    the kernel threads (measured: a 2-thread forward of res4_branch2b ran at the speed of one
+    thread).
+
+    Rounding: the prefix sums add at most ``taps`` non-negative float32 values in float64, so
+    each computed group sum is within ``slack`` (absolute; ``taps * 2**-51`` of the largest
+    prefix, far below one unit at INT32 scale) of the exact sum of the float32 values; the
+    caller compares ``max + slack`` against its shrunk limit."""
+
+    def __init__(self, level: np.ndarray):
+        taps = level.shape[0]
+        self.taps = taps
+        self.flat = level.reshape(taps, -1)
+        self.prefix = None
+        self.slack = 0.0
+
+    def max(self, ft: int) -> float:
+        flat = self.flat
+        if flat.shape[1] == 0:
+            return 0.0
+        if ft == 1:
+            return float(flat.max())
+        if self.prefix is None:
+            self.prefix = np.zeros((self.taps + 1, flat.shape[1]), np.float64)
+            np.cumsum(flat, axis=0, dtype=np.float64, out=self.prefix[1:])
+            self.slack = self.taps * 2.0 ** -51 * float(self.prefix[-1].max())
+        # full groups as two strided views of the prefix rows (no gather copies), then the
+        # shorter last group
+        pre, taps = self.prefix, self.taps
+        full = taps // ft * ft
+        best = float(np.subtract(pre[ft:full + 1:ft], pre[0:full - ft + 1:ft]).max())
+        if full < taps:
+            best = max(best, float(np.subtract(pre[taps], pre[full]).max()))
+        return best + self.slack
 
 
 def score(block: int, ft: int, tap_density: float = 1.0) -> float:
@@ -127,10 +137,11 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     taps, out, red = w_tor.shape
     # float32 halves the memory traffic of this (per-call) search. Every sum is of
     # non-negative terms: products rounded once, <= 8 pairwise-halving levels (blocks up to
-    # 128), <= taps tap additions in any order (the group sums of _group_maxima), so each
-    # computed sum is within gamma_n = n u / (1 - n u) of the true one (Higham 2002, §3.1;
-    # u = 2**-24, n = taps + 9). Comparing against a limit shrunk by 2 n u keeps the proof:
-    # true <= computed (1 + gamma_n) <= INT32_MAX.
+    # 128), so each float32 level sum is within gamma_n = n u / (1 - n u) of the true one
+    # (Higham 2002, §3.1; u = 2**-24, n = 9 here, taps + 9 kept as margin); the group sums
+    # over taps are float64 prefix differences, within _GroupSums.slack of the exact sum of
+    # those level values. Comparing (computed + slack) against a limit shrunk by 2 n u keeps
+    # the proof: true <= (computed + slack) (1 + gamma_n) <= INT32_MAX.
     limit = INT32_MAX * (1.0 - 2.0 * (taps + 9) * 2.0 ** -24)
     # |w| * max|x| = |w * max|x||: one relayout pass into C order, then abs in place
     a = np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], dtype=np.float32, order="C")
@@ -144,14 +155,13 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
         np.abs(a, out=a)
         parts = [_levels(a, blocks)]
 
-    maxima: dict[int, np.ndarray] = {}
+    sums: dict[int, list[_GroupSums]] = {}
 
     def group_max(block: int, ft: int) -> float:
-        # every flush interval of a block at once, on the block's first visit
-        hit = maxima.get(block)
+        hit = sums.get(block)
         if hit is None:
-            hit = maxima[block] = np.maximum.reduce([_group_maxima(lv[block]) for lv in parts])
-        return float(hit[ft - 1])
+            hit = sums[block] = [_GroupSums(lv[block]) for lv in parts]
+        return max(g.max(ft) for g in hit)
 
     rank = partial(score, tap_density=tap_density)
     best, best_score = (2, 1), rank(2, 1)
