@@ -227,7 +227,7 @@ def batch_stats(x: np.ndarray, *, name: str = "BatchNorm input", threads: int | 
     pmin = np.empty((nch, Cv), np.float32); pmax = np.empty((nch, Cv), np.float32)
     fn = _kernel("stats", target)
     ptrs = [a.ctypes.data for a in (x, psum, psq, pmin, pmax)]
-    _threads.parallel_for(nch, lambda b, e: fn(*ptrs, b, e, M, C, Cv), _nthreads(threads, nch, CHUNK * C))
+    _threads.parallel_call(fn, (*ptrs, M, C, Cv), 5, nch, _nthreads(threads, nch, CHUNK * C))
     st = combine_partials(psum, psq, pmin, pmax, C, M)
     if not (np.isfinite(st.sum).all() and np.isfinite(st.sumsq).all()):
         if not np.isfinite(x).all():
@@ -365,8 +365,7 @@ def forward(x: np.ndarray, stats: BnStats, scale, shift, *, relu: bool = True,
     scp, shp = _pad(sc, Cv), _pad(shift, Cv)
     ptr = lambda a: 0 if a is None else a.ctypes.data  # noqa: E731
     args = [ptr(x), ptr(residual), ptr(scp), ptr(shp), ptr(x_q), ptr(y_q), ptr(y_f), ptr(mask)]
-    _threads.parallel_for(M, lambda b, e: fn(*args, b, e, C, s1x, s2x, s1y, s2y, dqy),
-                          _nthreads(threads, M, C))
+    _threads.parallel_call(fn, (*args, C, s1x, s2x, s1y, s2y, dqy), 8, M, _nthreads(threads, M, C))
     # The output values' range: the quantized images of the bound (exact without residual).
     out_lo = (mantissa_f32(lo, y_exp, fmt) * np.float32(dqy)).astype(np.float32)
     out_hi = (mantissa_f32(hi, y_exp, fmt) * np.float32(dqy)).astype(np.float32)
@@ -421,7 +420,7 @@ def backward(dy: np.ndarray, x_q: np.ndarray, x_exp: int, sc, sh, mean, invstd, 
     meanp = _pad(mean, Cv)
     red = _kernel("bwd_reduce", target, **flags)
     rargs = [ptr(dy), ptr(x_q), ptr(mask), ptr(scp), ptr(shp), ptr(meanp), ptr(p1), ptr(p2)]
-    _threads.parallel_for(nch, lambda b, e: red(*rargs, b, e, M, C, Cv, exs), _nthreads(threads, nch, CHUNK * C))
+    _threads.parallel_call(red, (*rargs, M, C, Cv, exs), 8, nch, _nthreads(threads, nch, CHUNK * C))
     s1 = p1.sum(axis=0); s2 = p2.sum(axis=0)  # chunk order: bit-identical for any split
     dbeta, sxc = s1[:C], s2[:C]
     dgamma = sxc * invstd
@@ -438,7 +437,7 @@ def backward(dy: np.ndarray, x_q: np.ndarray, x_exp: int, sc, sh, mean, invstd, 
     dres = empty_aligned((M, C), np.float32) if residual else None
     dxk = _kernel("bwd_dx", target, **flags)
     dargs = [ptr(dy), ptr(x_q), ptr(mask), ptr(scp), ptr(shp), ptr(k1), ptr(k2), ptr(k3), ptr(dx), ptr(dres)]
-    _threads.parallel_for(M, lambda b, e: dxk(*dargs, b, e, C), _nthreads(threads, M, C))
+    _threads.parallel_call(dxk, (*dargs, C), 10, M, _nthreads(threads, M, C))
     return BnBackward(dx, dgamma, dbeta, dres)
 
 

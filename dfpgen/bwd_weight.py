@@ -41,7 +41,7 @@ from .render import render
 from .runinfo import RunInfo
 from .spec import ConvSpec
 from .target import CpuTarget, host_target
-from .threads import num_threads, parallel_for, threads_for
+from .threads import num_threads, parallel_call, threads_for
 from .tuning import TuningConfig
 
 # Fast mode default: 256 pixels per INT32 partial (the forward's c_block x R x S is 144 for a
@@ -129,7 +129,7 @@ def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout
     nt = max(1, min(threads or num_threads(), rows // MIN_PACK_ROWS_PER_THREAD))
     # base pointer of src as a view may start anywhere: ctypes.data is its first element
     args = (src.ctypes.data, zeros.ctypes.data, dst.ctypes.data, amax.ctypes.data, prm.ctypes.data)
-    parallel_for(rows, lambda b, e: fn(*args, b, e), nt)
+    parallel_call(fn, args, 5, rows, nt)
     return dst, amax
 
 
@@ -359,7 +359,7 @@ def execute(kernel: BwdWeightKernel, ops: BwdWeightOperands, threads: int | None
             dw.ctypes.data, fs, split.kb_group, split.group, split.n_groups)
     fn = kernel.fn
     t1 = time.perf_counter()
-    parallel_for(split.items, lambda b, e: fn(*args, b, e), nthreads)
+    parallel_call(fn, args, 17, split.items, nthreads)
     t_kernel = time.perf_counter() - t1
     config = kernel.config
     info = RunInfo(pass_kind="bwd_weight", overflow=kernel.mode, flush=flush, saturated=int(sat.sum()),

@@ -8,6 +8,7 @@ was found. An unset or empty (or all-blank) variable means the default.
 variable                  values                                                 default
 ========================  =====================================================  ===========
 ``DFPGEN_NUM_THREADS``    an integer >= 0; 0 means the default (as ``threads=0``)  CPUs of the process
+``DFPGEN_THREADING``      openmp (the process's OpenMP team) or python (own pool)  openmp
 ``DFPGEN_CACHE``          1/on/yes/true (disk cache) or 0/off/no/false (memory)    on
 ``DFPGEN_CACHE_DIR``      a directory path (created on first write)               user cache dir
 ``DFPGEN_ISA``            avx512_vnni, vnni256, avx2, generic (any case)          best for the CPU

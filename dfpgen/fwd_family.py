@@ -23,7 +23,6 @@ sums its reduction in one fixed order, so any thread count gives the same bits.
 from __future__ import annotations
 
 import ctypes
-import threading
 import time
 from dataclasses import asdict, replace
 from functools import lru_cache
@@ -37,7 +36,7 @@ from . import passes
 from .plan import KernelPlan, SubConv
 from .render import render
 from .runinfo import RunInfo
-from .threads import parallel_for, threads_for
+from .threads import num_threads, parallel_call, threads_for
 from .tuning import TuningConfig
 
 KERNEL_ABI = 3
@@ -120,18 +119,13 @@ class SubKernel:
         if total == 0:
             return 0, 0
         b = bias if bias is not None else ybuf
-        ptrs = (xbuf.ctypes.data, wpack.ctypes.data, ybuf.ctypes.data, b.ctypes.data)
-        flags = self.flags(flush_taps).ctypes.data
-        counts, lock = [], threading.Lock()
-
-        def chunk(begin: int, end: int) -> None:
-            sat = np.zeros(2, np.int64)
-            self.fn(*ptrs, ctypes.c_float(scale), begin, end, rows, sat.ctypes.data, flags)
-            with lock:
-                counts.append((int(sat[0]), int(sat[1])))
-
-        parallel_for(total, chunk, threads)
-        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+        n = min(threads or num_threads(), total)
+        # one (saturated, possibly) counter pair per range (argument 8), summed after
+        sat = np.zeros((n, 2), np.int64)
+        args = (xbuf.ctypes.data, wpack.ctypes.data, ybuf.ctypes.data, b.ctypes.data,
+                ctypes.c_float(scale), rows, sat.ctypes.data, self.flags(flush_taps).ctypes.data)
+        parallel_call(self.fn, args, 5, total, n, per_thread=(8, sat.strides[0]))
+        return int(sat[:, 0].sum()), int(sat[:, 1].sum())
 
 
 class ConvKernel:

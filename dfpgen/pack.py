@@ -185,15 +185,7 @@ def max_abs(flat: np.ndarray, *, name: str = "tensor", threads: int | None = Non
         return 0.0
     fn = _kernel("maxabs", DFP16, target or host_target())
     nt = _split_threads(threads, total, 1)
-    ranges = _threads.split(total, nt)
-    out = [0] * len(ranges)
-    ptr = flat.ctypes.data
-
-    def work(b: int, e: int) -> None:
-        for j in range(b, e):
-            out[j] = fn(ptr, ranges[j][0], ranges[j][1])
-
-    _threads.parallel_for(len(ranges), work, nt)
+    out = _threads.parallel_call(fn, (flat.ctypes.data,), 1, total, nt, results=True)
     bits = max(out)
     if bits >= NONFINITE_BITS:
         raise_nonfinite(flat if logical is None else logical, name=name)
@@ -261,7 +253,7 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
     if layout == "nhwc":
         items = N * H * W
         nt = _split_threads(threads, items, C)
-        _threads.parallel_for(items, lambda b, e: fn(xp, op, b, e, C, H * W, s1, s2, seedmix), nt)
+        _threads.parallel_call(fn, (xp, op, C, H * W, s1, s2, seedmix), 2, items, nt)
     else:
         lanes = target.vector_bits // 32
         pad = _nchw_pad(mem, lanes)
@@ -269,7 +261,7 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
         tile = max(1, min(nblk, NCHW_TILE_BYTES // (lanes * Cp * 2)))
         items = N * (-(-nblk // tile))
         nt = _split_threads(threads, items, C * lanes * tile)
-        _threads.parallel_for(items, lambda b, e: fn(xp, op, b, e, C, H * W, s1, s2, seedmix, tile, pad), nt)
+        _threads.parallel_call(fn, (xp, op, C, H * W, s1, s2, seedmix, tile, pad), 2, items, nt)
     return DfpTensor(_logical(buf, C), E, fmt)
 
 

@@ -103,3 +103,41 @@ def parallel_for(total: int, fn: Callable[[int, int], None], threads: int | None
     fn(*ranges[0])
     for f in futures:
         f.result()
+
+
+def parallel_call(fn, args: tuple, begin_at: int, total: int, threads: int | None = None,
+                  per_thread: tuple[int, int] | None = None, results: bool = False):
+    """Call kernel ``fn`` (a ctypes function) over a split of [0, total): its arguments are
+    ``args`` with the work range ``(begin, end)`` inserted at position ``begin_at``.
+
+    On the process's OpenMP team when one is attached (:mod:`dfpgen.openmp`), else on the
+    Python pool; both split as :func:`split`. ``per_thread=(index, stride)``: the pointer
+    argument at ``index`` (of the full argument list) moves ``stride`` bytes per range, for
+    per-range counters. ``results=True`` returns the list of every range's return value
+    (one per range). Returns None otherwise."""
+    if total <= 0:
+        return [] if results else None
+    n = min(threads or num_threads(), total)
+    full = list(args[:begin_at]) + [0, 0] + list(args[begin_at:])
+    if n > 1:
+        from . import openmp
+        if openmp.active():
+            out = openmp.run(fn, tuple(full), begin_at, total, n, per_thread, results)
+            return out[:n] if results else None
+    ranges = split(total, n)
+    out = [0] * len(ranges)
+
+    def one(i: int) -> None:
+        a = list(full)
+        a[begin_at], a[begin_at + 1] = ranges[i]
+        if per_thread is not None:
+            idx, stride = per_thread
+            a[idx] = _as_int(a[idx]) + i * stride
+        out[i] = fn(*a)
+
+    parallel_for(len(ranges), lambda b, e: [one(i) for i in range(b, e)], len(ranges))
+    return out if results else None
+
+
+def _as_int(v) -> int:
+    return int(v.value or 0) if hasattr(v, "value") else int(v)

@@ -120,12 +120,13 @@ def nonfinite_policy() -> str:
 
 
 def check_environment() -> None:
-    """Read every ``DFPGEN_*`` variable the way dfpgen will (thread count, cache switch and
+    """Read every ``DFPGEN_*`` variable the way dfpgen will (thread count and threading, cache switch and
     directory, ISA tier, verbosity, the DFP16 switch) and raise :class:`DfpError` naming the
     first bad one, so a script can refuse it in one line before any work starts instead of
     failing inside its first layer (``dfpgen/env.py`` lists the variables and their ranges)."""
-    from dfpgen import cache, log, target, threads
+    from dfpgen import cache, log, openmp, target, threads
     threads.num_threads()
+    openmp.threading_mode()
     cache.disk_enabled()
     cache.cache_dir()
     target.host_target()

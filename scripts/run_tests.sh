@@ -12,7 +12,7 @@ native=$(env -u DFPGEN_ISA "$VPY" -c "from dfpgen.target import native_target; t
 if [ "$native" = avx512_vnni ] || [ "$native" = vnni256 ]; then
     echo "== kernel tests again on the AVX2 tier (DFPGEN_ISA=avx2; this host's tier is $native)"
     DFPGEN_ISA=avx2 "$VPY" -m pytest -q tests/test_tiers.py tests/test_conv_fwd.py \
-        tests/test_conv_bwd_data.py tests/test_conv_bwd_weight.py tests/test_isa_tiers.py tests/test_threads.py
+        tests/test_conv_bwd_data.py tests/test_conv_bwd_weight.py tests/test_isa_tiers.py tests/test_threads.py tests/test_openmp.py
     rc=$?
     if [ $rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi
 fi
