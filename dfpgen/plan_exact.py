@@ -59,6 +59,10 @@ def _levels(a: np.ndarray, blocks) -> dict[int, np.ndarray]:
     return out
 
 
+# largest (taps + 1)**2 x lanes table of all group sums _GroupSums builds at once (2 MB)
+PAIR_TABLE_ELEMS = 1 << 18
+
+
 class _GroupSums:
     """The largest sum over one flush group of ``ft`` taps of any (output, block) lane of
     ``level`` (taps, OUT, nb), for any ``ft``, from one float64 prefix sum over the taps:
@@ -79,6 +83,7 @@ class _GroupSums:
         self.taps = taps
         self.flat = level.reshape(taps, -1)
         self.prefix = None
+        self.pairs = None
         self.slack = 0.0
 
     def max(self, ft: int) -> float:
@@ -91,6 +96,14 @@ class _GroupSums:
             self.prefix = np.zeros((self.taps + 1, flat.shape[1]), np.float64)
             np.cumsum(flat, axis=0, dtype=np.float64, out=self.prefix[1:])
             self.slack = self.taps * 2.0 ** -51 * float(self.prefix[-1].max())
+            if (self.taps + 1) ** 2 * flat.shape[1] <= PAIR_TABLE_ELEMS:
+                # small layers: every (first tap, end tap) group at once, then any interval
+                # is a few lookups (the search visits up to ~20 of them per call)
+                pre = self.prefix
+                self.pairs = (pre[None, :, :] - pre[:, None, :]).max(axis=2).tolist()
+        if self.pairs is not None:
+            taps, pairs = self.taps, self.pairs
+            return max(pairs[t0][min(t0 + ft, taps)] for t0 in range(0, taps, ft)) + self.slack
         # full groups as two strided views of the prefix rows (no gather copies), then the
         # shorter last group
         pre, taps = self.prefix, self.taps

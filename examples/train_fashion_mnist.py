@@ -34,31 +34,12 @@ import sys
 import time
 
 
-def _precision_from_argv(argv) -> str:
-    for i, a in enumerate(argv):
-        if a == "--precision" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--precision="):
-            return a.split("=", 1)[1]
-    return "dfp16"
+import torch
+import torch.nn.functional as F
 
-
-# DFP16 kernels run on dfpgen's threads between PyTorch's OpenMP regions; OpenMP's default
-# spin-waiting keeps both cores busy after each region and slows both sides (measured on 2
-# cores, ResNet-20 batch 64: DFP16 step 276-416 ms with the default, 211-258 ms with PASSIVE;
-# FP32 90 ms with the default, 108-115 ms with PASSIVE). So DFP16 processes wait passively,
-# the others keep the default; it must be set before torch loads libgomp. A value the user
-# set is left alone.
-USER_OMP_WAIT = os.environ.get("OMP_WAIT_POLICY")
-if USER_OMP_WAIT is None and "--compare" not in sys.argv and _precision_from_argv(sys.argv) == "dfp16":
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import dfpgen.runtime as dfp  # noqa: E402
-from dfpgen.errors import DfpError  # noqa: E402
-from dfpgen.examples import data, models  # noqa: E402
+import dfpgen.runtime as dfp
+from dfpgen.errors import DfpError
+from dfpgen.examples import data, models
 
 PRECISIONS = ("fp32", "dfp16", "bf16")
 
