@@ -189,6 +189,9 @@ def _launcher_ir(kinds: tuple, ret: str, begin_at: int, name: str) -> str:
                   f"  %resp = getelementptr i64, ptr %job, i64 {_RESULTS}",
                   "  %resi = load i64, ptr %resp, align 8",
                   "  %res = inttoptr i64 %resi to ptr",
+                  "  %noout = icmp eq i64 %resi, 0",  # results not asked for
+                  "  br i1 %noout, label %done, label %keep",
+                  "keep:",
                   "  %slot = getelementptr i64, ptr %res, i64 %tid",
                   "  store i64 %r64, ptr %slot, align 8"]
     lines += ["  br label %done", "done:", "  ret void", "}",
@@ -202,12 +205,13 @@ _ENTRY = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32)
 
 
 def launcher(proto, begin_at: int):
-    """The compiled entry for kernels of ctypes prototype ``proto`` whose work range is
-    arguments ``begin_at, begin_at + 1``: ``entry(job_address, threads)``."""
-    sig = _signature(proto, begin_at)
-    hit = _launchers.get(sig)
+    """``(entry, argument kinds)`` for kernels of ctypes prototype ``proto`` whose work range
+    is arguments ``begin_at, begin_at + 1``; the compiled entry is ``entry(job_address,
+    threads)``."""
+    hit = _launchers.get((proto, begin_at))
     if hit is not None:
         return hit
+    sig = _signature(proto, begin_at)
     from . import jit
     name = "dfpgen_omp_" + hashlib.sha1(repr(sig).encode()).hexdigest()[:16]
     ir = _launcher_ir(*sig, name)
@@ -215,7 +219,7 @@ def launcher(proto, begin_at: int):
     obj = jit.compile_ir(ir, cpu="x86-64", features="", opt=2, name=name).obj
     addr = jit.load(obj, [name])[name]
     with _lock:
-        hit = _launchers.setdefault(sig, _ENTRY(addr))
+        hit = _launchers.setdefault((proto, begin_at), (_ENTRY(addr), sig[0]))
     return hit
 
 
@@ -237,9 +241,7 @@ def run(fn, args: tuple, begin_at: int, total: int, threads: int,
     two slots included as placeholders) on ``threads`` OpenMP threads, each with its part of
     ``[0, total)`` at ``begin_at``. ``per_thread=(index, stride)``: pointer argument ``index``
     moves ``stride`` bytes per thread. ``results``: return each thread's return value."""
-    proto = type(fn)
-    entry = launcher(proto, begin_at)
-    kinds = _signature(proto, begin_at)[0]
+    entry, kinds = launcher(type(fn), begin_at)
     job = (ctypes.c_int64 * (_ARGS + len(kinds)))()
     job[_FN] = ctypes.cast(fn, ctypes.c_void_p).value
     job[_TOTAL] = total

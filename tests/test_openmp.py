@@ -122,3 +122,30 @@ def test_a_bad_threading_variable_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("DFPGEN_THREADING", "tbb")
     with pytest.raises(dfpgen.DfpError, match=r"^\$DFPGEN_THREADING must be one of openmp, python, got 'tbb'$"):
         dfpgen.runtime.check_environment()
+
+
+def test_two_python_threads_run_kernels_on_their_own_teams_at_once(mark):
+    # each calling thread gets its own OpenMP team: concurrent launches neither mix their
+    # ranges nor lose any
+    import threading
+    outs = [np.full(1000, -1, np.int64) for _ in range(4)]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(50):
+                counters = np.zeros((2, 3), np.int64)
+                parallel_call(mark, (outs[i].ctypes.data, i, counters.ctypes.data, 0.0, 0.0), 1,
+                              1000, 2, per_thread=(4, counters.strides[0]))
+                assert sorted(counters[:, 0].tolist()) == [500, 500]
+        except AssertionError as exc:
+            errors.append(exc)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    for i, out in enumerate(outs):
+        assert np.array_equal(out, np.repeat([0 * 1000 + i, 500 * 1000 + i], 500))
