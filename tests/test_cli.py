@@ -58,6 +58,13 @@ def test_info_text_and_json(tmp_path):
     assert info["int16_dot"].startswith(("vpdpwssd", "vpmaddwd", "LLVM"))
     if info["executable"] and info["tier"] != "generic":
         assert info["int16_dot_peak_gmacs_per_core"] > 1.0 and info["fp32_fma_peak_gmacs_per_core"] > 1.0
+    # the CLI loads no PyTorch, so no OpenMP runtime to attach: its own pool, said so
+    assert info["threading"].startswith("python pool here (no OpenMP runtime loaded)")
+    forced = json.loads(dfpgen(tmp_path, "info", "--json", env={"DFPGEN_THREADING": "Python"}).stdout)
+    assert forced["threading"] == "python pool ($DFPGEN_THREADING=python)"
+    bad = dfpgen(tmp_path, "info", env={"DFPGEN_THREADING": "tbb"})
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "dfpgen: error: $DFPGEN_THREADING must be one of openmp, python, got 'tbb'"], bad.stderr
     text = dfpgen(tmp_path, "info")
     assert text.returncode == 0 and info["cpu"] in text.stdout and "int16 dot peak" in text.stdout
 
