@@ -105,7 +105,8 @@ def attached_path() -> str | None:
 # ----------------------------------------------------------------------------- launchers
 _KINDS = {ctypes.c_void_p: "ptr", ctypes.c_int64: "i64", ctypes.c_int32: "i32", ctypes.c_uint32: "i32",
           ctypes.c_float: "float", ctypes.c_double: "double"}
-_RET = {None: "void", ctypes.c_uint32: "i32", ctypes.c_int32: "i32", ctypes.c_int64: "i64"}
+_RET = {None: "void", ctypes.c_uint32: "u32", ctypes.c_int32: "i32", ctypes.c_int64: "i64"}
+_WIDEN = {"u32": "zext i32 %r to i64", "i32": "sext i32 %r to i64", "i64": "add i64 %r, 0"}
 
 
 def _signature(proto, begin_at: int) -> tuple:
@@ -180,12 +181,12 @@ def _launcher_ir(kinds: tuple, ret: str, begin_at: int, name: str) -> str:
         else:
             lines.append(f"  %a{i} = bitcast i64 %s{i} to double")
         args.append(f"{kind} %a{i}")
-    call = f"call {ret} %fn({', '.join(args)})"
+    call = f"call {'i32' if ret == 'u32' else ret} %fn({', '.join(args)})"
     if ret == "void":
         lines.append(f"  {call}")
     else:
         lines += [f"  %r = {call}",
-                  "  %r64 = " + ("zext i32 %r to i64" if ret == "i32" else "add i64 %r, 0"),
+                  "  %r64 = " + _WIDEN[ret],
                   f"  %resp = getelementptr i64, ptr %job, i64 {_RESULTS}",
                   "  %resi = load i64, ptr %resp, align 8",
                   "  %res = inttoptr i64 %resi to ptr",
@@ -230,8 +231,8 @@ def _slot(kind: str, value) -> int:
         return int(value or 0)
     if kind in ("i64", "i32"):
         return int(value)
-    if kind == "float":
-        return struct.unpack("<I", struct.pack("<f", value))[0]
+    if kind == "float":  # as ctypes converts: out-of-range values become +-inf
+        return struct.unpack("<I", bytes(ctypes.c_float(value)))[0]
     return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
@@ -240,8 +241,15 @@ def run(fn, args: tuple, begin_at: int, total: int, threads: int,
     """Call kernel ``fn`` (a ctypes function) with ``args`` (its arguments, the work range's
     two slots included as placeholders) on ``threads`` OpenMP threads, each with its part of
     ``[0, total)`` at ``begin_at``. ``per_thread=(index, stride)``: pointer argument ``index``
-    moves ``stride`` bytes per thread. ``results``: return each thread's return value."""
+    moves ``stride`` bytes per thread. ``results``: return each thread's return value.
+    Should the runtime give a smaller team (``OMP_THREAD_LIMIT``, ``OMP_DYNAMIC``), the ranges
+    split ``total`` over that team and the missing threads' results read 0; every dfpgen
+    kernel writes disjoint outputs per range, so the bits do not change."""
     entry, kinds = launcher(type(fn), begin_at)
+    if len(args) != len(kinds):  # as ctypes would refuse the call
+        raise DfpError(f"kernel takes {len(kinds)} arguments, got {len(args)}")
+    if per_thread and kinds[per_thread[0]] != "ptr":
+        raise DfpError(f"per-thread argument {per_thread[0]} is not a pointer")
     job = (ctypes.c_int64 * (_ARGS + len(kinds)))()
     job[_FN] = ctypes.cast(fn, ctypes.c_void_p).value
     job[_TOTAL] = total

@@ -16,6 +16,7 @@ from .errors import DfpError
 ENV_THREADS = "DFPGEN_NUM_THREADS"
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0  # the process that made _pool: a forked child has none of its worker threads
 _lock = threading.Lock()
 _override: int | None = None
 
@@ -66,14 +67,14 @@ def threads_for(macs: int) -> int:
 
 
 def _get_pool(n: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    global _pool, _pool_size, _pool_pid
     with _lock:
-        if _pool is None or _pool_size < n:
+        if _pool is None or _pool_size < n or _pool_pid != os.getpid():
             # The old pool is dropped, not shut down: another Python thread may be between
             # _get_pool and submit on it ("cannot schedule new futures after shutdown"). Its
             # idle workers exit once the last reference goes (sizes only grow: few pools).
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="dfpgen")
-            _pool_size = n
+            _pool_size, _pool_pid = n, os.getpid()
         return _pool
 
 

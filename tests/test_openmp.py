@@ -149,3 +149,62 @@ def test_two_python_threads_run_kernels_on_their_own_teams_at_once(mark):
     assert not errors
     for i, out in enumerate(outs):
         assert np.array_equal(out, np.repeat([0 * 1000 + i, 500 * 1000 + i], 500))
+
+
+_NEG_IR = """
+define i32 @dfpgen_test_neg(i64 %b, i64 %e, float %f) {
+  %isinf = fcmp oeq float %f, 0x7FF0000000000000
+  %b32 = trunc i64 %b to i32
+  %neg = sub i32 -1, %b32
+  %r = select i1 %isinf, i32 %neg, i32 7
+  ret i32 %r
+}
+"""
+
+
+@pytest.mark.parametrize("threading", ["openmp", "python"])
+def test_signed_returns_and_out_of_range_floats_marshal_as_ctypes_does(monkeypatch, threading):
+    monkeypatch.setenv("DFPGEN_THREADING", threading)
+    proto = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_float)
+    obj = jit.compile_ir(_NEG_IR, cpu="x86-64", features="", opt=1, name="neg").obj
+    neg = proto(jit.load(obj, ["dfpgen_test_neg"])["dfpgen_test_neg"])
+    got = parallel_call(neg, (1e39,), 0, 10, 3, results=True)  # 1e39 -> +inf in float32
+    assert got == [-1 - b for b, _ in split(10, 3)]
+
+
+def test_a_wrong_argument_list_is_refused_not_zero_filled(mark, monkeypatch):
+    monkeypatch.setenv("DFPGEN_THREADING", "openmp")
+    out = np.zeros(4, np.int64)
+    with pytest.raises(dfpgen.DfpError, match="kernel takes 7 arguments, got 5"):
+        parallel_call(mark, (out.ctypes.data, 7, 0.0), 1, 4, 2)
+    with pytest.raises(dfpgen.DfpError, match="per-thread argument 3 is not a pointer"):
+        parallel_call(mark, (out.ctypes.data, 7, out.ctypes.data, 0.0, 0.0), 1, 4, 2,
+                      per_thread=(3, 8))
+
+
+def test_a_forked_child_of_a_python_pool_parent_gets_a_pool_of_its_own(mark, monkeypatch):
+    # the parent's pool threads do not exist in the child: reusing that pool would hang
+    import time
+    monkeypatch.setenv("DFPGEN_THREADING", "python")
+    out = np.zeros(8, np.int64)
+    counters = np.zeros((2, 3), np.int64)
+    args = (out.ctypes.data, 1, counters.ctypes.data, 0.0, 0.0)
+    parallel_call(mark, args, 1, 8, 2, per_thread=(4, 24))  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:
+        try:
+            parallel_call(mark, args, 1, 8, 2, per_thread=(4, 24))
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on its parent's thread pool")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
