@@ -131,7 +131,11 @@ class DFPBatchNorm2d(nn.BatchNorm2d):
         y = super().forward(x)
         if residual is not None:
             y = y + residual
-        return F.relu(y) if self.fuse != "none" else y
+        if self.fuse == "none":
+            return y
+        y = F.relu(y)
+        y._dfp_relu = y._version  # the FusedReLU after it passes it through (ReLU once, as fused)
+        return y
 
     def _kernel_reason(self, x: Tensor, residual: Optional[Tensor]) -> Optional[str]:
         if x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
@@ -197,6 +201,8 @@ class FusedReLU(nn.ReLU):
     several call sites stays correct at every one of them."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if config.is_enabled() and getattr(x, "_dfp_relu", None) == x._version:
+        # the tag, not the DFP16 switch: the unfused path (DFP16 off) applied ReLU too, and a
+        # second, in-place ReLU would bump the version of the tensor ReLU's backward saved
+        if getattr(x, "_dfp_relu", None) == x._version:
             return x
         return F.relu(x, inplace=self.inplace)

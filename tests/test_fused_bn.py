@@ -131,6 +131,30 @@ def test_no_grad_saves_nothing_and_disabled_is_pytorch_bit_for_bit():
     assert torch.equal(m2.running_var, ref2.running_var)
 
 
+@pytest.mark.parametrize("how", ["context", "env"])
+def test_a_converted_model_trains_in_fp32_with_dfp16_switched_off(how, monkeypatch):
+    # the README's A/B switch on a fused model: the unfused BatchNorm applies ReLU, the
+    # in-place ReLU after it must not apply it again (autograd saved that output), and the
+    # step is PyTorch's own, bit for bit
+    torch.manual_seed(0)
+    ref = models.resnet20()
+    m = models.resnet20()
+    m.load_state_dict(ref.state_dict())
+    dfp.convert(m, fuse=True)
+    assert any(isinstance(mod, FusedReLU) for mod in m.modules())
+    x = torch.randn(4, 1, 28, 28)
+    y = torch.randint(0, 10, (4,))
+    if how == "env":
+        monkeypatch.setenv("DFPGEN_DISABLE", "1")
+        F.cross_entropy(m(x), y).backward()
+    else:
+        with dfp.enabled(False):
+            F.cross_entropy(m(x), y).backward()
+    F.cross_entropy(ref(x), y).backward()
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
 def test_autograd_keeps_int16_only_at_a_conv_bn_relu_junction():
     torch.manual_seed(0)
     model = dfp.convert(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
