@@ -190,18 +190,8 @@ def _emit_json(obj) -> None:
 
 
 # ----------------------------------------------------------------------------- commands
-def _threading_line() -> str:
-    """Where parallel kernels run in this process (dfpgen/openmp.py)."""
-    from . import openmp
-    if openmp.threading_mode() == "python":
-        return "python pool ($DFPGEN_THREADING=python)"
-    if openmp.active():
-        return f"openmp team of {openmp.attached_path()}"
-    return "python pool here (no OpenMP runtime loaded); import dfpgen.runtime runs kernels on PyTorch's OpenMP team"
-
-
 def cmd_info(args) -> int:
-    from . import cache, jit, peak
+    from . import cache, jit, openmp, peak
     from .target import host_target
     from .threads import num_threads
     t = host_target()
@@ -212,7 +202,7 @@ def cmd_info(args) -> int:
             "cache_dir": str(cache.cache_dir()), "cache_enabled": usable,
             **({} if usable else {"cache_note": why + "; kernels are kept in memory only"}),
             "cache_bytes": cache.size_bytes(), "cache_entries": sum(1 for _ in cache.entries())}
-    info["threading"] = _threading_line()
+    info["threading"] = openmp.describe()
     info["int16_dot"] = t.isa.dot_insn
     if t.executable:
         dp, fp = peak.peak_or_none(t), peak.fma_peak(t).gmacs

@@ -36,7 +36,7 @@ from . import passes
 from .plan import KernelPlan, SubConv
 from .render import render
 from .runinfo import RunInfo
-from .threads import num_threads, parallel_call, threads_for
+from .threads import parallel_call, range_count, threads_for
 from .tuning import TuningConfig
 
 KERNEL_ABI = 3
@@ -119,12 +119,11 @@ class SubKernel:
         if total == 0:
             return 0, 0
         b = bias if bias is not None else ybuf
-        n = min(threads or num_threads(), total)
         # one (saturated, possibly) counter pair per range (argument 8), summed after
-        sat = np.zeros((n, 2), np.int64)
+        sat = np.zeros((range_count(total, threads), 2), np.int64)
         args = (xbuf.ctypes.data, wpack.ctypes.data, ybuf.ctypes.data, b.ctypes.data,
                 ctypes.c_float(scale), rows, sat.ctypes.data, self.flags(flush_taps).ctypes.data)
-        parallel_call(self.fn, args, 5, total, n, per_thread=(8, sat.strides[0]))
+        parallel_call(self.fn, args, 5, total, threads, per_thread=(8, sat.strides[0]))
         return int(sat[:, 0].sum()), int(sat[:, 1].sum())
 
 

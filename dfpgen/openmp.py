@@ -97,6 +97,17 @@ def threading_mode() -> str:
     return env.choice(ENV_THREADING, THREADING_CHOICES) or "openmp"
 
 
+def describe() -> str:
+    """One line on where parallel kernels run in this process (``dfpgen info``, the verbose
+    log). Raises :class:`DfpError` for a bad ``$DFPGEN_THREADING``."""
+    if threading_mode() == "python":
+        return "python pool ($DFPGEN_THREADING=python)"
+    if active():
+        return f"openmp team of {attached_path()}"
+    return ("python pool here (no OpenMP runtime loaded); import dfpgen.runtime runs kernels on "
+            "PyTorch's OpenMP team")
+
+
 def attached_path() -> str | None:
     """The attached runtime's path (None when none is)."""
     return None if _attached is None else _attached["path"]

@@ -118,17 +118,16 @@ def parallel_call(fn, args: tuple, begin_at: int, total: int, threads: int | Non
     (one per range). Returns None otherwise."""
     if total <= 0:
         return [] if results else None
-    n = min(threads or num_threads(), total)
+    n = range_count(total, threads)
     full = list(args[:begin_at]) + [0, 0] + list(args[begin_at:])
     if n > 1:
         from . import openmp
         if openmp.active():
-            out = openmp.run(fn, tuple(full), begin_at, total, n, per_thread, results)
-            return out[:n] if results else None
+            return openmp.run(fn, tuple(full), begin_at, total, n, per_thread, results)
     ranges = split(total, n)
-    out = [0] * len(ranges)
+    out = [0] * n
 
-    def one(i: int) -> None:
+    def one(i: int, _end: int) -> None:  # parallel_for over the n ranges: item i is range i
         a = list(full)
         a[begin_at], a[begin_at + 1] = ranges[i]
         if per_thread is not None:
@@ -136,8 +135,14 @@ def parallel_call(fn, args: tuple, begin_at: int, total: int, threads: int | Non
             a[idx] = _as_int(a[idx]) + i * stride
         out[i] = fn(*a)
 
-    parallel_for(len(ranges), lambda b, e: [one(i) for i in range(b, e)], len(ranges))
+    parallel_for(n, one, n)
     return out if results else None
+
+
+def range_count(total: int, threads: int | None = None) -> int:
+    """How many ranges :func:`parallel_call` splits ``total`` items into on ``threads``
+    threads (None or 0: :func:`num_threads`): size per-range buffers with it."""
+    return max(1, min(threads or num_threads(), total))
 
 
 def _as_int(v) -> int:

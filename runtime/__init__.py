@@ -30,21 +30,20 @@ __all__ = [
 ]
 
 
-
 def _attach_openmp() -> None:
     # dfpgen's parallel kernels run on PyTorch's OpenMP team, not on a second pool of
     # threads competing with it for the cores (dfpgen/openmp.py says why and how)
     from dfpgen import log, openmp
     from dfpgen.errors import DfpError
     try:
-        found = openmp.attach()
-        what = openmp.attached_path() if found else "no OpenMP runtime loaded: Python thread pool"
+        openmp.attach()
+        what = None
     except DfpError as exc:  # an unusable runtime: the Python pool still works
         what = f"not attached ({exc}): Python thread pool"
     try:
         if log.verbose():
-            log.line("threads", "openmp", what)
-    except DfpError:  # a bad $DFPGEN_VERBOSE is reported where it is read for real
+            log.line("threads", "openmp", what or openmp.describe())
+    except DfpError:  # a bad $DFPGEN_VERBOSE or $DFPGEN_THREADING is reported where it is read for real
         pass
 
 
