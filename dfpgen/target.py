@@ -157,11 +157,18 @@ def host_target(tier: str | None = None) -> CpuTarget:
 
     Raises :class:`DfpError` for an unknown tier name.
     """
-    env = None if tier is not None else choice(ENV_ISA, TIERS)
-    target = _host(tier or env)
+    target, forced = configured_target(tier)
     if tier is None:
-        _announce(target.tier, bool(env))
+        _announce(target.tier, forced)
     return target
+
+
+def configured_target(tier: str | None = None) -> tuple[CpuTarget, bool]:
+    """What :func:`host_target` returns, and whether ``$DFPGEN_ISA`` forced its tier, without
+    the stderr tier note (for validating the environment: a note must not add a line to the
+    one-line error that may follow). Raises :class:`DfpError` for an unknown tier name."""
+    env = None if tier is not None else choice(ENV_ISA, TIERS)
+    return _host(tier or env), bool(env)
 
 
 _announced: set = set()

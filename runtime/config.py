@@ -129,6 +129,6 @@ def check_environment() -> None:
     openmp.threading_mode()
     cache.disk_enabled()
     cache.cache_dir()
-    target.host_target()
+    target.configured_target()  # no tier note here: an error may follow
     log.verbose()
     is_enabled()
