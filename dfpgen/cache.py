@@ -43,7 +43,7 @@ import filelock
 import platformdirs
 
 from .env import flag, raw
-from .errors import CacheWarning
+from .errors import CacheWarning, caller_stacklevel
 from .jit import llvm_versions
 from .render import generator_hash
 
@@ -158,7 +158,7 @@ def _warn_disk_once(exc: BaseException) -> None:
         _disk_warned = True
     warnings.warn(f"dfpgen cache directory {cache_dir()} is not usable ({exc}); "
                   "kernels and tuning decisions are kept in memory for this process",
-                  CacheWarning, stacklevel=4)
+                  CacheWarning, stacklevel=caller_stacklevel())
 
 
 def _file_lock(path: Path):
@@ -236,7 +236,8 @@ def get_or_build(fields: dict, build: Callable[[], bytes]) -> tuple[bytes, str]:
         if obj is not None:
             return _remember(key, obj, "disk")
         if bad:
-            warnings.warn(f"dfpgen cache entry ignored and rebuilt: {bad}", CacheWarning, stacklevel=2)
+            warnings.warn(f"dfpgen cache entry ignored and rebuilt: {bad}", CacheWarning,
+                          stacklevel=caller_stacklevel())
             try:  # readers must never pair the stale metadata with the new object
                 meta_path.unlink()
             except OSError:
@@ -298,7 +299,7 @@ def load_tuning(fields: dict) -> dict | None:
             raise TypeError("value is not an object")
     except (ValueError, KeyError, TypeError) as exc:
         warnings.warn(f"dfpgen tuning entry {path} is unreadable ({type(exc).__name__}); ignored",
-                      CacheWarning, stacklevel=2)
+                      CacheWarning, stacklevel=caller_stacklevel())
         return None
     with _lock:
         _mem_tuning[key] = value

@@ -211,15 +211,14 @@ def cmd_info(args) -> int:
     if args.json:
         _emit_json(info)
         return 0
-    from rich.table import Table
-    tab = Table(show_header=False, box=None)
+    # plain "key  value" lines: no padding to the widest value, no wrapping (greppable)
+    width = max(len(k) for k in info)
     for k, v in info.items():
         if isinstance(v, float):
             v = f"{v:.1f}"
         elif isinstance(v, list):
             v = " ".join(v)
-        tab.add_row(k.replace("_", " "), str(v))
-    _console(False).print(tab)
+        print(f"{k.replace('_', ' '):<{width}}  {v}")
     return 0
 
 

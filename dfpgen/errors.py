@@ -22,3 +22,17 @@ class KernelBuildError(RuntimeError):
 
 class CacheWarning(UserWarning):
     """The on-disk cache could not be read or written; dfpgen carried on in memory or rebuilt."""
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for :func:`warnings.warn` called from here that names the first frame
+    outside dfpgen's packages (``dfpgen``, ``dfpgen.runtime``): the user's line that led to the
+    warning, however deep in dfpgen it was raised."""
+    import os
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    ours = (here + os.sep, os.path.join(os.path.dirname(here), "runtime") + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(ours):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -18,7 +18,9 @@ class RunInfo:
       ``vpdpwssds``, the paper's long chains).
     - ``flush``: the flush interval, the most INT16 products one INT32 partial accumulates
       before it is converted to FP32 (``c_block x flush_taps`` for forward / backward-data,
-      pixels for backward-weight).
+      pixels for backward-weight). This is the interval the call ran with; a kernel symbol's
+      ``_fl<n>_`` field is the one it was planned with (exact mode plans all taps of a block
+      and passes the proven, possibly shorter, interval at run time).
     - ``saturated``: INT32 lanes equal to INT32_MAX or INT32_MIN at a flush (fast mode); 0 in
       exact mode. A lane that saturates and is later pulled back into range is not counted
       here (it is in ``possibly_saturated``).

@@ -67,6 +67,10 @@ def test_info_text_and_json(tmp_path):
         "dfpgen: error: $DFPGEN_THREADING must be one of openmp, python, got 'tbb'"], bad.stderr
     text = dfpgen(tmp_path, "info")
     assert text.returncode == 0 and info["cpu"] in text.stdout and "int16 dot peak" in text.stdout
+    # one "key  value" line per field, the whole value on it, no padding after it
+    lines = text.stdout.splitlines()
+    assert len(lines) == len(info) and all(ln == ln.rstrip() for ln in lines)
+    assert any(ln.endswith(info["threading"]) for ln in lines)
 
 
 def test_cache_ls_verify_clear_on_peak_kernels(tmp_path):
