@@ -218,7 +218,7 @@ def main() -> None:
              f"Kernel build (render + LLVM -O3 + load, fwd n32c256h14w14k256r3s3u1p1, fresh process): "
              f"{compile_ms:.1f} ms (goal < 100 ms); cached load from disk in a fresh process: "
              f"{load_ms:.2f} ms (goal < 5 ms)."]
-    hdr = [f"## ResNet-50 layers, batch {args.batch}, {threads} thread(s){args.title}", "",
+    hdr = [f"## ResNet-50 layers, batch {args.batch}, {threads} thread(s){(': ' + args.title) if args.title else ''}", "",
            f"Machine: {target.cpu} ({platform.machine()}), ISA tier {target.tier}; torch "
            f"{torch.__version__}; measured peaks this run: INT16 dot ({peak_name}) "
            f"{fmt(peak, '.1f')} GMAC/s/core (the \"% dot peak\" column, times {threads} thread(s)), "

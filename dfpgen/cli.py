@@ -94,7 +94,7 @@ def _layer_args(p: argparse.ArgumentParser, passes_all: bool, required: bool = T
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="dfpgen", description="DFP16 (INT16 dynamic fixed point) VNNI conv kernel generator")
+    ap = _Parser(prog="dfpgen", description="DFP16 (INT16 dynamic fixed point) conv kernel generator: VNNI and AVX2 tiers")
     sub = ap.add_subparsers(dest="command", required=True, metavar="{info,tune,show,bench,cache}")
 
     p = sub.add_parser("info", help="CPU, ISA tier, LLVM versions, cache, measured peaks")

@@ -170,16 +170,19 @@ def run_bench(args, specs: list[ConvSpec], console) -> int:
                      "pct_peak": None if peak is None else 100 * g / peak,
                      "peak_instruction": target.isa.dot_insn if peak is not None else None, "seconds_api": api,
                      "seconds_with_quantize": full, "torch_fp32_seconds": fp32, "torch_bf16_seconds": bf16,
+                     "torch_bf16_native": target.native_bf16,
                      "speedup_fp32": _ratio(fp32, kern), "speedup_bf16": _ratio(bf16, kern),
                      "speedup_fp32_with_quantize": _ratio(fp32, full)})
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
         return 0
     from rich.table import Table
+    # PyTorch runs bf16 in software where the CPU has no native bf16: label the column so
+    bf16 = "bf16" if target.native_bf16 else "bf16 (emulated)"
     tab = Table(title="dfpgen bench (ms, median; kernel = generated code alone, call = numpy API on "
                 f"DFP16 operands, +quantize = from FP32; {_peak_note(target)})", title_justify="left")
-    cols = ("pass", "layer", "config", "kernel", "GMAC/s", "% peak", "call", "+quantize", "FP32", "bf16",
-            "x FP32", "x bf16", "x FP32 (+q)")
+    cols = ("pass", "layer", "config", "kernel", "GMAC/s", "% peak", "call", "+quantize", "FP32", bf16,
+            "x FP32", f"x {bf16}", "x FP32 (+q)")
     for c in cols:
         tab.add_column(c, justify="left" if c in ("pass", "layer", "config") else "right")
     for r in rows:

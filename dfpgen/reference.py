@@ -336,20 +336,31 @@ def conv2d_bwd_data(dyq: DfpTensor, wq: DfpTensor, input_hw, stride=1, padding=0
     return RefResult(exact, ey + ew, fp32, ovf, sat, len(chunks), clip)
 
 
-def _pixel_chunks(M: int, flush_pixels, what: str = "flush_pixels") -> list[np.ndarray]:
-    """Chunks of ``flush_pixels`` consecutive reduction indices 0..M-1. Pair steps are the
-    global pairs (m, m+1), m even: -1 (zero) stands in for the half of a pair that lies in
-    the neighbouring chunk (odd intervals) or beyond M."""
+def _pixel_chunks(M: int, flush_pixels, what: str = "flush_pixels", row: int | None = None
+                  ) -> list[np.ndarray]:
+    """Chunks of ``flush_pixels`` consecutive reduction indices 0..M-1, in pair steps. Pairs are
+    (m, m+1) with m even counted within rows of ``row`` indices (None: one row of M), as the
+    backward-weight kernel pairs output pixels (2j, 2j+1) of an image row: -1 (zero) stands in
+    for the half of a pair that lies in the neighbouring chunk (odd intervals) or beyond its
+    row (odd Q). The pairing changes nothing in exact arithmetic; a saturating lane clips
+    after each pair step, so there it is the kernel's."""
     if flush_pixels is None:
         fp = M + M % 2
     elif isinstance(flush_pixels, (int, np.integer)) and flush_pixels >= 1:
         fp = int(flush_pixels)
     else:
         raise DfpError(f"{what} must be an int >= 1 or None, got {flush_pixels!r}")
+    Q = row or M
     chunks = []
     for m0 in range(0, M, fp):
         m1 = min(m0 + fp, M)
-        idx = ([-1] if m0 % 2 else []) + list(range(m0, m1)) + ([-1] if m1 % 2 else [])
+        idx, m = [], m0
+        while m < m1:
+            r, q = divmod(m, Q)
+            first = r * Q + q - q % 2  # the pair's even pixel
+            second_ok = q - q % 2 + 1 < Q and first + 1 < m1
+            idx += [first if first >= m0 else -1, first + 1 if second_ok else -1]
+            m = min(first + 2, (r + 1) * Q)
         chunks.append(np.array(idx, np.int64))
     return chunks
 
@@ -361,7 +372,10 @@ def conv2d_bwd_weight(xq: DfpTensor, dyq: DfpTensor, kernel_rs, stride=1, paddin
     (xm, ex), (dym, ey) = _operands(xq, "X"), _operands(dyq, "dY")
     exact = conv2d_bwd_weight_int(xm, dym, kernel_rs, stride, padding, dilation)
     sp = _bwd_weight_spec(xm, dym, kernel_rs, stride, padding, dilation)
-    chunks = _pixel_chunks(sp.N * sp.P * sp.Q, flush_pixels)
+    # the kernel pairs pixels within output rows, except a 1x1 unpadded layer, which it runs
+    # as one row of all N*P*Q pixels (dfpgen.bwd_weight.prepare)
+    one_row = sp.R == sp.S == 1 and tuple(sp.padding) == (0, 0)
+    chunks = _pixel_chunks(sp.N * sp.P * sp.Q, flush_pixels, row=None if one_row else sp.Q)
     a = dym.astype(np.int64).transpose(1, 0, 2, 3).reshape(sp.K, -1)
     acc, ovf, sat, clip = _run_chunks(a, _im2col(xm.astype(np.int64), sp), chunks, ex + ey, saturate)
     return RefResult(exact, ex + ey, acc.reshape(sp.K, sp.C, sp.R, sp.S), ovf, sat, len(chunks), clip)

@@ -94,6 +94,9 @@ def build_model(args) -> torch.nn.Module:
                     grad_rounding=args.grad_rounding)
         if args.bits != 15:
             dfp.set_default_format(DfpFormat(bits=args.bits))
+        if not dfp.is_enabled():
+            print("note: $DFPGEN_DISABLE is set, so this dfp16 run computes in FP32 (the A/B switch)",
+                  file=sys.stderr)
     return model.to(memory_format=torch.channels_last)
 
 
@@ -221,7 +224,12 @@ def train(args) -> dict:
                f"test loss {test_loss:.4f}  test acc {100 * test_acc:.2f}%  "
                f"{speed(row['img_per_s'])} img/s  peak RSS {row['peak_rss_mb']:.0f} MB  "
                f"saved for backward {row['saved_mb']:.1f} MB")
-        (bar.console.print if bar is not None else print)(msg)
+        if bar is not None:
+            # plain text through the bar's console: no markup ("[fp32]" is not a style tag)
+            # and no wrapping at the console width
+            bar.console.print(msg, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(msg)
     if bar is not None:
         bar.stop()
     if monitor is not None:
@@ -288,14 +296,15 @@ def speed(value: float, spec: str = ".0f") -> str:
 
 
 def table(results) -> str:
-    base = next((r for r in results if r["precision"] == "fp32"), results[0])
+    base = next((r for r in results if r["precision"] == "fp32"), None)  # no FP32 run: "-"
     lines = ["| precision | test acc (%) | test loss | train loss | img/s | vs fp32 | "
              "peak RSS (MB) | saved for bwd (MB) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['precision']} | {100 * r['test_acc']:.2f} | {r['test_loss']:.4f} | "
                      f"{r['train_loss']:.4f} | {speed(r['img_per_s'])} | "
-                     f"{speed(r['img_per_s'] / base['img_per_s'], '.2f')}x | {r['peak_rss_mb']:.0f} | "
+                     f"{(speed(r['img_per_s'] / base['img_per_s'], '.2f') + 'x') if base else '-'} | "
+                     f"{r['peak_rss_mb']:.0f} | "
                      f"{r['saved_mb']:.1f} |")
     return "\n".join(lines)
 
@@ -390,7 +399,11 @@ def main(argv=None):
     head = (f"ResNet-20 ({args.widths}) on Fashion-MNIST: {args.train_subset or 60000} train "
             f"images, {n} steps of batch {args.batch_size}, tested on "
             f"{args.test_subset or 10000} images, {torch.get_num_threads()} threads")
-    body = f"seed {seed}:\n\n{table(results)}"
+    if by_seed and len(by_seed) > 1:
+        body = f"seed {seed}:\n\n{table(results)}"
+    else:
+        head += f", seed {seed}"
+        body = table(results)
     if by_seed and len(by_seed) > 1:
         body += f"\n\n{len(by_seed)} seeds:\n\n{seed_table(by_seed)}"
     print(f"\n{head}\n\n{body}")

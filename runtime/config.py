@@ -129,6 +129,10 @@ def check_environment() -> None:
     openmp.threading_mode()
     cache.disk_enabled()
     cache.cache_dir()
-    target.configured_target()  # no tier note here: an error may follow
+    t, forced = target.configured_target()  # no tier note here: an error may follow
+    if forced and not t.executable:
+        # compile-only uses (dfpgen show --asm) may force such a tier; training cannot run it
+        raise DfpError(f"${target.ENV_ISA} is {t.tier!r}, an ISA tier this CPU ({t.cpu}) cannot run: "
+                       f"it lacks {', '.join(t.isa.missing(t.feature_set))}")
     log.verbose()
     is_enabled()

@@ -192,6 +192,8 @@ def test_bench_json(tmp_path):
     (row,) = json.loads(r.stdout)
     assert row["pass"] == "fwd" and row["seconds"] > 0 and row["seconds_with_quantize"] > 0
     assert row["torch_fp32_seconds"] is None or row["speedup_fp32"] > 0
+    from dfpgen.target import host_target
+    assert row["torch_bf16_native"] is host_target().native_bf16
 
 
 @pytest.mark.parametrize("tier", ["avx512_vnni", "vnni256", "avx2"])

@@ -158,16 +158,29 @@ def test_fast_mode_saturation_count(tier):
     dw, info = run(shape, big_x, big_y, overflow="fast", target=t,
                    config=pw.default_config(sp, t).replace(flush=8))
     r = ref(shape, big_x, big_y, 8, saturate=True)
-    # All products positive: a saturating chain ends at min(sum, INT32_MAX) whatever the
-    # pairing, so counts and bits match the reference (Q = 7 is odd: the kernel pairs pixels
-    # within rows, the reference across them).
     assert info.saturated == r.saturated > 0
     assert np.array_equal(dw, r.fp32)
-    # Mixed signs (adversarial): saturations are seen, not necessarily the same count.
+    # Mixed signs (adversarial): where a lane clips depends on the pair steps, and with Q = 7
+    # (odd) the kernel pairs pixels within rows (the last one with a zero): the reference
+    # steps the same pairs, so counts and bits still agree, flush interval odd or even.
     xa, ya = operands(shape, np.random.default_rng(5), "adversarial")
-    _, info = run(shape, xa, ya, overflow="fast", target=t,
-                  config=pw.default_config(sp, t).replace(flush=64))
-    assert info.saturated > 0
+    for flush in (64, 10):
+        dw, info = run(shape, xa, ya, overflow="fast", target=t,
+                       config=pw.default_config(sp, t).replace(flush=flush))
+        r = ref(shape, xa, ya, flush, saturate=True)
+        assert info.saturated == r.saturated > 0 and np.array_equal(dw, r.fp32), flush
+
+
+@pytest.mark.parametrize("tier", RUNNABLE)
+@pytest.mark.parametrize("seed", range(1, 9))
+def test_fast_mode_tuner_check_agrees_with_the_reference_on_odd_rows(tier, seed):
+    # what `dfpgen tune` and `dfpgen cache verify` check for every fast-mode candidate: the
+    # random operands of seeds 1 and 8 saturate a lane of this 7x7 layer (Q odd)
+    from dfpgen.cli_commands import check_exact
+    t = host_target(tier)
+    sp = parse_full("n1c64h7w7k64r3s3u1p1", "bwd_weight")
+    ok, note = check_exact(sp, pw.default_config(sp, t, None), "fast", seed, t)
+    assert ok, note
 
 
 @pytest.mark.parametrize("tier", RUNNABLE)

@@ -49,6 +49,25 @@ def test_a_bad_variable_stops_the_example_in_one_line(tmp_path, var, value, tier
     assert lines[0].startswith("error: $" + var) and repr(value) in lines[0]
 
 
+def _tier_this_cpu_cannot_run():
+    from dfpgen import isa
+    from dfpgen.target import native_target
+    host = native_target()
+    return next((t for t in isa.NAMES if not host.with_tier(t).executable), None)
+
+
+@pytest.mark.skipif(not data.available(), reason="Fashion-MNIST idx files not installed")
+@pytest.mark.skipif(_tier_this_cpu_cannot_run() is None, reason="this CPU runs every ISA tier")
+def test_a_forced_tier_the_cpu_cannot_run_stops_the_example_in_one_line(tmp_path):
+    tier = _tier_this_cpu_cannot_run()
+    r = subprocess.run([sys.executable, EXAMPLE, "--epochs", "1", "--train-subset", "64",
+                        "--test-subset", "64", "--no-progress", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, DFPGEN_ISA=tier))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: $DFPGEN_ISA is " + repr(tier)) and "cannot run" in lines[0]
+
+
 @pytest.mark.skipif(not data.available(), reason=f"Fashion-MNIST idx files not in {data.default_dir()} "
                     "(apt-get install dataset-fashion-mnist)")
 def test_dfp16_short_training_run_learns(tmp_path):
