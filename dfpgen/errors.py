@@ -26,12 +26,16 @@ class CacheWarning(UserWarning):
 
 def caller_stacklevel() -> int:
     """The ``stacklevel`` for :func:`warnings.warn` called from here that names the first frame
-    outside dfpgen's packages (``dfpgen``, ``dfpgen.runtime``): the user's line that led to the
-    warning, however deep in dfpgen it was raised."""
+    outside dfpgen's packages (``dfpgen``, ``dfpgen.runtime``) and PyTorch's (whose autograd
+    and custom-op layers sit between a training script and the runtime): the user's line that
+    led to the warning, however deep it was raised."""
     import os
     import sys
     here = os.path.dirname(os.path.abspath(__file__))
     ours = (here + os.sep, os.path.join(os.path.dirname(here), "runtime") + os.sep)
+    torch = sys.modules.get("torch")  # never imported here: the core does not need torch
+    if torch is not None and getattr(torch, "__file__", None):
+        ours += (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,)
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(ours):
         frame, level = frame.f_back, level + 1
