@@ -203,6 +203,12 @@ def cmd_info(args) -> int:
             **({} if usable else {"cache_note": why + "; kernels are kept in memory only"}),
             "cache_bytes": cache.size_bytes(), "cache_entries": sum(1 for _ in cache.entries())}
     info["threading"] = openmp.describe()
+    # the runtime's switches, read (and validated) as dfpgen.runtime reads them
+    from .env import flag
+    from .log import verbose
+    info["dfp_layers"] = ("FP32 PyTorch ops ($DFPGEN_DISABLE is set)" if flag("DFPGEN_DISABLE", False)
+                          else "DFP16 kernels")
+    info["verbose"] = verbose()
     info["int16_dot"] = t.isa.dot_insn
     if t.executable:
         dp, fp = peak.peak_or_none(t), peak.fma_peak(t).gmacs

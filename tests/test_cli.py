@@ -65,6 +65,12 @@ def test_info_text_and_json(tmp_path):
     bad = dfpgen(tmp_path, "info", env={"DFPGEN_THREADING": "tbb"})
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "dfpgen: error: $DFPGEN_THREADING must be one of openmp, python, got 'tbb'"], bad.stderr
+    assert info["dfp_layers"] == "DFP16 kernels" and info["verbose"] is False
+    off = json.loads(dfpgen(tmp_path, "info", "--json", env={"DFPGEN_DISABLE": "yes"}).stdout)
+    assert off["dfp_layers"].startswith("FP32")
+    bad = dfpgen(tmp_path, "info", env={"DFPGEN_DISABLE": "2"})
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "$DFPGEN_DISABLE" in bad.stderr
     text = dfpgen(tmp_path, "info")
     assert text.returncode == 0 and info["cpu"] in text.stdout and "int16 dot peak" in text.stdout
     # one "key  value" line per field, the whole value on it, no padding after it
