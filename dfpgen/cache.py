@@ -93,8 +93,19 @@ def disk_status() -> tuple[bool, str]:
             os.close(fd)
             os.unlink(probe)
     except OSError as exc:
-        return False, f"{root} is not usable ({type(exc).__name__}: {exc.strerror or exc})"
+        return False, f"{root} is not usable ({_why(root, exc)})"
     return True, ""
+
+
+def _why(root: Path, exc: OSError) -> str:
+    # one reason, the same for `dfpgen info` and the warning: a path that exists but is not a
+    # directory fails as FileExistsError in mkdir and NotADirectoryError below it
+    for p in (root, *root.parents):
+        if p.exists():
+            if not p.is_dir():
+                return "it is a file, not a directory" if p == root else f"{p} is a file, not a directory"
+            break
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
 
 
 def counters() -> dict:
@@ -156,7 +167,8 @@ def _warn_disk_once(exc: BaseException) -> None:
         if _disk_warned:
             return
         _disk_warned = True
-    warnings.warn(f"dfpgen cache directory {cache_dir()} is not usable ({exc}); "
+    why = _why(cache_dir(), exc) if isinstance(exc, OSError) else str(exc)
+    warnings.warn(f"dfpgen cache directory {cache_dir()} is not usable ({why}); "
                   "kernels and tuning decisions are kept in memory for this process",
                   CacheWarning, stacklevel=caller_stacklevel())
 

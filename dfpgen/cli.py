@@ -285,9 +285,28 @@ def cmd_cache(args) -> int:
 COMMANDS = {"info": cmd_info, "tune": cmd_tune, "show": cmd_show, "bench": cmd_bench, "cache": cmd_cache}
 
 
+def _one_line_warnings():
+    # dfpgen's own warnings (cache, overflow, underflow) as "dfpgen: warning: ..." lines: the
+    # default format adds the source line of the console script, which says nothing here
+    import warnings
+
+    from .errors import CacheWarning, OverflowWarning, UnderflowWarning
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (CacheWarning, OverflowWarning, UnderflowWarning)):
+            sys.stderr.write(f"dfpgen: warning: {' '.join(str(message).split())}\n")
+        else:
+            default(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
+    return default
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dfpgen`` console script; returns the exit code (2: bad arguments)."""
     args = build_parser().parse_args(argv)
+    import warnings
+    shown = _one_line_warnings()
     try:
         if not verbose():
             # The tier is part of what info / tune / bench print; a stderr note would add a
@@ -304,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("dfpgen: interrupted\n")
         rc = 130
+    finally:
+        warnings.showwarning = shown  # main() leaves the process's warning display as it was
     return rc
 
 

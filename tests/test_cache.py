@@ -153,6 +153,9 @@ def test_cache_dir_that_is_a_file_compiles_in_memory_with_one_warning(tmp_path, 
     ours = [w for w in rec if issubclass(w.category, CacheWarning)]
     # the warning names the line that asked for the kernel, not dfpgen's internals
     assert len(ours) == 1 and ours[0].filename == __file__, ours[0].filename
+    # the same reason as `dfpgen info` gives, whichever call met the file first
+    why = f"({blocker} is a file, not a directory)"
+    assert why in str(ours[0].message) and cache.disk_status() == (False, f"{blocker / 'cache'} is not usable {why}")
     assert cache.load_tuning({"test": "ro"}) == {"config": {"k_vecs": 1}}  # memory layer
     cache.forget_memory()
 

@@ -79,6 +79,17 @@ def test_info_text_and_json(tmp_path):
     assert any(ln.endswith(info["threading"]) for ln in lines)
 
 
+def test_an_unusable_cache_dir_is_one_warning_line_and_the_same_reason_as_info(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    r = dfpgen(blocker, "info", "--json")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 0 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("dfpgen: warning: dfpgen cache directory") and "a file, not a directory" in lines[0]
+    info = json.loads(r.stdout)
+    assert info["cache_enabled"] is False and "a file, not a directory" in info["cache_note"]
+
+
 def test_cache_ls_verify_clear_on_peak_kernels(tmp_path):
     assert dfpgen(tmp_path, "info").returncode == 0  # compiles and caches the peak loops
     ls = json.loads(dfpgen(tmp_path, "cache", "ls", "--json").stdout)
