@@ -298,7 +298,10 @@ def prepare(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, overflow:
     if overflow == "exact":
         flush = exact_flush(tap_max(xam, p), b_pix)
         if config is not None and config.flush:
-            flush = max(2, min(flush, config.flush - config.flush % 2))
+            # a cap only shortens the proven chunks when it is a power of two too: its chunks
+            # then nest in the proven ones ([12, 24) under a proven 16 would straddle two)
+            cap = 1 << (max(config.flush, 2).bit_length() - 1)
+            flush = max(2, min(flush, cap))
     else:
         flush = (config.flush if config is not None else 0) or FAST_FLUSH
         if flush % 2:

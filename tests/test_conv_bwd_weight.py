@@ -139,8 +139,24 @@ def test_config_flush_caps_exact_interval():
     xq, dyq = operands(shape, np.random.default_rng(4), "small")
     cfg = pw.default_config(spec_of(shape), HOST).replace(flush=6)
     dw, info = run(shape, xq, dyq, config=cfg)
-    assert info.flush == 6  # small data: the proven bound is far above 6
-    assert np.array_equal(dw, ref(shape, xq, dyq, 6).fp32)
+    assert info.flush == 4  # small data: the proven bound is far above; a cap rounds down to 2**k
+    assert np.array_equal(dw, ref(shape, xq, dyq, 4).fp32)
+
+
+@pytest.mark.parametrize("cap", [12, 6, 10])
+def test_a_flush_cap_that_is_no_power_of_two_keeps_exact_mode_exact(cap):
+    # the proof covers chunks [k f, (k+1) f) of a power of two f; a cap of 12 under a proven 16
+    # made chunks like [12, 24) that straddle two proven ones, and their INT32 partial wrapped
+    shape = (1, 19, 7, 1, 1, 1, 1, (2, 1), (2, 2), (2, 2))
+    sp = spec_of(shape)
+    xq = DfpTensor(np.full(sp.input_shape, MAXM, np.int16), -15)
+    y = np.full(sp.output_shape, MAXM, np.int16)
+    y.reshape(-1)[[4, 8, 25, 26]] = -MAXM
+    dyq = DfpTensor(y, -16)
+    dw, info = run(shape, xq, dyq, overflow="exact", config=pw.default_config(sp, HOST).replace(flush=cap))
+    r = ref(shape, xq, dyq, info.flush)
+    assert info.flush & (info.flush - 1) == 0 and info.flush <= cap
+    assert not r.overflowed and np.array_equal(dw, r.fp32)
 
 
 @pytest.mark.parametrize("tier", RUNNABLE)
