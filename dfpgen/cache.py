@@ -35,7 +35,6 @@ import shutil
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -43,7 +42,7 @@ import filelock
 import platformdirs
 
 from .env import flag, raw
-from .errors import CacheWarning, caller_stacklevel
+from .errors import CacheWarning, warn
 from .jit import llvm_versions
 from .render import generator_hash
 
@@ -168,9 +167,8 @@ def _warn_disk_once(exc: BaseException) -> None:
             return
         _disk_warned = True
     why = _why(cache_dir(), exc) if isinstance(exc, OSError) else str(exc)
-    warnings.warn(f"dfpgen cache directory {cache_dir()} is not usable ({why}); "
-                  "kernels and tuning decisions are kept in memory for this process",
-                  CacheWarning, stacklevel=caller_stacklevel())
+    warn(f"dfpgen cache directory {cache_dir()} is not usable ({why}); "
+         "kernels and tuning decisions are kept in memory for this process", CacheWarning)
 
 
 def _file_lock(path: Path):
@@ -248,8 +246,7 @@ def get_or_build(fields: dict, build: Callable[[], bytes]) -> tuple[bytes, str]:
         if obj is not None:
             return _remember(key, obj, "disk")
         if bad:
-            warnings.warn(f"dfpgen cache entry ignored and rebuilt: {bad}", CacheWarning,
-                          stacklevel=caller_stacklevel())
+            warn(f"dfpgen cache entry ignored and rebuilt: {bad}", CacheWarning)
             try:  # readers must never pair the stale metadata with the new object
                 meta_path.unlink()
             except OSError:
@@ -310,8 +307,7 @@ def load_tuning(fields: dict) -> dict | None:
         if not isinstance(value, dict):
             raise TypeError("value is not an object")
     except (ValueError, KeyError, TypeError) as exc:
-        warnings.warn(f"dfpgen tuning entry {path} is unreadable ({type(exc).__name__}); ignored",
-                      CacheWarning, stacklevel=caller_stacklevel())
+        warn(f"dfpgen tuning entry {path} is unreadable ({type(exc).__name__}); ignored", CacheWarning)
         return None
     with _lock:
         _mem_tuning[key] = value

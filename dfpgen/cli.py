@@ -24,7 +24,7 @@ import math
 import os
 import sys
 
-from .errors import DfpError
+from .errors import CacheWarning, DfpError, OverflowWarning, UnderflowWarning
 from .log import verbose
 from .spec import PASSES
 from .target import quiet_tier_note
@@ -290,7 +290,6 @@ def _one_line_warnings():
     # default format adds the source line of the console script, which says nothing here
     import warnings
 
-    from .errors import CacheWarning, OverflowWarning, UnderflowWarning
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -313,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             # line to every one-line error.
             quiet_tier_note()
         rc = COMMANDS[args.command](args)
-    except (DfpError, UsageError) as exc:
+    except (DfpError, UsageError, CacheWarning, OverflowWarning, UnderflowWarning) as exc:
+        # (dfpgen's warnings arrive here as exceptions under -W error / PYTHONWARNINGS=error)
         msg = " ".join(str(exc).split())
         sys.stderr.write(f"dfpgen: error: {msg}\n")
         rc = 2

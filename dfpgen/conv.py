@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .dfp import DFP16, DfpFormat, DfpTensor, quantize
-from .errors import DfpError, OverflowWarning
+from .errors import DfpError, OverflowWarning, deferred_warnings, reissue
 from . import passes, bwd_weight
 from .fwd_family import FMA_MIN_SCALE_EXP, PackedWeight, execute
 from .pass_kernels import get_kernel
@@ -187,8 +187,14 @@ def _load_once(key: tuple, spec: ConvSpec, cfgs, target, **variant) -> None:
     if key in _families:
         return
     # LLVM compiles without the GIL (llvmlite's ctypes calls release it)
+    def build(cfg):
+        with deferred_warnings() as kept:  # issued below, from the caller's thread
+            _kernel(spec, cfg, "exact", target, **variant)
+        return kept
+
     with ThreadPoolExecutor(max(1, min(num_threads(), len(cfgs)))) as pool:
-        list(pool.map(lambda cfg: _kernel(spec, cfg, "exact", target, **variant), cfgs))
+        kept = [w for ws in pool.map(build, cfgs) for w in ws]
+    reissue(kept)
     with _families_lock:
         _families.add(key)
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
 
 from . import cache, passes
-from .errors import CacheWarning, DfpError
+from .errors import CacheWarning, DfpError, warn
 from .log import line, verbose
 from .spec import ConvSpec
 from .target import CpuTarget, host_target
@@ -63,8 +62,7 @@ def lookup(spec: ConvSpec, target: CpuTarget | None = None, overflow: str = "exa
             check_plannable(spec, cfg, target, overflow)
         except (DfpError, KeyError, TypeError) as exc:
             # A corrupt or hand-edited decision must not break every call of the layer.
-            warnings.warn(f"dfpgen tuning decision for {spec} ignored ({exc}); using the default config",
-                          CacheWarning, stacklevel=2)
+            warn(f"dfpgen tuning decision for {spec} ignored ({exc}); using the default config", CacheWarning)
             cfg = None
     with _memo_lock:
         _memo[mkey] = cfg

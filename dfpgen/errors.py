@@ -40,3 +40,37 @@ def caller_stacklevel() -> int:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(ours):
         frame, level = frame.f_back, level + 1
     return level
+
+
+_sink = __import__("threading").local()
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """:func:`warnings.warn` naming the user's line (:func:`caller_stacklevel`); inside
+    :func:`deferred_warnings` (a worker thread, whose stack never reaches the user's code) the
+    warning is kept for the calling thread to issue."""
+    import warnings
+    sink = getattr(_sink, "items", None)
+    if sink is not None:
+        sink.append((message, category))
+        return
+    warnings.warn(message, category, stacklevel=caller_stacklevel())
+
+
+class deferred_warnings:
+    """``with deferred_warnings() as kept:`` collects what :func:`warn` is asked to issue in this
+    thread; the thread that started the work passes ``kept`` to :func:`reissue`."""
+
+    def __enter__(self) -> list:
+        self._prev = getattr(_sink, "items", None)
+        _sink.items = []
+        return _sink.items
+
+    def __exit__(self, *exc) -> None:
+        _sink.items = self._prev
+
+
+def reissue(kept: list) -> None:
+    """Issue warnings collected by :func:`deferred_warnings`, from the calling thread."""
+    for message, category in kept:
+        warn(message, category)

@@ -295,6 +295,14 @@ def speed(value: float, spec: str = ".0f") -> str:
     return "n/a" if math.isnan(value) else format(value, spec)
 
 
+def _ratio(r: dict, base: dict | None) -> str:
+    """img/s relative to FP32's: "-" without an FP32 run, "n/a" where either rate is unknown."""
+    if base is None:
+        return "-"
+    v = r["img_per_s"] / base["img_per_s"] if base["img_per_s"] else float("nan")
+    return "n/a" if not math.isfinite(v) else f"{v:.2f}x"
+
+
 def table(results) -> str:
     base = next((r for r in results if r["precision"] == "fp32"), None)  # no FP32 run: "-"
     lines = ["| precision | test acc (%) | test loss | train loss | img/s | vs fp32 | "
@@ -303,7 +311,7 @@ def table(results) -> str:
     for r in results:
         lines.append(f"| {r['precision']} | {100 * r['test_acc']:.2f} | {r['test_loss']:.4f} | "
                      f"{r['train_loss']:.4f} | {speed(r['img_per_s'])} | "
-                     f"{(speed(r['img_per_s'] / base['img_per_s'], '.2f') + 'x') if base else '-'} | "
+                     f"{_ratio(r, base)} | "
                      f"{r['peak_rss_mb']:.0f} | "
                      f"{r['saved_mb']:.1f} |")
     return "\n".join(lines)

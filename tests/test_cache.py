@@ -274,3 +274,29 @@ def test_the_suite_never_writes_into_the_users_cache():
 
     from dfpgen import cache as c
     assert c.cache_dir() != Path(platformdirs.user_cache_dir("dfpgen"))
+
+
+def test_rebuilt_entry_warnings_name_the_users_line_also_from_the_build_pool(tmp_path, monkeypatch):
+    # a layer shape's first call builds its exact-mode kernels in a thread pool (conv._load_once):
+    # warnings raised there are issued again from the calling thread, at the caller's line
+    import subprocess
+    import sys
+    script = tmp_path / "user.py"
+    script.write_text(
+        "import warnings, numpy as np\n"
+        "import dfpgen.conv as dc\n"
+        "x = np.ones((1, 3, 6, 6), np.float32); w = np.ones((4, 3, 3, 3), np.float32)\n"
+        "with warnings.catch_warnings(record=True) as ws:\n"
+        "    warnings.simplefilter('always')\n"
+        "    dc.conv2d(x, w, padding=1)\n"
+        "print([(m.filename, m.lineno) for m in ws if 'rebuilt' in str(m.message)])\n")
+    env = dict(os.environ, DFPGEN_CACHE_DIR=str(tmp_path / "c"))
+    run = lambda: subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
+    assert run().returncode == 0
+    objs = list((tmp_path / "c").rglob("*.o"))
+    assert len(objs) >= 2  # the family of exact-mode kernels
+    for o in objs:
+        o.write_bytes(b"garbage")
+    r = run()
+    seen = eval(r.stdout.strip().splitlines()[-1])
+    assert len(seen) == len(objs) and all(f == str(script) and ln == 6 for f, ln in seen), (seen, r.stderr)

@@ -101,3 +101,17 @@ def test_compare_trains_bf16_only_where_the_cpu_has_it(tmp_path):
     assert ("this CPU has no native bf16" in r.stdout) == (not native)
     # one step is never timed (it loads the kernels): the speed is "n/a", not "nan"
     assert "nan" not in r.stdout.lower() and "| n/a |" in r.stdout
+
+
+def test_table_ratio_column_without_fp32_or_without_timing():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_fashion_mnist", EXAMPLE)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    row = lambda p, ips: {"precision": p, "test_acc": 0.5, "test_loss": 1.0, "train_loss": 1.0,  # noqa: E731
+                          "img_per_s": ips, "peak_rss_mb": 1.0, "saved_mb": 1.0}
+    assert ex.table([row("dfp16", 10.0)]).splitlines()[-1].split(" | ")[5] == "-"
+    both = ex.table([row("fp32", 20.0), row("dfp16", 10.0)]).splitlines()
+    assert both[-1].split(" | ")[5] == "0.50x"
+    untimed = ex.table([row("fp32", float("nan")), row("dfp16", float("nan"))]).splitlines()
+    assert untimed[-1].split(" | ")[4:6] == ["n/a", "n/a"]
