@@ -33,7 +33,7 @@ Exponent of the output (no max-abs pass):
   maximum is at least ``hi_c``, so the bound is at most twice it: at most 1 bit.
 
 Shapes: X, R, dY float32 (M, C) C-contiguous; per-channel arrays (C,). Threads split pixels
-(elementwise passes) or chunks (reductions) with :func:`dfpgen.threads.parallel_for`.
+(elementwise passes) or chunks (reductions) with :func:`dfpgen.threads.parallel_call`.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 from .errors import CacheWarning, DfpError, OverflowWarning, UnderflowWarning
 from .log import verbose
@@ -204,10 +205,8 @@ def cmd_info(args) -> int:
             "cache_bytes": cache.size_bytes(), "cache_entries": sum(1 for _ in cache.entries())}
     info["threading"] = openmp.describe()
     # the runtime's switches, read (and validated) as dfpgen.runtime reads them
-    from .env import flag
-    from .log import verbose
-    info["dfp_layers"] = ("FP32 PyTorch ops ($DFPGEN_DISABLE is set)" if flag("DFPGEN_DISABLE", False)
-                          else "DFP16 kernels")
+    from .env import dfp_disabled
+    info["dfp_layers"] = "FP32 PyTorch ops ($DFPGEN_DISABLE is set)" if dfp_disabled() else "DFP16 kernels"
     info["verbose"] = verbose()
     info["int16_dot"] = t.isa.dot_insn
     if t.executable:
@@ -288,8 +287,6 @@ COMMANDS = {"info": cmd_info, "tune": cmd_tune, "show": cmd_show, "bench": cmd_b
 def _one_line_warnings():
     # dfpgen's own warnings (cache, overflow, underflow) as "dfpgen: warning: ..." lines: the
     # default format adds the source line of the console script, which says nothing here
-    import warnings
-
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -304,7 +301,6 @@ def _one_line_warnings():
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dfpgen`` console script; returns the exit code (2: bad arguments)."""
     args = build_parser().parse_args(argv)
-    import warnings
     shown = _one_line_warnings()
     try:
         if not verbose():

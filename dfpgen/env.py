@@ -75,3 +75,13 @@ def choice(name: str, choices: tuple[str, ...]) -> str | None:
     if low not in choices:
         raise DfpError(f"${name} must be one of {', '.join(choices)}, got {os.environ[name]!r}")
     return low
+
+
+ENV_DISABLE = "DFPGEN_DISABLE"
+
+
+def dfp_disabled() -> bool:
+    """``$DFPGEN_DISABLE``: whether DFP layers run the FP32 PyTorch op instead of dfpgen's
+    kernels (what ``dfpgen.runtime.is_enabled`` follows unless set in code; ``dfpgen info``
+    shows it). Raises :class:`DfpError` naming the variable for a bad value."""
+    return flag(ENV_DISABLE, False)

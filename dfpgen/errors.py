@@ -1,4 +1,6 @@
 """Exceptions and warnings raised by dfpgen."""
+import contextlib
+import threading
 
 
 class DfpError(ValueError):
@@ -42,7 +44,7 @@ def caller_stacklevel() -> int:
     return level
 
 
-_sink = __import__("threading").local()
+_sink = threading.local()
 
 
 def warn(message: str, category: type[Warning]) -> None:
@@ -57,17 +59,15 @@ def warn(message: str, category: type[Warning]) -> None:
     warnings.warn(message, category, stacklevel=caller_stacklevel())
 
 
-class deferred_warnings:
+@contextlib.contextmanager
+def deferred_warnings():
     """``with deferred_warnings() as kept:`` collects what :func:`warn` is asked to issue in this
     thread; the thread that started the work passes ``kept`` to :func:`reissue`."""
-
-    def __enter__(self) -> list:
-        self._prev = getattr(_sink, "items", None)
-        _sink.items = []
-        return _sink.items
-
-    def __exit__(self, *exc) -> None:
-        _sink.items = self._prev
+    prev, _sink.items = getattr(_sink, "items", None), []
+    try:
+        yield _sink.items
+    finally:
+        _sink.items = prev
 
 
 def reissue(kept: list) -> None:

@@ -6,7 +6,7 @@ Input: float32 (N, C, H, W) whose memory is NCHW (C-contiguous) or NHWC (torch
 ``Cp = C + C % 2`` (pad channel = 0), so that VNNI reads INT16 pairs along C (docs/ARCHITECTURE.md §3).
 
 Two passes over memory, both generated LLVM IR (``templates/quantize_pack.ll.j2``), split
-over threads with :func:`dfpgen.threads.parallel_for`:
+over threads with :func:`dfpgen.threads.parallel_call` (the OpenMP team, or the Python pool):
 
 1. ``dfp_maxabs_f32``: max of ``bits(x) & 0x7fffffff`` per chunk (a result >= 0x7f800000
    flags NaN/Inf; numpy then finds the count and first index, on the error path only);

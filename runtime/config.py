@@ -11,7 +11,7 @@ from dfpgen.dfp import DFP16, DfpFormat
 from dfpgen.errors import DfpError
 from dfpgen.spec import OVERFLOW_MODES
 
-ENV_DISABLE = "DFPGEN_DISABLE"
+from dfpgen.env import dfp_disabled
 ROUNDINGS = ("nearest", "stochastic")
 NONFINITE_POLICIES = ("raise", "skip")  # see dfpgen.runtime.nonfinite
 
@@ -33,8 +33,7 @@ def is_enabled() -> bool:
     naming the variable); :func:`set_enabled` / :func:`enabled` win."""
     if _enabled is not None:
         return _enabled
-    from dfpgen.env import flag
-    return not flag(ENV_DISABLE, False)
+    return not dfp_disabled()
 
 
 def set_enabled(flag: bool | None) -> None:
