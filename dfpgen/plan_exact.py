@@ -43,32 +43,65 @@ TAP_COST, FLUSH_COST = 0.5, 3.5
 _BLOCKS = (128, 64, 32, 16, 8, 4, 2)
 
 
-def _levels(a: np.ndarray, blocks) -> dict[int, np.ndarray]:
+def _level_table(a: np.ndarray, blocks) -> tuple[np.ndarray, dict[int, slice]]:
     """Sums of ``a`` (T, OUT, RED) over reduction blocks of b channels for every b in
-    ``blocks`` (powers of two), (T, OUT, nb) each, by pairwise halving: strided adds, about
-    one pass over ``a`` in all."""
-    out = {}
+    ``blocks`` (powers of two, each >= 2), by pairwise halving (strided adds, about one
+    pass over ``a`` in all), side by side in one (T, lanes) float32 table: block b's (OUT,
+    nb) lanes are the columns ``cols[b]``, so a few whole-table reductions give every
+    block's bounds. Each level is written in place into the table (no concatenation)."""
+    taps, out, red = a.shape
+    widths, size, nb = {}, 1, red
+    for b in sorted(blocks):
+        while size < b:
+            nb, size = -(-nb // 2), size * 2
+        widths[b] = nb
+    cols, at = {}, 0
+    for b in sorted(blocks):
+        cols[b] = slice(at, at + out * widths[b])
+        at += out * widths[b]
+    table = np.empty((taps, at), np.float32)
     level, size = a, 1
     for b in sorted(blocks):
         while size < b:
-            if level.shape[2] % 2:
-                level = np.concatenate([level, np.zeros_like(level[:, :, :1])], axis=2)
-            level = level[:, :, 0::2] + level[:, :, 1::2]
-            size *= 2
-        out[b] = level
-    return out
+            width = level.shape[2]
+            half = width // 2
+            if size * 2 == b:
+                nxt = table[:, cols[b]].reshape(taps, out, widths[b])
+            else:
+                nxt = np.empty((taps, out, -(-width // 2)), np.float32)
+            np.add(level[:, :, 0:2 * half:2], level[:, :, 1:2 * half:2], out=nxt[:, :, :half])
+            if width % 2:  # the last block has no partner: it keeps its one value
+                nxt[:, :, half] = level[:, :, -1]
+            level, size = nxt, size * 2
+    return table, cols
 
 
-# largest (taps + 1)**2 x lanes table of all group sums _GroupSums builds at once (2 MB)
-PAIR_TABLE_ELEMS = 1 << 18
+def _prefix(flat: np.ndarray) -> np.ndarray:
+    """float64 (T + 1, lanes) prefix sums over the rows of float32 ``flat`` (T, lanes), one
+    row add at a time (numpy's casting cumsum over axis 0 runs about 10x slower)."""
+    pre = np.empty((flat.shape[0] + 1, flat.shape[1]), np.float64)
+    pre[0] = 0.0
+    for t in range(flat.shape[0]):
+        np.add(pre[t], flat[t], out=pre[t + 1])
+    return pre
+
+
+def _column_sums(flat: np.ndarray) -> np.ndarray:
+    """float64 (lanes,) sums over the rows of ``flat``, added in row order (the last row of
+    :func:`_prefix`, bit for bit)."""
+    acc = np.zeros(flat.shape[1], np.float64)
+    for t in range(flat.shape[0]):
+        np.add(acc, flat[t], out=acc)
+    return acc
 
 
 class _GroupSums:
-    """The largest sum over one flush group of ``ft`` taps of any (output, block) lane of
-    ``level`` (taps, OUT, nb), for any ``ft``, from one float64 prefix sum over the taps:
-    each group's sum is one subtraction of two prefix rows, so a flush interval costs a few
-    whole-array numpy calls (not a Python loop over its groups and taps) and only the
-    intervals the search visits are evaluated. No matrix product: numpy hands those to its
+    """Whether the sums over flush groups of ``ft`` taps of every (output, block) lane of one
+    block's level (taps, lanes) fit a limit, for any ``ft``: most intervals are settled by
+    two bounds from the level's largest single tap and largest lane total (:meth:`fits`);
+    the rest from one float64 prefix sum over the taps, built on first need: each group's
+    sum is one subtraction of two prefix rows, so an interval costs a few whole-array numpy
+    calls (not a Python loop over its groups and taps). No matrix product: numpy hands those to its
     BLAS, whose worker threads then spin for a while after every call, taking a core from
     the kernel threads (measured: a 2-thread forward of res4_branch2b ran at the speed of one
     thread).
@@ -78,40 +111,45 @@ class _GroupSums:
     prefix, far below one unit at INT32 scale) of the exact sum of the float32 values; the
     caller compares ``max + slack`` against its shrunk limit."""
 
-    def __init__(self, level: np.ndarray):
-        taps = level.shape[0]
-        self.taps = taps
-        self.flat = level.reshape(taps, -1)
+    def __init__(self, flat: np.ndarray, single: float, total: float):
+        # flat: (taps, lanes); single: its largest entry; total: its largest column sum
+        self.taps = flat.shape[0]
+        self.flat, self.single, self.total = flat, single, total
         self.prefix = None
-        self.pairs = None
-        self.slack = 0.0
+        self.slack = self.taps * 2.0 ** -51 * total
+
+    def fits(self, ft: int, limit: float) -> bool:
+        """Whether every group of ``ft`` taps has ``max + slack <= limit`` (``ft == 1``: the
+        single-tap maximum, which carries no prefix rounding). Two bounds decide most
+        intervals without evaluating the groups, and agree with the evaluation: a lane's groups
+        sum to its total, so the largest group is at least ``total / groups`` (rejects, with
+        a margin far above the prefix rounding); a group is at most ``ft`` single taps
+        (accepts, with twice the slack)."""
+        if ft == 1:
+            return self.single <= limit
+        if self.total / -(-self.taps // ft) * (1.0 - 1e-9) > limit:
+            return False
+        if ft * self.single + 2.0 * self.slack <= limit:
+            return True
+        return self.max(ft) + self.slack <= limit
 
     def max(self, ft: int) -> float:
-        flat = self.flat
+        """The largest computed group sum over ``ft``-tap groups (``slack`` not included)."""
+        flat, taps = self.flat, self.taps
         if flat.shape[1] == 0:
             return 0.0
         if ft == 1:
-            return float(flat.max())
+            return self.single
         if self.prefix is None:
-            self.prefix = np.zeros((self.taps + 1, flat.shape[1]), np.float64)
-            np.cumsum(flat, axis=0, dtype=np.float64, out=self.prefix[1:])
-            self.slack = self.taps * 2.0 ** -51 * float(self.prefix[-1].max())
-            if (self.taps + 1) ** 2 * flat.shape[1] <= PAIR_TABLE_ELEMS:
-                # small layers: every (first tap, end tap) group at once, then any interval
-                # is a few lookups (the search visits up to ~20 of them per call)
-                pre = self.prefix
-                self.pairs = (pre[None, :, :] - pre[:, None, :]).max(axis=2).tolist()
-        if self.pairs is not None:
-            taps, pairs = self.taps, self.pairs
-            return max(pairs[t0][min(t0 + ft, taps)] for t0 in range(0, taps, ft)) + self.slack
+            self.prefix = _prefix(flat)
+        pre = self.prefix
         # full groups as two strided views of the prefix rows (no gather copies), then the
         # shorter last group
-        pre, taps = self.prefix, self.taps
         full = taps // ft * ft
         best = float(np.subtract(pre[ft:full + 1:ft], pre[0:full - ft + 1:ft]).max())
         if full < taps:
             best = max(best, float(np.subtract(pre[taps], pre[full]).max()))
-        return best + self.slack
+        return best
 
 
 def score(block: int, ft: int, tap_density: float = 1.0) -> float:
@@ -156,38 +194,42 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     # those level values. Comparing (computed + slack) against a limit shrunk by 2 n u keeps
     # the proof: true <= (computed + slack) (1 + gamma_n) <= INT32_MAX.
     limit = INT32_MAX * (1.0 - 2.0 * (taps + 9) * 2.0 ** -24)
-    # |w| * max|x| = |w * max|x||: one relayout pass into C order, then abs in place
-    a = np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], dtype=np.float32, order="C")
     blocks = exact_blocks(red)  # descending
     if one_signed:
-        # B+ and B- of the module docstring: the positive and the negative products apart
-        pos = np.maximum(a, 0)
-        np.subtract(pos, a, out=a)  # max(-a, 0), in place
-        parts = [_levels(pos, blocks), _levels(a, blocks)]
+        # B+ and B- of the module docstring: the positive and the negative products apart,
+        # side by side as lanes (a schedule must fit both)
+        both = np.empty((taps, 2, out, red), np.float32)
+        np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], out=both[:, 1])
+        np.maximum(both[:, 1], 0, out=both[:, 0])
+        np.subtract(both[:, 0], both[:, 1], out=both[:, 1])  # max(-a, 0)
+        a = both.reshape(taps, 2 * out, red)
     else:
+        # |w| * max|x| = |w * max|x||: one relayout pass into C order, then abs in place
+        a = np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], dtype=np.float32, order="C")
         np.abs(a, out=a)
-        parts = [_levels(a, blocks)]
+    table, cols = _level_table(a, blocks)
+    if table.shape[1]:
+        starts = [cols[b].start for b in sorted(blocks)]
+        singles = np.maximum.reduceat(table.max(axis=0), starts).tolist()
+        totals = np.maximum.reduceat(_column_sums(table), starts).tolist()
+    else:
+        singles = totals = [0.0] * len(blocks)
+    sums = {b: _GroupSums(table[:, cols[b]], singles[i], totals[i]) for i, b in enumerate(sorted(blocks))}
 
-    sums: dict[int, list[_GroupSums]] = {}
-
-    def group_max(block: int, ft: int) -> float:
-        hit = sums.get(block)
-        if hit is None:
-            hit = sums[block] = [_GroupSums(lv[block]) for lv in parts]
-        return max(g.max(ft) for g in hit)
+    def fits(block: int, ft: int) -> bool:
+        return sums[block].fits(ft, limit)
 
     rank = partial(score, tap_density=tap_density)
     best, best_score = (2, 1), rank(2, 1)
     for block in blocks:
         if rank(block, taps) <= best_score:
             continue  # even all taps in one partial cannot beat the best so far
-        single = group_max(block, 1)
-        if single > limit:
+        if not fits(block, 1):
             continue  # even single taps overflow with blocks this large
         for ft in range(taps, 0, -1):
             if rank(block, ft) <= best_score:
                 break
-            if ft == 1 or group_max(block, ft) <= limit:
+            if fits(block, ft):
                 best, best_score = (block, ft), rank(block, ft)
                 break
     return best
