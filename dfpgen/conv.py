@@ -227,16 +227,34 @@ def _spec(n, c, h, w, k, r, s, stride, padding, dilation, pass_kind: str) -> Con
     return hit
 
 
+def _checked_bound(bound, c: int):
+    """``x_channel_bound`` as two int64 (C,) arrays within the mantissa range, or None."""
+    if bound is None:
+        return None
+    try:
+        hi, lo = (np.asarray(v) for v in bound)
+    except (TypeError, ValueError):
+        raise DfpError("conv2d: x_channel_bound must be a pair (hi, lo) of per-channel arrays") from None
+    if hi.shape != (c,) or lo.shape != (c,) or hi.dtype.kind not in "iu" or lo.dtype.kind not in "iu":
+        raise DfpError(f"conv2d: x_channel_bound must be two integer arrays of shape ({c},), got "
+                       f"{hi.dtype} {hi.shape} and {lo.dtype} {lo.shape}")
+    hi, lo = hi.astype(np.int64), lo.astype(np.int64)
+    if c and (hi.max() > 32767 or lo.min() < -32767 or (lo > hi).any()):
+        raise DfpError("conv2d: x_channel_bound is no mantissa range (lo <= hi within +/-32767 per channel)")
+    return hi, lo
+
+
 def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: DfpTensor,
-              wq, target=None, bias: bool = False, fma: bool = True):
+              wq, target=None, bias: bool = False, fma: bool = True, act_bound=None):
     """``(kernel config, flush_taps)`` of ``spec``; in exact mode the reduction block and the
     flush interval come from the operands (``flush_taps`` 0: the config's own interval).
-    ``wq``: a DfpTensor or a :class:`PackedWeight`."""
+    ``wq``: a DfpTensor or a :class:`PackedWeight`; ``act_bound``: ``(hi, lo)`` per-channel
+    bounds of ``act``'s mantissas known to the caller (else they are scanned)."""
     passes.check_overflow(overflow)
     if overflow == "exact":
         base, target = resolve_config(spec, config, overflow="exact", target=target)
         density = passes.of(spec).tap_density(spec)
-        hi, lo = _channel_range(act.mantissa)
+        hi, lo = _channel_range(act.mantissa) if act_bound is None else act_bound
         amax = np.maximum(hi, -lo)
         _check_no_int16_min(amax, f"{spec.pass_kind} activation")
         pw = wq if isinstance(wq, PackedWeight) else PackedWeight(wq)
@@ -315,7 +333,7 @@ def _finish(y_nhwc: np.ndarray, info: RunInfo, return_info: bool, warn: bool = T
 def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = DEFAULT_OVERFLOW,
            fmt: DfpFormat = DFP16, seed: int = 0, threads: int | None = None,
            config: TuningConfig | None = None, return_info: bool = False, target=None,
-           warn_overflow: bool = True):
+           warn_overflow: bool = True, x_channel_bound=None):
     """DFP16 forward convolution.
 
     ``x``: float NCHW (N, C, H, W) (any strides; channels_last is cheapest) or a DfpTensor;
@@ -329,8 +347,16 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
     reduction block and flush interval come from the operands (``dfpgen.plan_exact``), not
     from ``config`` (whose register blocking still applies). An empty batch gives an empty
     output.
+
+    ``x_channel_bound``: with a DfpTensor ``x``, optional ``(hi, lo)`` integer arrays (C,)
+    with ``lo[c] <= x.mantissa[:, c] <= hi[c]``, which the caller guarantees (e.g. the proven
+    output range of a fused BatchNorm, ``dfpgen.bn``); exact mode then proves its schedule
+    from them instead of scanning X. A looser bound only shortens the proven partials.
     """
     target, config = _check_call(overflow, threads, target, config)
+    if x_channel_bound is not None and not isinstance(x, DfpTensor):
+        raise DfpError("conv2d: x_channel_bound bounds the mantissas of a DfpTensor x; x is "
+                       f"{type(x).__name__}")
     xq = _quantize_act(x, fmt, seed, "conv2d input X", threads)
     wq = _quantize_weight(w, fmt, "conv2d weight W")
     (n, c, h, wd), (k, c2, r, s) = xq.shape, wq.shape
@@ -353,11 +379,12 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
     if _pointwise_on_pixels(spec):
         # N images of 1x1 = one row of N pixels (same NHWC memory): full register blocks
         res = conv2d(_as_row(xq), wq, b, overflow=overflow, threads=threads, config=config,
-                     warn_overflow=warn_overflow,
+                     warn_overflow=warn_overflow, x_channel_bound=x_channel_bound,
                      return_info=True, target=target)
         return _from_row(res, return_info)
     fma = xq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP
-    cfg, ft = _schedule(spec, overflow, config, xq, wq, target, b is not None, fma)
+    cfg, ft = _schedule(spec, overflow, config, xq, wq, target, b is not None, fma,
+                        _checked_bound(x_channel_bound, c))
     kern = _kernel(spec, cfg, overflow, target, bias=b is not None, fma=fma)
     y, info = execute(kern, xq, wq, b, xq.exponent + wq.exponent, threads, ft)
     return _finish(y, info, return_info, warn_overflow)

@@ -158,7 +158,10 @@ def _swap(root: nn.Module, dotted: str, new_cls, init=None) -> nn.Module:
 
 
 def _bn(kind: str, name: str):
-    return lambda m: m._dfp_bn_init(kind, name=name)
+    # A ReLU output goes on to a conv (the next layer, or the next block's first conv and
+    # projection shortcut): its INT16 mantissas spare that conv's quantize pass. A "none"
+    # BatchNorm feeds an add: float32 only.
+    return lambda m: m._dfp_bn_init(kind, emit_int16=kind != "none", name=name)
 
 
 def _fuse_module(module: nn.Module, prefix: str, is_root: bool) -> tuple[list[str], nn.Module | None]:

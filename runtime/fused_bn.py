@@ -49,6 +49,16 @@ def _nchw(rows: np.ndarray, shape) -> Tensor:
     return torch.from_numpy(rows).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
+def dfp16_of(t: Tensor):
+    """``(mantissas int16 (N, H, W, Cp) numpy NHWC buffer, exponent)`` a fused BatchNorm with
+    ``emit_int16`` attached to its output ``t``: the DFP16 form of exactly ``t``'s values,
+    or None when ``t`` has none or was modified in place since."""
+    h = getattr(t, "_dfp16", None)
+    if h is None or h[2] != t._version:
+        return None
+    return h[0], h[1]
+
+
 def value_range(t: Tensor):
     """The per-channel ``(lo, hi)`` float32 numpy ranges a fused BatchNorm attached to its
     output ``t``, or None when ``t`` has none or was modified in place since."""
@@ -109,7 +119,8 @@ class DFPBatchNorm2d(nn.BatchNorm2d):
     ``forward(x, residual)`` returns ``relu(bn(x) + residual)``), or alone (``"none"``), with
     DFP16 activations. Same constructor arguments as ``nn.BatchNorm2d`` plus keyword-only
     ``fuse`` and ``emit_int16`` (also write the INT16 mantissas, attached to the output as
-    ``_dfp16 = (int16 (N, H, W, Cp) tensor, exponent)``). Input float32 (N, C, H, W), NCHW or
+    ``_dfp16``, read by :func:`dfp16_of`: the next DFP16 conv takes them as its input with no
+    quantize pass). Input float32 (N, C, H, W), NCHW or
     channels_last; output float32 (N, C, H, W) channels_last. Raises ``ValueError`` for an
     unknown ``fuse`` and ``dfpgen.DfpError`` for NaN/Inf in the input (naming the layer)."""
 
@@ -188,7 +199,7 @@ class DFPBatchNorm2d(nn.BatchNorm2d):
             y._dfp_relu = y._version
         if y_q is not None:
             n, c, h, w = y.shape
-            y._dfp16 = (torch.from_numpy(y_q).view(n, h, w, y_q.shape[1]), y_exp)
+            y._dfp16 = (y_q.reshape(n, h, w, y_q.shape[1]), y_exp, y._version)
         return y
 
     def extra_repr(self) -> str:

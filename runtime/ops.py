@@ -196,17 +196,43 @@ def _shape_key(weight_shape, stride, padding, dilation) -> tuple:
 # --- conv2d -------------------------------------------------------------------------
 
 
+def _handed_over(x: Tensor, fmt: DfpFormat):
+    """``(DfpTensor, (hi, lo) per-channel mantissa bounds)`` of X when a fused BatchNorm wrote
+    X's DFP16 form (``emit_int16``) and its range, and X is unchanged since: the conv then
+    needs no quantize pass and no scan of X. Quantizing its float32 values in DFP16 gives the same
+    values (the BatchNorm's exponent may be one coarser than a max-abs pass would pick after
+    a residual add: the values are the same, so is the product). ``(None, None)`` otherwise."""
+    from dfpgen.dfp import DFP16
+    from .fused_bn import dfp16_of, value_range
+    if fmt != DFP16:  # the fused BatchNorm writes DFP16, rounded to nearest
+        return None, None
+    h = dfp16_of(x)
+    r = value_range(x) if h is not None else None
+    if r is None:
+        return None, None
+    buf, exp = h
+    c = x.shape[1]
+    scale = np.float64(2.0) ** -exp
+    # the range holds the quantized images of the proven bounds: whole mantissas
+    hi = np.rint(r[1].astype(np.float64) * scale).astype(np.int64)
+    lo = np.rint(r[0].astype(np.float64) * scale).astype(np.int64)
+    return DfpTensor(buf[..., :c].transpose(0, 3, 1, 2), exp, fmt), (hi, lo)
+
+
+
 def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, overflow,
                     threads, seed=None, wkey=None):
     from dfpgen import conv, pack
     fmt = _fmt(bits, rounding)
     wq = packed_weight(weight if wkey is None else wkey, fmt)
-    qx = pack.quantize_pack(_np_activation(x), fmt, name="conv2d input X",
-                            threads=_threads(threads))
+    qx, bound = _handed_over(x, fmt)
+    if qx is None:
+        qx = pack.quantize_pack(_np_activation(x), fmt, name="conv2d input X",
+                                threads=_threads(threads))
     b = None if bias is None else bias.detach().float().contiguous().numpy()
     y, info = conv.conv2d(qx, wq, b, tuple(stride), tuple(padding),
                           tuple(dilation), overflow=overflow, fmt=fmt, threads=_threads(threads),
-                          return_info=True, warn_overflow=False)
+                          return_info=True, warn_overflow=False, x_channel_bound=bound)
     _report_saturation(info, _shape_key(weight.shape, stride, padding, dilation))
     if observers:
         _observe(pass_kind="fwd", info=info, seed=seed, x=x, weight=weight, bias=bias, x_q=qx,

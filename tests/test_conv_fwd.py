@@ -340,3 +340,26 @@ def test_exact_mode_refuses_int16_min_mantissas():
     wm[0, 0, 0, 0] = -32768
     with pytest.raises(dfpgen.DfpError, match="-32768"):
         conv.conv2d(xq, dfpgen.DfpTensor(wm, wq.exponent), padding=1, overflow="exact")
+
+
+def test_a_caller_bound_on_x_replaces_the_scan_and_bad_bounds_are_one_line_errors():
+    # x_channel_bound (a fused BatchNorm's proven range): the scan's own (max, min) gives the
+    # same schedule and bits; a looser one only proves shorter partials, still exact
+    shape = (2, 12, 7, 6, 10, 3, 3, 1, 1, 1)
+    xq, wq, _ = operands(shape, seed=3)
+    m = xq.mantissa.astype(np.int64)
+    hi, lo = m.max(axis=(0, 2, 3)), m.min(axis=(0, 2, 3))
+    y0, i0 = conv.conv2d(xq, wq, padding=1, return_info=True)
+    y1, i1 = conv.conv2d(xq, wq, padding=1, return_info=True, x_channel_bound=(hi, lo))
+    assert np.array_equal(y0, y1) and (i0.c_block, i0.flush_taps) == (i1.c_block, i1.flush_taps)
+    full = np.full(12, 32767)
+    y2, i2 = conv.conv2d(xq, wq, padding=1, return_info=True, x_channel_bound=(full, -full))
+    ref = reference.conv2d_fwd(xq, wq, None, 1, 1, 1, c_block=i2.c_block, flush_taps=i2.flush_taps)
+    assert not ref.overflowed and np.array_equal(y2, ref.fp32)
+    for bad, msg in [((hi, lo[:5]), "shape"), ((hi.astype(float), lo), "integer"),
+                     ((lo - 1, hi), "no mantissa range"), ((full + 1, lo), "no mantissa range"), (hi, "pair")]:
+        with pytest.raises(dfpgen.DfpError, match=msg) as e:
+            conv.conv2d(xq, wq, padding=1, x_channel_bound=bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(dfpgen.DfpError, match="DfpTensor"):
+        conv.conv2d(np.zeros((2, 12, 7, 6), np.float32), wq, padding=1, x_channel_bound=(hi, lo))

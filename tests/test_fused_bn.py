@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dfpgen.runtime as dfp
+from dfpgen.runtime import fused_bn
 from dfpgen import bn_reference, threads as dthreads
 from dfpgen.dfp import quantize
 from dfpgen.examples import models
@@ -172,6 +173,54 @@ def test_autograd_keeps_int16_only_at_a_conv_bn_relu_junction():
     assert model[0].weight.grad is not None and model[1].weight.grad is not None
 
 
+def test_the_conv_after_a_fused_batchnorm_takes_its_int16_output_with_no_quantize_pass(monkeypatch):
+    # convert() has the BatchNorm write its ReLU output's mantissas too: the next conv takes
+    # them (and the proven per-channel range, for exact mode's schedule) instead of
+    # quantizing and scanning the float32 output, saves that same buffer for backward-weight,
+    # and gives the bits of the path that quantizes (without a residual the BatchNorm's
+    # exponent and range are exact, so even the flush schedule is the same).
+    from dfpgen import pack
+
+    def make():
+        torch.manual_seed(0)
+        return dfp.convert(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                         nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1, bias=False)),
+                           overflow="exact")
+    a, b = make(), make()
+    assert a[1].emit_int16
+    b[1].emit_int16 = False
+    quantized = []
+    real = pack.quantize_pack
+    monkeypatch.setattr(pack, "quantize_pack", lambda x, *args, name="", **kw: quantized.append(name)
+                        or real(x, *args, name=name, **kw))
+    x = _x((2, 8, 6, 6))
+    outs = []
+    for m in (a, b):
+        quantized.clear()
+        held = []
+        m[2].register_forward_hook(lambda mod, inp, out: held.append(out))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = m(x)
+        y.sum().backward()
+        outs.append((y.detach(), m[0].weight.grad, m[3].weight.grad))
+        xs = quantized.count("conv2d input X")
+        ptrs = {t.untyped_storage().data_ptr() for t in saved if t.dtype == torch.int16}
+        if m is a:
+            assert xs == 1  # the first conv only
+            buf, _ = fused_bn.dfp16_of(held[0])
+            assert buf.ctypes.data in ptrs  # saved as it is, not a copy
+        else:
+            assert xs == 2
+    for u, v in zip(*outs):
+        assert torch.equal(u, v)
+    # changed in place after the BatchNorm: the conv quantizes the new values
+    with torch.no_grad():
+        h = a[2](a[1](a[0](x)))
+        h.mul_(0.5)
+        assert torch.equal(a[3](h), a[3](h.clone()))
+
+
 def test_bit_identical_for_one_and_two_threads():
     outs = []
     for n in (1, 2):
@@ -308,8 +357,11 @@ def test_int16_output_is_the_next_convs_dfp16_input():
     x = _x((2, 13, 5, 6))
     with torch.no_grad():
         y = m(x)
-    buf, exp = y._dfp16
+    buf, exp = fused_bn.dfp16_of(y)
     assert buf.shape == (2, 5, 6, 14) and not buf[..., 13].any()
     q = pack.quantize_pack(y.numpy())
     assert q.exponent == exp
-    assert np.array_equal(pack.nhwc_buffer(q), buf.numpy())
+    assert np.array_equal(pack.nhwc_buffer(q), buf)
+    with torch.no_grad():
+        y.mul_(2)  # an in-place change: the mantissas no longer hold y's values
+    assert fused_bn.dfp16_of(y) is None
