@@ -160,6 +160,32 @@ def test_opcheck_conv2d(cl):
                            "exact", torch.tensor(7), 1, cl, True, True))
 
 
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_eager_calls_skip_the_custom_op_dispatch_with_the_same_bits(cl):
+    # dfp.conv2d in eager mode runs the ops' implementations under a torch.autograd.Function;
+    # through torch.ops.dfpgen.conv2d's registered autograd the results are the same bits
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 5, 7, 6, generator=g)
+    if cl:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    w0, b0 = torch.randn(4, 5, 3, 3, generator=g), torch.randn(4, generator=g)
+    gy = torch.randn(2, 4, 4, 3, generator=g)
+    runs = []
+    for via_op in (False, True):
+        x, wt, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        if via_op:
+            y = torch.ops.dfpgen.conv2d(x, wt, b, [2, 2], [1, 1], [1, 1], 15, "nearest", "exact",
+                                        "stochastic", torch.tensor(9), 0)[0]
+        else:
+            y = dfp.conv2d(x, wt, b, 2, 1, overflow="exact", grad_rounding="stochastic", seed=9)
+            assert type(y.grad_fn).__name__ == "_Conv2dEagerBackward"
+        y.backward(gy)
+        runs.append((y.detach(), x.grad, wt.grad, b.grad))
+    for u, v in zip(*runs):
+        assert torch.equal(u, v)
+    assert runs[0][0].is_contiguous(memory_format=torch.channels_last) == cl
+
+
 def test_opcheck_linear():
     x = torch.randn(6, 9, requires_grad=True)
     wt = torch.randn(5, 9, requires_grad=True)
