@@ -51,7 +51,7 @@ from .pack import empty_aligned
 from .render import llvm_float, render
 from .target import CpuTarget, host_target
 
-ABI_VERSION = 1
+ABI_VERSION = 2  # 2: the forward writes INT16 rows into a padded buffer (row mapping arguments)
 CHUNK = 64  # pixels per statistics chunk: fixed by the shape only, never by the thread count
 KINDS = ("stats", "fwd", "bwd_reduce", "bwd_dx")
 MIN_ELEMS_PER_THREAD = 1 << 15
@@ -59,7 +59,8 @@ MIN_ELEMS_PER_THREAD = 1 << 15
 _P, _I, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
 _PROTOS = {
     "stats": ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I),
-    "fwd": ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _F, _F, _F, _F),
+    "fwd": ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _F, _F, _F, _F,
+                            _I, _I, _I, _I, _I),
     "bwd_reduce": ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _D),
     "bwd_dx": ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I),
 }
@@ -294,8 +295,9 @@ def output_bound(lo: np.ndarray, hi: np.ndarray, *, relu: bool, res_lo=None, res
 
 @dataclass
 class BnForward:
-    """Result of :func:`forward`. ``y_q`` int16 (M, Cp) (the next conv's padded NHWC rows,
-    Cp = C + C % 2, pad channel 0) or None; ``y_f`` float32 (M, C) or None (the same values);
+    """Result of :func:`forward`. ``y_q`` int16 (M, Cp) (the next conv's NHWC rows, Cp = C + C
+    % 2, pad channel 0), or with ``out_pad`` (N, top+H+bottom, left+W+right, Cp) with zeros
+    around the image, or None; ``y_f`` float32 (M, C) or None (the same values);
     ``y_exp`` their exponent; ``x_q`` int16 (M, C) mantissas of X with ``x_exp`` (None unless
     ``save_x``); ``mask`` uint8 (M, nvec * lanes / 8) ReLU bits (residual + ReLU only);
     ``lo``/``hi`` float32 (C,): per-channel range of the output values (exact without
@@ -316,13 +318,16 @@ def forward(x: np.ndarray, stats: BnStats, scale, shift, *, relu: bool = True,
             residual: np.ndarray | None = None, residual_range=None, save_x: bool = True,
             write_q: bool = True, write_f: bool = True, fmt: DfpFormat = DFP16,
             threads: int | None = None, target: CpuTarget | None = None,
-            name: str = "BatchNorm input") -> BnForward:
+            name: str = "BatchNorm input", out_pad=None) -> BnForward:
     """One pass: X (M, C) float32 -> DFP16 output of ReLU(X*scale + shift [+ residual]).
 
     ``stats``: :func:`batch_stats` of ``x`` (its min/max fix X's exponent and, with
     ``scale``/``shift`` float32 (C,), the output's; see the module docstring).
     ``residual``: float32 (M, C) or None; ``residual_range``: ``(lo, hi)`` float32 (C,)
     containing every residual value of each channel (required with ``residual``).
+    ``out_pad``: ``((N, H, W), (top, bottom, left, right))``, the rows as N images of H x W
+    pixels: ``y_q`` is then the zero-padded NHWC buffer a stride-1 conv with that padding
+    reads (``dfpgen.fwd_family``), written in the same pass (no padding copy).
     Raises :class:`DfpError` for bad shapes, stochastic rounding (activations round to
     nearest), non-finite parameters, or an exponent outside the format's range.
     """
@@ -355,7 +360,7 @@ def forward(x: np.ndarray, stats: BnStats, scale, shift, *, relu: bool = True,
     dqy = float(dequant_scale(y_exp))
     Cp = C + C % 2
     x_q = empty_aligned((M, C)) if save_x else None
-    y_q = empty_aligned((M, Cp)) if write_q else None
+    y_q, rowmap = _output_rows(M, Cp, out_pad) if write_q else (None, (max(M, 1), 1, 0, 0, 0))
     y_f = empty_aligned((M, C), np.float32) if write_f else None
     has_mask = relu and residual is not None
     nvec = Cv // lanes
@@ -365,11 +370,34 @@ def forward(x: np.ndarray, stats: BnStats, scale, shift, *, relu: bool = True,
     scp, shp = _pad(sc, Cv), _pad(shift, Cv)
     ptr = lambda a: 0 if a is None else a.ctypes.data  # noqa: E731
     args = [ptr(x), ptr(residual), ptr(scp), ptr(shp), ptr(x_q), ptr(y_q), ptr(y_f), ptr(mask)]
-    _threads.parallel_call(fn, (*args, C, s1x, s2x, s1y, s2y, dqy), 8, M, _nthreads(threads, M, C))
+    _threads.parallel_call(fn, (*args, C, s1x, s2x, s1y, s2y, dqy, *rowmap), 8, M, _nthreads(threads, M, C))
     # The output values' range: the quantized images of the bound (exact without residual).
     out_lo = (mantissa_f32(lo, y_exp, fmt) * np.float32(dqy)).astype(np.float32)
     out_hi = (mantissa_f32(hi, y_exp, fmt) * np.float32(dqy)).astype(np.float32)
     return BnForward(y_q, y_f, y_exp, x_q, x_exp, mask, out_lo, out_hi, sc, shift)
+
+
+def _output_rows(M: int, Cp: int, out_pad) -> tuple[np.ndarray, tuple[int, int, int, int, int]]:
+    """The INT16 output buffer and the kernel's row mapping ``(W, H, row_skip, img_skip,
+    ybase)`` (see ``templates/bn_act.ll.j2``): dense (M, Cp) rows, or the zero-padded NHWC
+    buffer of ``out_pad`` (only its border is zeroed here; the kernel writes the rest)."""
+    if out_pad is None:
+        return empty_aligned((M, Cp)), (max(M, 1), 1, 0, 0, 0)
+    try:
+        (n, h, w), (top, bottom, left, right) = out_pad
+        n, h, w, top, bottom, left, right = (int(v) for v in (n, h, w, top, bottom, left, right))
+    except (TypeError, ValueError):
+        raise DfpError(f"out_pad must be ((N, H, W), (top, bottom, left, right)), got {out_pad!r}") from None
+    if n * h * w != M or min(n, h, w) < 1 or min(top, bottom, left, right) < 0:
+        raise DfpError(f"out_pad: {n} x {h} x {w} images with padding {(top, bottom, left, right)} "
+                       f"do not fit {M} rows")
+    hp, wp = top + h + bottom, left + w + right
+    buf = empty_aligned((n, hp, wp, Cp))
+    buf[:, :top] = 0
+    buf[:, top + h:] = 0
+    buf[:, top:top + h, :left] = 0
+    buf[:, top:top + h, left + w:] = 0
+    return buf, (w, h, wp - w, (hp - h) * wp, top * wp + left)
 
 
 # ----------------------------------------------------------------------------- backward

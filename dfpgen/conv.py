@@ -333,7 +333,7 @@ def _finish(y_nhwc: np.ndarray, info: RunInfo, return_info: bool, warn: bool = T
 def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = DEFAULT_OVERFLOW,
            fmt: DfpFormat = DFP16, seed: int = 0, threads: int | None = None,
            config: TuningConfig | None = None, return_info: bool = False, target=None,
-           warn_overflow: bool = True, x_channel_bound=None):
+           warn_overflow: bool = True, x_channel_bound=None, x_buffer=None):
     """DFP16 forward convolution.
 
     ``x``: float NCHW (N, C, H, W) (any strides; channels_last is cheapest) or a DfpTensor;
@@ -352,11 +352,17 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
     with ``lo[c] <= x.mantissa[:, c] <= hi[c]``, which the caller guarantees (e.g. the proven
     output range of a fused BatchNorm, ``dfpgen.bn``); exact mode then proves its schedule
     from them instead of scanning X. A looser bound only shortens the proven partials.
+    ``x_buffer``: with a DfpTensor ``x``, optional ``(buffer, pad)``: ``x``'s mantissas
+    already in a zero-padded NHWC int16 buffer (N, top+H+bottom, left+W+right, Cp), pad =
+    (top, bottom, left, right), zeros around the image and in channels >= C (e.g. written so
+    by a fused BatchNorm, ``dfpgen.bn.forward(out_pad=...)``); the kernel reads it in place
+    of its own padded copy when the padding and channel count are its own (stride 1).
     """
     target, config = _check_call(overflow, threads, target, config)
-    if x_channel_bound is not None and not isinstance(x, DfpTensor):
-        raise DfpError("conv2d: x_channel_bound bounds the mantissas of a DfpTensor x; x is "
-                       f"{type(x).__name__}")
+    for what, given in (("x_channel_bound", x_channel_bound), ("x_buffer", x_buffer)):
+        if given is not None and not isinstance(x, DfpTensor):
+            raise DfpError(f"conv2d: {what} describes the mantissas of a DfpTensor x; x is "
+                           f"{type(x).__name__}")
     xq = _quantize_act(x, fmt, seed, "conv2d input X", threads)
     wq = _quantize_weight(w, fmt, "conv2d weight W")
     (n, c, h, wd), (k, c2, r, s) = xq.shape, wq.shape
@@ -386,8 +392,28 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
     cfg, ft = _schedule(spec, overflow, config, xq, wq, target, b is not None, fma,
                         _checked_bound(x_channel_bound, c))
     kern = _kernel(spec, cfg, overflow, target, bias=b is not None, fma=fma)
-    y, info = execute(kern, xq, wq, b, xq.exponent + wq.exponent, threads, ft)
+    y, info = execute(kern, xq, wq, b, xq.exponent + wq.exponent, threads, ft,
+                      _checked_buffer(x_buffer, xq.shape))
     return _finish(y, info, return_info, warn_overflow)
+
+
+def _checked_buffer(given, shape):
+    """``x_buffer`` checked against X's (N, C, H, W) ``shape``, or None."""
+    if given is None:
+        return None
+    try:
+        buf, pad = given
+        top, bottom, left, right = (operator.index(v) for v in pad)
+    except (TypeError, ValueError):
+        raise DfpError("conv2d: x_buffer must be a pair (buffer, (top, bottom, left, right))") from None
+    n, c, h, w = shape
+    want = (n, top + h + bottom, left + w + right)
+    if (not isinstance(buf, np.ndarray) or buf.dtype != np.int16 or buf.ndim != 4
+            or buf.shape[:3] != want or buf.shape[3] < c or min(top, bottom, left, right) < 0):
+        raise DfpError(f"conv2d: x_buffer must be an int16 array of shape {want} + (Cp >= {c},) for "
+                       f"padding {(top, bottom, left, right)}, got {getattr(buf, 'dtype', type(buf))} "
+                       f"{getattr(buf, 'shape', '')}")
+    return buf, (top, bottom, left, right)
 
 
 def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *,

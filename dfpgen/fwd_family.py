@@ -291,11 +291,13 @@ class PackedWeight:
 
 
 def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int,
-            threads: int | None, flush_taps: int = 0) -> tuple[np.ndarray, RunInfo]:
+            threads: int | None, flush_taps: int = 0, padded=None) -> tuple[np.ndarray, RunInfo]:
     """Run ``kernel`` on activation DfpTensor ``act`` (X NCHW forward, dY NKPQ backward-data) and
     weight DfpTensor or :class:`PackedWeight` ``wq`` (KCRS), flushing after every
-    ``flush_taps`` taps of a reduction block (0: the kernel's planned interval). Returns
-    (FP32 NHWC output view (N, OH, OW, OUT), RunInfo)."""
+    ``flush_taps`` taps of a reduction block (0: the kernel's planned interval). ``padded``:
+    optional ``(buffer, pad)``, ``act``'s mantissas already zero-padded in NHWC (see
+    ``dfpgen.conv.conv2d``'s ``x_buffer``), read in place when they are the kernel's layout.
+    Returns (FP32 NHWC output view (N, OH, OW, OUT), RunInfo)."""
     spec = kernel.spec
     if not (threads or kernel.config.threads):
         # the default count, capped so that each thread gets enough work to pay for its
@@ -310,6 +312,9 @@ def execute(kernel: ConvKernel, act, wq, bias: np.ndarray | None, scale_exp: int
                                                                 flush_taps=flush_taps)
     if kernel.parts[0].sub.phases:
         xbuf = phase_buffer(act.mantissa, spec, kernel.parts[0].sub, 2 * first.red_pairs)
+    elif (padded is not None and padded[1] == kernel.pad and padded[0].shape[-1] == 2 * first.red_pairs
+          and padded[0].flags.c_contiguous):
+        xbuf = padded[0]
     else:
         xbuf = _activation_buffer(act, kernel.pad, 2 * first.red_pairs)
     ybuf = (aligned_zeros if kernel.zero_fill else empty_aligned)((n, oh, ow, first.out_pad), np.float32)

@@ -253,7 +253,7 @@ def _unswap(root: nn.Module, dotted: str) -> None:
     if back is None:
         return
     new = _swap(root, dotted, back)
-    for attr in ("fuse", "emit_int16", "dfp_name"):
+    for attr in ("fuse", "emit_int16", "dfp_name", "_dfp_int16_pad"):
         new.__dict__.pop(attr, None)
 
 

@@ -21,7 +21,7 @@ PyTorch ops unfused, bit-identical to the unconverted model.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -49,14 +49,33 @@ def _nchw(rows: np.ndarray, shape) -> Tensor:
     return torch.from_numpy(rows).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
-def dfp16_of(t: Tensor):
-    """``(mantissas int16 (N, H, W, Cp) numpy NHWC buffer, exponent)`` a fused BatchNorm with
-    ``emit_int16`` attached to its output ``t``: the DFP16 form of exactly ``t``'s values,
-    or None when ``t`` has none or was modified in place since."""
+class Dfp16Output(NamedTuple):
+    """The DFP16 form of a fused BatchNorm's output (:func:`dfp16_of`): ``buffer`` int16
+    (N, top+H+bottom, left+W+right, Cp) NHWC with zeros around the image (``pad`` = (top,
+    bottom, left, right), all 0 for the dense (N, H, W, Cp) rows) and in the pad channel
+    (Cp = C + C % 2); ``exponent`` the shared exponent; ``producer`` the BatchNorm module."""
+    buffer: np.ndarray
+    exponent: int
+    pad: tuple
+    producer: "DFPBatchNorm2d"
+
+    @property
+    def mantissa(self) -> np.ndarray:
+        """int16 (N, C, H, W) view of the image (no copy)."""
+        top, bottom, left, right = self.pad
+        b = self.buffer
+        return b[:, top:b.shape[1] - bottom, left:b.shape[2] - right, :self.producer.num_features
+                 ].transpose(0, 3, 1, 2)
+
+
+def dfp16_of(t: Tensor) -> Optional[Dfp16Output]:
+    """The :class:`Dfp16Output` a fused BatchNorm with ``emit_int16`` attached to its output
+    ``t``: the DFP16 form of exactly ``t``'s values, or None when ``t`` has none or was
+    modified in place since."""
     h = getattr(t, "_dfp16", None)
-    if h is None or h[2] != t._version:
+    if h is None or h[1] != t._version:
         return None
-    return h[0], h[1]
+    return h[0]
 
 
 def value_range(t: Tensor):
@@ -85,8 +104,11 @@ class _FusedBNFunction(torch.autograd.Function):
                 st_r = bn.batch_stats(rr, name="residual operand")
                 rrange = (st_r.min, st_r.max)
         relu = mod.fuse != "none"
+        pad = mod._dfp_int16_pad if mod.emit_int16 else None
+        n, _, h, w = x.shape
         f = bn.forward(xr, stats, scale, shift, relu=relu, residual=rr, residual_range=rrange,
-                       save_x=save, write_q=mod.emit_int16, write_f=True, name=mod._dfp_label())
+                       save_x=save, write_q=mod.emit_int16, write_f=True, name=mod._dfp_label(),
+                       out_pad=((n, h, w), pad) if pad and any(pad) else None)
         y = _nchw(f.y_f, x.shape)
         if save:
             xq = torch.from_numpy(f.x_q)
@@ -134,6 +156,16 @@ class DFPBatchNorm2d(nn.BatchNorm2d):
         self.fuse = fuse
         self.emit_int16 = bool(emit_int16)
         self.dfp_name = name
+        self._dfp_int16_pad = None  # the INT16 output's zero padding: see want_int16_pad
+
+    def want_int16_pad(self, pad: tuple) -> None:
+        """A consumer (the next stride-1 DFP16 conv) reads the INT16 output with zero padding
+        ``pad`` = (top, bottom, left, right): from the next call on the output is written
+        that way, so the conv needs no padding copy. The first consumer to ask decides (an
+        output read by convs of different padding would otherwise switch every call; the
+        others copy, as without the request)."""
+        if getattr(self, "_dfp_int16_pad", None) is None:
+            self._dfp_int16_pad = tuple(int(v) for v in pad)
 
     def _dfp_label(self) -> str:
         return f"BatchNorm {self.dfp_name!r} input" if self.dfp_name else "BatchNorm input"
@@ -199,7 +231,12 @@ class DFPBatchNorm2d(nn.BatchNorm2d):
             y._dfp_relu = y._version
         if y_q is not None:
             n, c, h, w = y.shape
-            y._dfp16 = (y_q.reshape(n, h, w, y_q.shape[1]), y_exp, y._version)
+            pad = (0, 0, 0, 0)
+            if y_q.ndim == 2:
+                y_q = y_q.reshape(n, h, w, y_q.shape[1])
+            else:
+                pad = self._dfp_int16_pad
+            y._dfp16 = (Dfp16Output(y_q, y_exp, pad, self), y._version)
         return y
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from functools import partial
 import warnings
 from typing import List, Optional, Tuple
 
@@ -157,9 +158,12 @@ def _threads(threads: int):
     return threads if threads > 0 else None
 
 
-def saved_input(buf: Tensor, x_exp: Tensor, channels: int, bits: int) -> DfpTensor:
-    """The forward's X as a DfpTensor: NCHW-shaped view of the saved NHWC INT16 buffer."""
-    m = buf.numpy()[..., :channels].transpose(0, 3, 1, 2)
+def saved_input(buf: Tensor, x_exp: Tensor, channels: int, bits: int, pad=(0, 0, 0, 0)) -> DfpTensor:
+    """The forward's X as a DfpTensor: NCHW-shaped view of the saved NHWC INT16 buffer (of
+    the image inside its zero padding ``pad`` = (top, bottom, left, right))."""
+    b = buf.numpy()
+    top, bottom, left, right = pad
+    m = b[:, top:b.shape[1] - bottom, left:b.shape[2] - right, :channels].transpose(0, 3, 1, 2)
     return DfpTensor(m, int(x_exp.item()), _fmt(bits, "nearest"))
 
 
@@ -197,49 +201,67 @@ def _shape_key(weight_shape, stride, padding, dilation) -> tuple:
 
 
 def _handed_over(x: Tensor, fmt: DfpFormat):
-    """``(DfpTensor, (hi, lo) per-channel mantissa bounds)`` of X when a fused BatchNorm wrote
-    X's DFP16 form (``emit_int16``) and its range, and X is unchanged since: the conv then
-    needs no quantize pass and no scan of X. Quantizing its float32 values in DFP16 gives the same
-    values (the BatchNorm's exponent may be one coarser than a max-abs pass would pick after
-    a residual add: the values are the same, so is the product). ``(None, None)`` otherwise."""
+    """``(DfpTensor, (hi, lo) per-channel mantissa bounds, Dfp16Output)`` of X when a fused
+    BatchNorm wrote X's DFP16 form (``emit_int16``) and its range, and X is unchanged since:
+    the conv then needs no quantize pass and no scan of X. Quantizing its float32 values in
+    DFP16 gives the same values (the BatchNorm's exponent may be one coarser than a max-abs
+    pass would pick after a residual add: the values are the same, so is the product).
+    ``(None, None, None)`` otherwise."""
     from dfpgen.dfp import DFP16
     from .fused_bn import dfp16_of, value_range
     if fmt != DFP16:  # the fused BatchNorm writes DFP16, rounded to nearest
-        return None, None
+        return None, None, None
     h = dfp16_of(x)
     r = value_range(x) if h is not None else None
     if r is None:
-        return None, None
-    buf, exp = h
-    c = x.shape[1]
-    scale = np.float64(2.0) ** -exp
+        return None, None, None
+    scale = np.float64(2.0) ** -h.exponent
     # the range holds the quantized images of the proven bounds: whole mantissas
     hi = np.rint(r[1].astype(np.float64) * scale).astype(np.int64)
     lo = np.rint(r[0].astype(np.float64) * scale).astype(np.int64)
-    return DfpTensor(buf[..., :c].transpose(0, 3, 1, 2), exp, fmt), (hi, lo)
+    return DfpTensor(h.mantissa, h.exponent, fmt), (hi, lo), h
 
+
+NO_PAD = (0, 0, 0, 0)
 
 
 def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, overflow,
-                    threads, seed=None, wkey=None):
+                    threads, seed=None, wkey=None, keep_pad=False):
+    """Returns (y, X's INT16 NHWC buffer, X's exponent tensor, the buffer's zero padding
+    (top, bottom, left, right)); the padding is all 0 (the buffer (N, H, W, Cp)) unless
+    ``keep_pad`` lets a fused BatchNorm's padded buffer be saved as it is."""
     from dfpgen import conv, pack
     fmt = _fmt(bits, rounding)
     wq = packed_weight(weight if wkey is None else wkey, fmt)
-    qx, bound = _handed_over(x, fmt)
+    qx, bound, handed = _handed_over(x, fmt)
+    xbuf = None
     if qx is None:
         qx = pack.quantize_pack(_np_activation(x), fmt, name="conv2d input X",
                                 threads=_threads(threads))
+    else:
+        # a stride-1 conv reads X zero-padded: the BatchNorm writes it that way from its next
+        # call on (a strided conv reads phase images; 1x1 unpadded ones the dense rows)
+        ph, pw = padding
+        want = (ph, ph, pw, pw) if tuple(stride) == (1, 1) else NO_PAD
+        handed.producer.want_int16_pad(want)
+        if handed.pad == want and want != NO_PAD:
+            xbuf = (handed.buffer, handed.pad)
     b = None if bias is None else bias.detach().float().contiguous().numpy()
     y, info = conv.conv2d(qx, wq, b, tuple(stride), tuple(padding),
                           tuple(dilation), overflow=overflow, fmt=fmt, threads=_threads(threads),
-                          return_info=True, warn_overflow=False, x_channel_bound=bound)
+                          return_info=True, warn_overflow=False, x_channel_bound=bound,
+                          x_buffer=xbuf)
     _report_saturation(info, _shape_key(weight.shape, stride, padding, dilation))
     if observers:
         _observe(pass_kind="fwd", info=info, seed=seed, x=x, weight=weight, bias=bias, x_q=qx,
                  output=y, stride=stride, padding=padding, dilation=dilation, fmt=fmt)
-    buf = torch.from_numpy(np.ascontiguousarray(pack.nhwc_buffer(qx)))
-    return (_to_torch(y, output_channels_last(x, weight)), buf,
-            torch.tensor(qx.exponent, dtype=torch.int32))
+    pad = NO_PAD
+    if handed is not None and handed.pad != NO_PAD and keep_pad:
+        held, pad = handed.buffer, handed.pad  # saved as it is: no copy of the image
+    else:
+        held = np.ascontiguousarray(pack.nhwc_buffer(qx))
+    return (_to_torch(y, output_channels_last(x, weight)), torch.from_numpy(held),
+            torch.tensor(qx.exponent, dtype=torch.int32), pad)
 
 
 @torch.library.custom_op("dfpgen::conv2d", mutates_args=())
@@ -253,7 +275,7 @@ def conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[in
     ``grad_rounding`` and ``seed`` (int64 scalar tensor, so a new seed per step does not
     re-trace under torch.compile) are kept for the backward pass's dY."""
     return _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding,
-                           overflow, threads, seed)
+                           overflow, threads, seed)[:3]
 
 
 @conv2d_op.register_fake
@@ -270,9 +292,10 @@ def _conv2d_fake(x, weight, bias, stride, padding, dilation, bits, rounding, ove
 
 def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilation, bits,
                           grad_rounding, overflow, seed, threads, channels_last, need_input,
-                          need_weight, wkey=None):
+                          need_weight, wkey=None, x_pad=NO_PAD):
     from dfpgen import conv, pack
     n, h, w, _ = x_buf.shape
+    h, w = h - x_pad[0] - x_pad[1], w - x_pad[2] - x_pad[3]
     k, c, r, s = weight.shape
     gfmt = _fmt(bits, grad_rounding)
     qdy = pack.quantize_pack(_np_activation(grad_y), gfmt, seed=int(seed.item()), name="conv2d grad_output dY",
@@ -291,7 +314,7 @@ def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilatio
         if observers:
             _observe(pass_kind="bwd_data", info=res.info, output=res.output, **ev)
     if need_weight:
-        qx = saved_input(x_buf, x_exp, c, bits)
+        qx = saved_input(x_buf, x_exp, c, bits, x_pad)
         res = conv.conv2d_weight(qx, (k, c, r, s), qdy, *args, return_info=True, **kw)
         gw = _to_torch(res.output, False)
         _report_saturation(res.info, shape)
@@ -372,13 +395,15 @@ class _Conv2dEager(torch.autograd.Function):
         (x, weight, bias, stride, padding, dilation, bits, rounding, overflow, grad_rounding,
          seed, threads) = inputs
         out = _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding,
-                              overflow, threads, seed)
-        _conv2d_setup(ctx, inputs, out)
+                              overflow, threads, seed, keep_pad=True)
+        _conv2d_setup(ctx, inputs, out[:3])
+        ctx.x_pad = out[3]
         return out[0]
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _conv2d_backward(ctx, grad_y, None, None, backward_op=_conv2d_backward_impl)
+        return _conv2d_backward(ctx, grad_y, None, None,
+                                backward_op=partial(_conv2d_backward_impl, x_pad=ctx.x_pad))
 
 
 def _eager(*tensors) -> bool:
@@ -485,7 +510,7 @@ def linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, roun
     ``grad_rounding`` and ``seed`` are kept for the backward pass, as in ``dfpgen::conv2d``."""
     xc = x.detach().float().contiguous()
     w4 = weight.detach().float().contiguous().view(weight.shape[0], weight.shape[1], 1, 1)
-    y, buf, exp = _conv2d_forward(_as_pixels(xc), w4, bias, [1, 1], [0, 0], [1, 1], bits,
+    y, buf, exp, _ = _conv2d_forward(_as_pixels(xc), w4, bias, [1, 1], [0, 0], [1, 1], bits,
                                   rounding, overflow, threads, seed, wkey=weight)
     # y is (1, O, 1, M) channels_last, whose buffer is (M, O) row-major.
     return y.permute(0, 2, 3, 1).reshape(x.shape[0], weight.shape[0]).clone(), buf, exp

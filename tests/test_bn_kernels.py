@@ -135,6 +135,31 @@ def test_bit_identical_for_one_and_two_threads():
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("C,image,pad", [(13, (3, 5, 7), (1, 1, 1, 1)), (16, (2, 4, 9), (0, 2, 3, 1)),
+                                         (8, (1, 1, 1), (2, 2, 2, 2)), (40, (4, 6, 3), (1, 1, 1, 1))])
+def test_int16_output_into_the_padded_buffer_equals_padding_the_rows_afterwards(C, image, pad, threads):
+    # out_pad: the kernel writes each pixel's row into the zero-padded NHWC image (the row
+    # mapping stepped per pixel from where each thread's range starts): the same bits as the
+    # dense rows padded afterwards by dfpgen.fwd_family.padded_nhwc, and the same float32
+    from dfpgen.fwd_family import padded_nhwc
+    n, h, w = image
+    x, gamma, beta, r = _data(n * h * w, C, seed=C, residual=True)
+    st = bn.batch_stats(x)
+    _, scale, shift = bn.affine_params(st.mean, st.var, gamma, beta, 1e-5)
+    rr = (r.min(axis=0), r.max(axis=0))
+    dense = bn.forward(x, st, scale, shift, residual=r, residual_range=rr, threads=threads)
+    padded = bn.forward(x, st, scale, shift, residual=r, residual_range=rr, threads=threads,
+                        out_pad=(image, pad))
+    cp = C + C % 2
+    m = dense.y_q.reshape(n, h, w, cp)[..., :C].transpose(0, 3, 1, 2)
+    assert padded.y_q.shape == (n, pad[0] + h + pad[1], pad[2] + w + pad[3], cp)
+    assert np.array_equal(padded.y_q, padded_nhwc(m, pad, cp))
+    assert np.array_equal(padded.y_f, dense.y_f) and padded.y_exp == dense.y_exp
+    with pytest.raises(DfpError, match="do not fit"):
+        bn.forward(x, st, scale, shift, out_pad=((n, h, w + 1), pad))
+
+
 def test_bad_inputs_raise_one_line_errors():
     x, gamma, beta, r = _data(100, 8, residual=True)
     bad = x.copy(); bad[3, 2] = np.nan

@@ -363,3 +363,23 @@ def test_a_caller_bound_on_x_replaces_the_scan_and_bad_bounds_are_one_line_error
         assert "\n" not in str(e.value)
     with pytest.raises(dfpgen.DfpError, match="DfpTensor"):
         conv.conv2d(np.zeros((2, 12, 7, 6), np.float32), wq, padding=1, x_channel_bound=(hi, lo))
+
+
+def test_a_prepadded_input_buffer_is_read_in_place_with_the_same_bits():
+    # x_buffer: X's mantissas already zero-padded as the kernel reads them (a fused
+    # BatchNorm writes them so); other paddings are ignored (the kernel pads its own copy)
+    from dfpgen.fwd_family import padded_nhwc
+    shape = (2, 12, 7, 6, 10, 3, 3, 1, 1, 1)
+    xq, wq, _ = operands(shape, seed=4)
+    y0 = conv.conv2d(xq, wq, padding=1)
+    for pad in [(1, 1, 1, 1), (0, 0, 0, 0), (2, 1, 0, 3)]:
+        buf = padded_nhwc(xq.mantissa, pad, 12)
+        m = buf[:, pad[0]:pad[0] + 7, pad[2]:pad[2] + 6].transpose(0, 3, 1, 2)
+        y1 = conv.conv2d(dfpgen.DfpTensor(m, xq.exponent), wq, padding=1, x_buffer=(buf, pad))
+        assert np.array_equal(y0, y1)
+    buf = padded_nhwc(xq.mantissa, (1, 1, 1, 1), 12)
+    for bad, msg in [((buf, (1, 1, 1)), "pair"), ((buf, (1, 1, 0, 1)), "shape"),
+                     ((buf.astype(np.int32), (1, 1, 1, 1)), "int16"), (buf, "pair")]:
+        with pytest.raises(dfpgen.DfpError, match=msg) as e:
+            conv.conv2d(xq, wq, padding=1, x_buffer=bad)
+        assert "\n" not in str(e.value)

@@ -176,10 +176,12 @@ def test_autograd_keeps_int16_only_at_a_conv_bn_relu_junction():
 def test_the_conv_after_a_fused_batchnorm_takes_its_int16_output_with_no_quantize_pass(monkeypatch):
     # convert() has the BatchNorm write its ReLU output's mantissas too: the next conv takes
     # them (and the proven per-channel range, for exact mode's schedule) instead of
-    # quantizing and scanning the float32 output, saves that same buffer for backward-weight,
-    # and gives the bits of the path that quantizes (without a residual the BatchNorm's
-    # exponent and range are exact, so even the flush schedule is the same).
-    from dfpgen import pack
+    # quantizing and scanning the float32 output, and saves that same buffer for
+    # backward-weight; from the second call on the BatchNorm writes them zero-padded as the
+    # 3x3 conv reads them (no padding copy either). The bits are those of the path that
+    # quantizes (without a residual the BatchNorm's exponent and range are exact, so even
+    # the flush schedule is the same).
+    from dfpgen import fwd_family, pack
 
     def make():
         torch.manual_seed(0)
@@ -189,31 +191,37 @@ def test_the_conv_after_a_fused_batchnorm_takes_its_int16_output_with_no_quantiz
     a, b = make(), make()
     assert a[1].emit_int16
     b[1].emit_int16 = False
-    quantized = []
-    real = pack.quantize_pack
-    monkeypatch.setattr(pack, "quantize_pack", lambda x, *args, name="", **kw: quantized.append(name)
-                        or real(x, *args, name=name, **kw))
+    calls = []
+    real_q, real_p = pack.quantize_pack, fwd_family.padded_nhwc
+    monkeypatch.setattr(pack, "quantize_pack", lambda x, *args, name="", **kw: calls.append(name)
+                        or real_q(x, *args, name=name, **kw))
+    monkeypatch.setattr(fwd_family, "padded_nhwc", lambda *args: calls.append("pad") or real_p(*args))
     x = _x((2, 8, 6, 6))
-    outs = []
-    for m in (a, b):
-        quantized.clear()
-        held = []
-        m[2].register_forward_hook(lambda mod, inp, out: held.append(out))
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            y = m(x)
-        y.sum().backward()
-        outs.append((y.detach(), m[0].weight.grad, m[3].weight.grad))
-        xs = quantized.count("conv2d input X")
-        ptrs = {t.untyped_storage().data_ptr() for t in saved if t.dtype == torch.int16}
-        if m is a:
-            assert xs == 1  # the first conv only
-            buf, _ = fused_bn.dfp16_of(held[0])
-            assert buf.ctypes.data in ptrs  # saved as it is, not a copy
-        else:
-            assert xs == 2
-    for u, v in zip(*outs):
-        assert torch.equal(u, v)
+    for step in range(2):
+        outs = []
+        for m in (a, b):
+            calls.clear()
+            held = []
+            hook = m[2].register_forward_hook(lambda mod, inp, out: held.append(out))
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                y = m(x)
+            fwd = list(calls)
+            hook.remove()
+            m.zero_grad()
+            y.sum().backward()
+            outs.append((y.detach(), m[0].weight.grad, m[3].weight.grad))
+            ptrs = {t.untyped_storage().data_ptr() for t in saved if t.dtype == torch.int16}
+            if m is a:
+                assert fwd.count("conv2d input X") == 1  # the first conv only
+                h = fused_bn.dfp16_of(held[0])
+                assert h.pad == ((0, 0, 0, 0), (1, 1, 1, 1))[step]
+                assert fwd.count("pad") == (2, 1)[step]  # then only the first conv pads
+                assert h.buffer.ctypes.data in ptrs  # saved as it is, not a copy
+            else:
+                assert fwd.count("conv2d input X") == 2 and fwd.count("pad") == 2
+        for u, v in zip(*outs):
+            assert torch.equal(u, v)
     # changed in place after the BatchNorm: the conv quantizes the new values
     with torch.no_grad():
         h = a[2](a[1](a[0](x)))
@@ -357,7 +365,9 @@ def test_int16_output_is_the_next_convs_dfp16_input():
     x = _x((2, 13, 5, 6))
     with torch.no_grad():
         y = m(x)
-    buf, exp = fused_bn.dfp16_of(y)
+    h = fused_bn.dfp16_of(y)
+    buf, exp = h.buffer, h.exponent
+    assert h.pad == (0, 0, 0, 0) and np.array_equal(h.mantissa, buf[..., :13].transpose(0, 3, 1, 2))
     assert buf.shape == (2, 5, 6, 14) and not buf[..., 13].any()
     q = pack.quantize_pack(y.numpy())
     assert q.exponent == exp
