@@ -398,19 +398,21 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
 
 
 def _checked_buffer(given, shape):
-    """``x_buffer`` checked against X's (N, C, H, W) ``shape``, or None."""
+    """``x_buffer`` (or ``grad_output_buffer``) checked against the operand's (N, C, H, W)
+    ``shape``, or None."""
     if given is None:
         return None
     try:
         buf, pad = given
         top, bottom, left, right = (operator.index(v) for v in pad)
     except (TypeError, ValueError):
-        raise DfpError("conv2d: x_buffer must be a pair (buffer, (top, bottom, left, right))") from None
+        raise DfpError("conv2d: x_buffer / grad_output_buffer must be a pair (buffer, (top, bottom, "
+                       "left, right))") from None
     n, c, h, w = shape
     want = (n, top + h + bottom, left + w + right)
     if (not isinstance(buf, np.ndarray) or buf.dtype != np.int16 or buf.ndim != 4
             or buf.shape[:3] != want or buf.shape[3] < c or min(top, bottom, left, right) < 0):
-        raise DfpError(f"conv2d: x_buffer must be an int16 array of shape {want} + (Cp >= {c},) for "
+        raise DfpError(f"conv2d: x_buffer / grad_output_buffer must be an int16 array of shape {want} + (Cp >= {c},) for "
                        f"padding {(top, bottom, left, right)}, got {getattr(buf, 'dtype', type(buf))} "
                        f"{getattr(buf, 'shape', '')}")
     return buf, (top, bottom, left, right)
@@ -420,12 +422,17 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
                  overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat = DFP16, seed: int = 0,
                  threads: int | None = None, config: TuningConfig | None = None,
                  return_info: bool = False, target=None,
-                 warn_overflow: bool = True):
+                 warn_overflow: bool = True, grad_output_buffer=None):
     """DFP16 backward-data: dX (float32 NCHW ``input_shape``) from ``w`` (KCRS) and
     ``grad_output`` dY (N, K, P, Q), as ``torch.nn.grad.conv2d_input``. Stride > 1 runs one
     stride-1 sub-convolution per output phase. Same keywords, errors and return as
-    :func:`conv2d`."""
+    :func:`conv2d`; ``grad_output_buffer``: as :func:`conv2d`'s ``x_buffer``, for a DfpTensor
+    dY (the kernels' padding is :func:`dfpgen.plan_bwd_data.dy_padding`, e.g. from
+    :func:`dfpgen.pack.quantize_padded`)."""
     target, config = _check_call(overflow, threads, target, config)
+    if grad_output_buffer is not None and not isinstance(grad_output, DfpTensor):
+        raise DfpError("conv2d_input: grad_output_buffer describes the mantissas of a DfpTensor "
+                       f"grad_output; it is {type(grad_output).__name__}")
     n, c, h, wd = _shape4(input_shape, "conv2d_input: input_shape (N, C, H, W)")
     dyq = _quantize_act(grad_output, fmt, seed, "conv2d_input grad_output dY", threads)
     wq = _quantize_weight(w, fmt, "conv2d_input weight W")
@@ -444,9 +451,15 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
                            config=config, return_info=True, target=target)
         return _from_row(res, return_info)
     fma = dyq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP
-    cfg, ft = _schedule(spec, overflow, config, dyq, wq, target, False, fma)
+    padded = _checked_buffer(grad_output_buffer, dyq.shape)
+    bound = None
+    if padded is not None and padded[0].shape[3] == k and padded[0].flags.c_contiguous:
+        # the scan reads the whole contiguous buffer (6x a strided view's speed); its zeros
+        # change neither max |dY| per channel nor the one-sign test
+        bound = _channel_range(padded[0].transpose(0, 3, 1, 2))
+    cfg, ft = _schedule(spec, overflow, config, dyq, wq, target, False, fma, bound)
     kern = _kernel(spec, cfg, overflow, target, bias=False, fma=fma)
-    dx, info = execute(kern, dyq, wq, None, dyq.exponent + wq.exponent, threads, ft)
+    dx, info = execute(kern, dyq, wq, None, dyq.exponent + wq.exponent, threads, ft, padded)
     return _finish(dx, info, return_info, warn_overflow)
 
 

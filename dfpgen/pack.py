@@ -38,7 +38,7 @@ from .kernels import cfunction, load_kernel
 from .render import llvm_float, render
 from .target import CpuTarget, host_target
 
-ABI_VERSION = 1
+ABI_VERSION = 2  # 2: pack_nhwc writes rows into a zero-padded image (row mapping arguments)
 NONFINITE_BITS = 0x7F800000
 # Below this many elements per thread the pool hand-off costs more than the work.
 MIN_ELEMS_PER_THREAD = 1 << 16
@@ -50,7 +50,8 @@ NCHW_TILE_BYTES = 384 << 10
 
 _MAXABS_T = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 _NHWC_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_uint32)
+                           ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_uint32,
+                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
 _NCHW_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                            ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_uint32,
                            ctypes.c_int64, ctypes.c_int64)
@@ -202,6 +203,40 @@ def _layout(x: np.ndarray) -> str | None:
     return None
 
 
+def quantize_padded(x: np.ndarray, pad, fmt: DfpFormat = DFP16, *, seed: int = 0,
+                    name: str = "tensor", threads: int | None = None,
+                    target: CpuTarget | None = None) -> tuple[DfpTensor, np.ndarray]:
+    """:func:`quantize_pack` into a zero-padded NHWC buffer, as a stride-1 conv pass reads its
+    input: ``pad`` = (top, bottom, left, right). Returns ``(q, buf)``: ``buf`` int16 (N,
+    top+H+bottom, left+W+right, Cp), zero outside the image and in the pad channel, and ``q``
+    the DfpTensor whose mantissa is the (N, C, H, W) view of the image inside it. Same bits
+    and errors as :func:`quantize_pack`; an NHWC float32 ``x`` is quantized straight into
+    ``buf`` (one pass), other layouts are quantized, then copied in."""
+    try:
+        top, bottom, left, right = (int(v) for v in pad)
+    except (TypeError, ValueError):
+        raise DfpError(f"{name}: pad must be (top, bottom, left, right), got {pad!r}") from None
+    x = np.asarray(x)
+    if x.ndim != 4 or min(top, bottom, left, right) < 0:
+        raise DfpError(f"{name}: quantize_padded expects (N, C, H, W) and a padding >= 0, got "
+                       f"shape {x.shape}, pad {pad!r}")
+    N, C, H, W = x.shape
+    Cp = C + C % 2
+    Hp, Wp = top + H + bottom, left + W + right
+    buf = empty_aligned((N, Hp, Wp, Cp))
+    buf[:, :top] = 0
+    buf[:, top + H:] = 0
+    buf[:, top:top + H, :left] = 0
+    buf[:, top:top + H, left + W:] = 0
+    inner = buf[:, top:top + H, left:left + W]
+    if x.dtype == np.float32 and x.size and _layout(x) == "nhwc" and 16 * H * W < 2 ** 32:
+        q = _quantize_nhwc(x, fmt, seed, name, threads, target, buf, (W, Wp - W, Hp * Wp, top * Wp + left))
+    else:
+        q = quantize_pack(x, fmt, seed=seed, name=name, threads=threads, target=target)
+        inner[...] = nhwc_buffer(q)
+    return DfpTensor(_logical(inner, C), q.exponent, fmt), buf
+
+
 def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name: str = "tensor",
                   threads: int | None = None, target: CpuTarget | None = None,
                   out: np.ndarray | None = None) -> DfpTensor:
@@ -242,26 +277,41 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
         q = quantize(x, fmt, seed=seed, name=name)
         buf = _pad_nhwc(q.mantissa, out)
         return DfpTensor(_logical(buf, C), q.exponent, fmt)
+    buf = empty_aligned((N, H, W, Cp)) if out is None else out
+    if layout == "nhwc":
+        return _quantize_nhwc(x, fmt, seed, name, threads, target, buf, (H * W, 0, H * W, 0))
     target = target or host_target()
-    mem = x if layout == "nchw" else x.transpose(0, 2, 3, 1)
+    E = exponent_for(max_abs(x, name=name, threads=threads, target=target, logical=x), fmt, name)
+    s1, s2 = scale_factors(E)
+    seedmix = int(fmix32(np.array([int(seed) & 0xFFFFFFFF], np.uint32))[0])
+    fn = _kernel("pack_nchw", fmt, target)
+    lanes = target.vector_bits // 32
+    pad = _nchw_pad(x, lanes)
+    nblk = -(-(H * W + pad) // lanes)  # blocks of `lanes` pixels per image
+    tile = max(1, min(nblk, NCHW_TILE_BYTES // (lanes * Cp * 2)))
+    items = N * (-(-nblk // tile))
+    nt = _split_threads(threads, items, C * lanes * tile)
+    _threads.parallel_call(fn, (x.ctypes.data, buf.ctypes.data, C, H * W, s1, s2, seedmix, tile, pad),
+                           2, items, nt)
+    return DfpTensor(_logical(buf, C), E, fmt)
+
+
+def _quantize_nhwc(x, fmt, seed, name, threads, target, buf, rows) -> DfpTensor:
+    """Pass 1 (max |x|) and pass 2 (quantize) of an NHWC float32 ``x`` (N, C, H, W) into
+    ``buf``, pixel rows placed by ``rows`` = (W, row_skip, img_rows, ybase) (see
+    ``templates/quantize_pack.ll.j2``; dense: (H*W, 0, H*W, 0)). Returns the DfpTensor of
+    the dense layout's view (callers with a padded ``buf`` make their own)."""
+    N, C, H, W = x.shape
+    target = target or host_target()
+    mem = x.transpose(0, 2, 3, 1)
     E = exponent_for(max_abs(mem, name=name, threads=threads, target=target, logical=x), fmt, name)
     s1, s2 = scale_factors(E)
     seedmix = int(fmix32(np.array([int(seed) & 0xFFFFFFFF], np.uint32))[0])
-    buf = empty_aligned((N, H, W, Cp)) if out is None else out
-    fn = _kernel(f"pack_{layout}", fmt, target)
-    xp, op = mem.ctypes.data, buf.ctypes.data
-    if layout == "nhwc":
-        items = N * H * W
-        nt = _split_threads(threads, items, C)
-        _threads.parallel_call(fn, (xp, op, C, H * W, s1, s2, seedmix), 2, items, nt)
-    else:
-        lanes = target.vector_bits // 32
-        pad = _nchw_pad(mem, lanes)
-        nblk = -(-(H * W + pad) // lanes)  # blocks of `lanes` pixels per image
-        tile = max(1, min(nblk, NCHW_TILE_BYTES // (lanes * Cp * 2)))
-        items = N * (-(-nblk // tile))
-        nt = _split_threads(threads, items, C * lanes * tile)
-        _threads.parallel_call(fn, (xp, op, C, H * W, s1, s2, seedmix, tile, pad), 2, items, nt)
+    fn = _kernel("pack_nhwc", fmt, target)
+    items = N * H * W
+    nt = _split_threads(threads, items, C)
+    _threads.parallel_call(fn, (mem.ctypes.data, buf.ctypes.data, C, H * W, s1, s2, seedmix, *rows),
+                           2, items, nt)
     return DfpTensor(_logical(buf, C), E, fmt)
 
 

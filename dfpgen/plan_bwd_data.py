@@ -34,6 +34,16 @@ def _axis_phases(n_in: int, n_out: int, u: int, pad: int, d: int, taps: int):
     return phases, before, after
 
 
+def dy_padding(spec) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right): the zero padding of dY in the backward-data kernels' input
+    buffer (:attr:`ConvPassPlan.pad` of :func:`plan_bwd_data`), from the layer's geometry
+    alone, so that dY can be quantized straight into it (``dfpgen.pack.quantize_padded``)."""
+    (uh, uw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    _, top, bottom = _axis_phases(spec.H, spec.P, uh, ph, dh, spec.R)
+    _, left, right = _axis_phases(spec.W, spec.Q, uw, pw, dw, spec.S)
+    return top, bottom, left, right
+
+
 def plan_bwd_data(spec, config: TuningConfig, target, *, mode: str = "fast", fma: bool = True) -> ConvPassPlan:
     """Plan the backward-data pass of ``spec`` (``pass_kind == "bwd_data"``): reduction over K
     (``config.c_block`` is the reference's ``k_block``), output vectors over C."""

@@ -223,6 +223,20 @@ def _handed_over(x: Tensor, fmt: DfpFormat):
 
 
 NO_PAD = (0, 0, 0, 0)
+_dy_pads: dict = {}
+
+
+def _dy_padding(n, c, h, w, k, r, s, stride, padding, dilation) -> tuple:
+    """Backward-data's dY padding for this layer (``dfpgen.plan_bwd_data.dy_padding``);
+    NO_PAD where the pass runs as one row of pixels (1x1 over 1x1 images). Memoised."""
+    key = (n, c, h, w, k, r, s, tuple(stride), tuple(padding), tuple(dilation))
+    hit = _dy_pads.get(key)
+    if hit is None:
+        from dfpgen import conv, plan_bwd_data
+        spec = conv._spec(n, c, h, w, k, r, s, tuple(stride), tuple(padding), tuple(dilation), "bwd_data")
+        hit = NO_PAD if conv._pointwise_on_pixels(spec) else plan_bwd_data.dy_padding(spec)
+        _dy_pads[key] = hit
+    return hit
 
 
 def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, overflow,
@@ -298,8 +312,16 @@ def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilatio
     h, w = h - x_pad[0] - x_pad[1], w - x_pad[2] - x_pad[3]
     k, c, r, s = weight.shape
     gfmt = _fmt(bits, grad_rounding)
-    qdy = pack.quantize_pack(_np_activation(grad_y), gfmt, seed=int(seed.item()), name="conv2d grad_output dY",
-                             threads=_threads(threads))
+    dy_pad = _dy_padding(n, c, h, w, k, r, s, stride, padding, dilation) if need_input else NO_PAD
+    qkw = dict(seed=int(seed.item()), name="conv2d grad_output dY", threads=_threads(threads))
+    dy_buf = None
+    if dy_pad != NO_PAD:
+        # straight into the zero-padded buffer backward-data reads (no padding copy);
+        # backward-weight reads the image inside it
+        qdy, buf = pack.quantize_padded(_np_activation(grad_y), dy_pad, gfmt, **qkw)
+        dy_buf = (buf, dy_pad)
+    else:
+        qdy = pack.quantize_pack(_np_activation(grad_y), gfmt, **qkw)
     kw = dict(overflow=overflow, fmt=_fmt(bits, "nearest"), threads=_threads(threads), warn_overflow=False)
     args = (tuple(stride), tuple(padding), tuple(dilation))
     shape = _shape_key(weight.shape, stride, padding, dilation)
@@ -308,7 +330,8 @@ def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilatio
               padding=padding, dilation=dilation, fmt=gfmt)
     if need_input:
         wq = packed_weight(weight if wkey is None else wkey, kw["fmt"], "conv2d_input weight W")
-        res = conv.conv2d_input((n, c, h, w), wq, qdy, *args, return_info=True, **kw)
+        res = conv.conv2d_input((n, c, h, w), wq, qdy, *args, return_info=True,
+                                grad_output_buffer=dy_buf, **kw)
         gx = _to_torch(res.output, channels_last)
         _report_saturation(res.info, shape)
         if observers:

@@ -105,3 +105,29 @@ def test_a_pass_where_no_output_meets_a_tap_reports_nothing_saturated():
                                      return_info=True)
     assert np.array_equal(dx, np.zeros((1, 4, 1, 1), np.float32))
     assert (info.saturated, info.possibly_saturated, info.overflow) == (0, 0, "exact")
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 7, 6, 10, 3, 3, 1, 1, 1), (2, 8, 9, 8, 6, 3, 3, 2, 1, 1),
+                                   (1, 6, 9, 9, 8, 3, 3, 1, 2, 2), (2, 8, 5, 5, 6, 1, 1, 1, 0, 1)])
+def test_dy_quantized_into_the_padded_buffer_gives_the_same_bits(shape, monkeypatch):
+    # the runtime quantizes dY straight into the zero-padded buffer backward-data reads
+    # (plan_bwd_data.dy_padding, the plan's own padding) and passes it as grad_output_buffer
+    from dfpgen import pack, plan_bwd_data
+    from dfpgen.pass_kernels import get_kernel
+    from dfpgen.spec import ConvSpec
+    n, c, h, w, k, r, s, u, p, d = shape
+    _, wq, _ = operands(shape, seed=2)
+    spec = ConvSpec(n, c, h, w, k, r, s, u, p, d, pass_kind="bwd_data")
+    pad = plan_bwd_data.dy_padding(spec)
+    assert pad == get_kernel(spec, overflow="exact").pad
+    dy = np.random.default_rng(7).standard_normal(spec.output_shape).astype(np.float32)
+    dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # NHWC, as torch's
+    qdy, buf = pack.quantize_padded(dy, pad, seed=3)
+    ref = conv.conv2d_input((n, c, h, w), wq, pack.quantize_pack(dy, seed=3), u, p, d)
+    from dfpgen import fwd_family
+
+    def no_copy(*args):
+        raise AssertionError("padded dY copied again")
+    monkeypatch.setattr(fwd_family, "padded_nhwc", no_copy)
+    got = conv.conv2d_input((n, c, h, w), wq, qdy, u, p, d, grad_output_buffer=(buf, pad))
+    assert np.array_equal(got, ref)

@@ -3,7 +3,7 @@ dfp.quantize for both layouts and rounding modes, any thread count, in the padde
 import numpy as np
 import pytest
 
-from dfpgen import DfpError
+from dfpgen import DfpError, pack
 from dfpgen.dfp import DFP16, DfpFormat, quantize
 from dfpgen.pack import max_abs, nhwc_buffer, quantize_pack, render_kernel
 from dfpgen.target import host_target
@@ -228,7 +228,7 @@ def test_stochastic_indices_beyond_2_to_32():
     x = rng.standard_normal(C).astype(np.float32)
     out = np.zeros(14, np.int16)
     fn = pack._kernel("pack_nhwc", SR, target)
-    fn(x.ctypes.data - m * C * 4, out.ctypes.data - m * 14 * 2, m, m + 1, C, 1, s1, s2, mix)
+    fn(x.ctypes.data - m * C * 4, out.ctypes.data - m * 14 * 2, m, m + 1, C, 1, s1, s2, mix, 1, 0, 1, 0)
     assert m * C < 2 ** 32 < (m + 1) * C
     want = _quantize_with_exponent(x, E, SR, seed, index_offset=m * C)
     assert np.array_equal(out[:C], want) and out[C] == 0
@@ -252,3 +252,24 @@ def test_nchw_block_grid_shifted_for_alignment(fmt):
         x = raw[off:off + size].reshape(shape)
         assert pack._nchw_pad(x, lanes) == off
         _check(x, fmt, seed=off, threads=2)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("fmt", [DFP16, SR], ids=["nearest", "stochastic"])
+def test_quantize_padded_equals_padding_the_packed_buffer_afterwards(fmt, layout, threads):
+    # quantize_padded writes each pixel's row into the zero-padded image a stride-1 conv
+    # reads (NHWC input: in the quantize pass itself): the same bits, rounding indices and
+    # exponent as quantize_pack, then padded
+    from dfpgen.fwd_family import padded_nhwc
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 13, 5, 7)).astype(np.float32)
+    if layout == "nhwc":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    for pad in [(1, 1, 1, 1), (0, 2, 3, 0), (0, 0, 0, 0)]:
+        q, buf = pack.quantize_padded(x, pad, fmt, seed=11, threads=threads)
+        ref = pack.quantize_pack(x, fmt, seed=11, threads=threads)
+        assert q.exponent == ref.exponent and np.array_equal(q.mantissa, ref.mantissa)
+        assert np.array_equal(buf, padded_nhwc(ref.mantissa, pad, 14))
+    with pytest.raises(DfpError, match="pad must be"):
+        pack.quantize_padded(x, (1, 1), fmt)
