@@ -17,9 +17,11 @@ non-finite operand can never be quantized. What happens is the user's choice,
   any gradient is not finite, it zeros the gradients, skips the update, warns one
   :class:`NonfiniteStepWarning` listing the layers and passes, and returns False.
 
-The backward check is one ``sum`` over dY (NaN/Inf make the sum non-finite); only when
-the sum is not finite, which also happens when large finite values overflow it, is
-``isfinite`` evaluated element-wise.
+A conv's backward finds a non-finite dY when it quantizes it (the max-abs pass meets the
+NaN/Inf) and applies the policy then, with the layer's name; for other layers a hook on the
+output checks dY first: one ``sum`` over dY (NaN/Inf make the sum non-finite); only when the
+sum is not finite, which also happens when large finite values overflow it, is ``isfinite``
+evaluated element-wise.
 """
 from __future__ import annotations
 
@@ -128,7 +130,13 @@ def _guarded(layer, x: Tensor, run_dfp: Callable[[], Tensor],
             return run_fp32()
         raise DfpError(f"dfpgen layer {name!r} fwd: {exc}") from exc
     if y.requires_grad and not torch.compiler.is_compiling():
-        y.register_hook(lambda g: _check_grad(name, g))
+        node = y.grad_fn
+        if getattr(node, "dfp_checks_dy", False):
+            # the op's backward applies the policy itself when quantizing dY finds NaN/Inf
+            # (no extra read of every dY to look for them)
+            node.dfp_layer = name
+        else:
+            y.register_hook(lambda g: _check_grad(name, g))
     return y
 
 
@@ -136,6 +144,8 @@ _guarded_eager = torch.compiler.disable(_guarded, recursive=True)
 
 
 def _check_grad(name: str, g: Tensor):
+    """None for a finite dY ``g``; else the policy: record the event and return zeros for dY
+    (``"skip"``) or raise :class:`DfpError` naming the layer (``"raise"``)."""
     if _all_finite(g):
         return None
     detail = _describe(g, "grad_output dY")

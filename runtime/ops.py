@@ -421,12 +421,23 @@ class _Conv2dEager(torch.autograd.Function):
                               overflow, threads, seed, keep_pad=True)
         _conv2d_setup(ctx, inputs, out[:3])
         ctx.x_pad = out[3]
+        ctx.dfp_checks_dy = True  # see backward; dfpgen.runtime.nonfinite names the layer
         return out[0]
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _conv2d_backward(ctx, grad_y, None, None,
-                                backward_op=partial(_conv2d_backward_impl, x_pad=ctx.x_pad))
+        run = partial(_conv2d_backward, ctx, backward_op=partial(_conv2d_backward_impl, x_pad=ctx.x_pad))
+        layer = getattr(ctx, "dfp_layer", None)
+        if layer is None:
+            return run(grad_y, None, None)
+        from dfpgen.errors import DfpError
+        try:
+            return run(grad_y, None, None)
+        except DfpError:
+            from .nonfinite import _check_grad
+            if _check_grad(layer, grad_y) is None:  # dY is finite: another error
+                raise
+            return run(torch.zeros_like(grad_y), None, None)  # policy "skip": dY taken as 0
 
 
 def _eager(*tensors) -> bool:

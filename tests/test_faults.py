@@ -345,3 +345,30 @@ def test_cpu_without_vnni_runs_a_lower_tier_with_the_same_bits(tmp_path, expecte
     assert report["tier"] == tier
     lines = [l for l in report["stderr"].splitlines() if l.startswith("dfpgen: ISA tier")]
     assert lines == [f"dfpgen: ISA tier {tier} (forced by DFPGEN_ISA)"]
+
+
+def _conv_dy_nan(model):
+    # NaN in the dY of conv2 only: a backward hook of conv2 puts it there
+    h = model.conv2.register_full_backward_pre_hook(lambda m, g: (torch.where(
+        torch.arange(g[0].numel()).view_as(g[0]) == 5, torch.tensor(float("nan")), g[0]),))
+    return model(_x()), h
+
+
+def test_a_conv_names_itself_when_its_dy_is_not_finite():
+    # conv layers apply the policy in their backward (no hook reads dY first): same message
+    model = _net()
+    y, _ = _conv_dy_nan(model)
+    with pytest.raises(DfpError, match=r"layer 'conv2' bwd_data/bwd_weight: grad_output dY .*1 NaN"):
+        y.sum().backward()
+
+
+def test_skip_policy_zeros_a_convs_gradients_for_a_nonfinite_dy(skip_policy):
+    model = _net()
+    y, _ = _conv_dy_nan(model)
+    y.sum().backward()
+    events = dfp.nonfinite_events()
+    assert [(e.layer, e.pass_kind) for e in events] == [("conv2", "bwd_data/bwd_weight")]
+    assert "1 NaN" in events[0].detail
+    assert torch.equal(model.conv2.weight.grad, torch.zeros_like(model.conv2.weight))
+    assert torch.equal(model.conv1.weight.grad, torch.zeros_like(model.conv1.weight))  # dX was 0
+    assert model.fc.weight.grad.abs().sum() > 0
