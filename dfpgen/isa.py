@@ -153,12 +153,14 @@ TIERS: dict[str, IsaTier] = {t.name: t for t in (
             (2, 13), (4, 6), (2, 7),
             ((1, 28), (2, 13), (2, 14), (3, 8), (4, 6), (5, 4)), 24, tuning_features="+fast-dpwssd"),
     # 16 ymm, backward-weight: kv x cb accumulators + kv dY vectors + broadcast + flush scale
-    # + the vpmaddwd product (+ 2 saturation constants in fast mode): 2 x 4 (14 exact, 16 fast)
-    # and, with short flushes (FP32 accumulators in registers too), 2 x 2 (13).
+    # + the vpmaddwd product (+ 2 saturation constants in fast mode): 2 x 4 (14 exact, 16 fast),
+    # for short flushes too: the FP32 sums then wait in an L1 tile (2 x 2 with them in
+    # registers, 13, left 4 accumulator chains of 4 cycles each; measured on Zen 3, 2 threads,
+    # flush 8-16 pixels: 2 x 4 is 1.3-1.4x faster on 16@28x28 up to 256@14x14 and 64@56x56)
     IsaTier("avx2", frozenset({"avx2"}), None, 256, 16,
             "pmaddwd", "vpmaddwd + vpaddd ymm", "vpmaddwd", 1, 1, 2, "x86-64-v3",
             ("x86-64-v3", ""), False,
-            (2, 4), (2, 4), (2, 2),
+            (2, 4), (2, 4), (2, 4),
             ((1, 10), (1, 8), (2, 4), (1, 5), (2, 2)), 10, 1, True),
     IsaTier("generic", frozenset(), None, 256, 16,
             "generic", "LLVM vector IR (sext, mul, add)", "", 1, 1, 2, "x86-64-v2",
