@@ -280,13 +280,13 @@ class PackedWeight:
         return hit
 
     def bound_operand(self, spec) -> np.ndarray:
-        """W (signed) as float32 (R*S, OUT, RED) C-order for ``plan_exact.exact_schedule``
-        (forward: OUT = K, RED = C; backward-data: OUT = C, RED = K)."""
+        """W (signed int16) as a (R*S, OUT, RED) view of the KRSC buffer for
+        ``plan_exact.exact_schedule`` (forward: OUT = K, RED = C; backward-data: OUT = C,
+        RED = K): no copy (the schedule's first multiply converts and relayouts it)."""
         hit = self._bound.get(spec.pass_kind)
         if hit is None:
             krsc = self.krsc[:, :, :spec.C]
-            hit = krsc.transpose(passes.of(spec).weight_bound_axes).astype(np.float32, order="C")
-            self._bound[spec.pass_kind] = hit
+            hit = self._bound[spec.pass_kind] = krsc.transpose(passes.of(spec).weight_bound_axes)
         return hit
 
 
