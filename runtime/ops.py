@@ -431,6 +431,11 @@ class _Conv2dEager(torch.autograd.Function):
         if layer is None:
             return run(grad_y, None, None)
         from dfpgen.errors import DfpError
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            # only the bias's gradient: dY is not quantized, so nothing else meets a NaN/Inf
+            from .nonfinite import _check_grad
+            zeros = _check_grad(layer, grad_y)
+            return run(grad_y if zeros is None else zeros, None, None)
         try:
             return run(grad_y, None, None)
         except DfpError:

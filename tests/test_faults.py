@@ -372,3 +372,29 @@ def test_skip_policy_zeros_a_convs_gradients_for_a_nonfinite_dy(skip_policy):
     assert torch.equal(model.conv2.weight.grad, torch.zeros_like(model.conv2.weight))
     assert torch.equal(model.conv1.weight.grad, torch.zeros_like(model.conv1.weight))  # dX was 0
     assert model.fc.weight.grad.abs().sum() > 0
+
+
+def _bias_only_conv1(model):
+    # conv1's weight frozen (its input X has no grad): its backward only reduces dY for the
+    # bias, so no quantize pass meets the NaN that a hook puts in its dY; the policy must
+    # still apply
+    model.conv1.weight.requires_grad_(False)
+    model.conv1.register_full_backward_pre_hook(lambda m, g: (torch.where(
+        torch.arange(g[0].numel()).view_as(g[0]) == 5, torch.tensor(float("nan")), g[0]),))
+    return model(_x())
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_a_conv_training_only_its_bias_names_itself_when_its_dy_is_not_finite():
+    y = _bias_only_conv1(_net())
+    with pytest.raises(DfpError, match=r"layer 'conv1' .*grad_output dY .*1 NaN"):
+        y.sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_skip_policy_zeros_a_bias_only_convs_gradient_for_a_nonfinite_dy(skip_policy):
+    model = _net()
+    _bias_only_conv1(model).sum().backward()
+    assert [e.layer for e in dfp.nonfinite_events()] == ["conv1"]
+    assert torch.equal(model.conv1.bias.grad, torch.zeros_like(model.conv1.bias))
+    assert model.conv2.weight.grad.abs().sum() > 0
