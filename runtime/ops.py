@@ -243,12 +243,14 @@ def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, 
                     threads, seed=None, wkey=None, keep_pad=False):
     """Returns (y, X's INT16 NHWC buffer, X's exponent tensor, the buffer's zero padding
     (top, bottom, left, right)); the padding is all 0 (the buffer (N, H, W, Cp)) unless
-    ``keep_pad`` lets a fused BatchNorm's padded buffer be saved as it is."""
+    ``keep_pad`` lets X from a fused BatchNorm be saved in the padded layout that BatchNorm
+    writes once a conv asked (as it is from the next call on; padded here on that call)."""
     from dfpgen import conv, pack
     fmt = _fmt(bits, rounding)
     wq = packed_weight(weight if wkey is None else wkey, fmt)
     qx, bound, handed = _handed_over(x, fmt)
-    xbuf = None
+    xbuf = held = None
+    pad = NO_PAD
     if qx is None:
         qx = pack.quantize_pack(_np_activation(x), fmt, name="conv2d input X",
                                 threads=_threads(threads))
@@ -258,7 +260,20 @@ def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, 
         ph, pw = padding
         want = (ph, ph, pw, pw) if tuple(stride) == (1, 1) else NO_PAD
         handed.producer.want_int16_pad(want)
-        if handed.pad == want and want != NO_PAD:
+        if keep_pad:
+            # What is saved for backward has the layout the BatchNorm writes from now on (its
+            # padding is fixed once asked), also on the call that asked: a recomputation
+            # (non-reentrant torch.utils.checkpoint) must save tensors of the shapes the
+            # original forward saved.
+            pad = getattr(handed.producer, "_dfp_int16_pad", None) or NO_PAD
+            if pad != NO_PAD and handed.pad == pad:
+                held = handed.buffer  # saved as it is: no copy of the image
+            elif pad != NO_PAD:  # the call that asked: padded once here, for the kernel too
+                from dfpgen.fwd_family import padded_nhwc
+                held = padded_nhwc(qx.mantissa, pad, handed.buffer.shape[-1])
+        if held is not None and pad == want:
+            xbuf = (held, pad)
+        elif handed.pad == want and want != NO_PAD:
             xbuf = (handed.buffer, handed.pad)
     b = None if bias is None else bias.detach().float().contiguous().numpy()
     y, info = conv.conv2d(qx, wq, b, tuple(stride), tuple(padding),
@@ -269,10 +284,7 @@ def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, 
     if observers:
         _observe(pass_kind="fwd", info=info, seed=seed, x=x, weight=weight, bias=bias, x_q=qx,
                  output=y, stride=stride, padding=padding, dilation=dilation, fmt=fmt)
-    pad = NO_PAD
-    if handed is not None and handed.pad != NO_PAD and keep_pad:
-        held, pad = handed.buffer, handed.pad  # saved as it is: no copy of the image
-    else:
+    if held is None:
         held = np.ascontiguousarray(pack.nhwc_buffer(qx))
     return (_to_torch(y, output_channels_last(x, weight)), torch.from_numpy(held),
             torch.tensor(qx.exponent, dtype=torch.int32), pad)

@@ -217,7 +217,12 @@ def test_the_conv_after_a_fused_batchnorm_takes_its_int16_output_with_no_quantiz
                 h = fused_bn.dfp16_of(held[0])
                 assert h.pad == ((0, 0, 0, 0), (1, 1, 1, 1))[step]
                 assert fwd.count("pad") == (2, 1)[step]  # then only the first conv pads
-                assert h.buffer.ctypes.data in ptrs  # saved as it is, not a copy
+                # saved padded as the BatchNorm writes it from the second call on (the same
+                # shapes on every call, for a checkpoint's recomputation): on the first call
+                # the copy the conv padded (and read), then the BatchNorm's buffer as it is
+                shapes = {tuple(t.shape) for t in saved if t.dtype == torch.int16}
+                assert (2, 8, 8, 16) in shapes and (2, 6, 6, 16) not in shapes
+                assert (h.buffer.ctypes.data in ptrs) == (step == 1)
             else:
                 assert fwd.count("conv2d input X") == 2 and fwd.count("pad") == 2
         for u, v in zip(*outs):
@@ -375,3 +380,45 @@ def test_int16_output_is_the_next_convs_dfp16_input():
     with torch.no_grad():
         y.mul_(2)  # an in-place change: the mantissas no longer hold y's values
     assert fused_bn.dfp16_of(y) is None
+
+
+class _TwoConsumers(nn.Module):
+    """conv -> BN -> ReLU read by a 3x3 conv (padding 1) and a 5x5 conv (padding 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 13, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(13)
+        self.relu = nn.ReLU()
+        self.conv1 = nn.Conv2d(13, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(13, 4, 5, padding=2)
+
+    def forward(self, x):
+        y = self.relu(self.bn0(self.conv0(x)))
+        return self.conv1(y) + self.conv2(y)
+
+
+def test_nonreentrant_checkpoint_recomputes_the_first_calls_saved_int16_input():
+    # The first call is the one where the next convs ask the BatchNorm for a padded INT16
+    # output; a non-reentrant checkpoint's recomputation then gets it padded, and must save
+    # tensors of the shapes the first forward saved (else torch raises CheckpointError).
+    # Outputs and gradients: the same bits as without the checkpoint, on every call.
+    import copy
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    plain = dfp.convert(_TwoConsumers())
+    ck = copy.deepcopy(plain)
+    for step in range(2):
+        x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(step)).contiguous(
+            memory_format=torch.channels_last)
+        ys = []
+        for model, run in ((plain, lambda m: m(x)),
+                           (ck, lambda m: checkpoint(m, x, use_reentrant=False))):
+            model.zero_grad()
+            y = run(model)
+            y.backward(torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view(y.shape))
+            ys.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+        (y0, g0), (y1, g1) = ys
+        assert torch.equal(y0, y1)
+        for a, b in zip(g0, g1):
+            assert torch.equal(a, b)
