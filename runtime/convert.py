@@ -68,6 +68,8 @@ def convert(model: nn.Module, *, skip: Skip = None, dfp_format: Optional[DfpForm
     found by ``torch.fx`` tracing run as one DFP16 pass (``dfpgen.runtime.fuse``); a block
     that does not trace stays unfused with one ``FusionWarning`` naming it. ``state_dict``
     keys do not change. ``fuse=False`` keeps BatchNorm, ReLU and the add in FP32 PyTorch.
+    With ``fuse``, ``nn.MaxPool2d`` layers become ``DFPMaxPool2d`` (the same results; autograd
+    keeps int32 argmax positions instead of the float32 input and int64 indices).
     """
     if overflow is not None:
         config.check_overflow(overflow)
@@ -99,6 +101,12 @@ def convert(model: nn.Module, *, skip: Skip = None, dfp_format: Optional[DfpForm
     if fuse:
         from .fuse import fuse_batchnorm
         fuse_batchnorm(model)
+        from .pool import DFPMaxPool2d
+        for name, m in list(model.named_modules()):
+            if name and type(m) is nn.MaxPool2d and not m.return_indices:
+                new = copy.copy(m)
+                new.__class__ = DFPMaxPool2d  # saves int32 argmax positions only (runtime/pool.py)
+                _set_child(model, name, new)
     return model
 
 
@@ -118,7 +126,13 @@ def revert(model: nn.Module) -> nn.Module:
     """Swap every ``DFPConv2d`` / ``DFPLinear`` back to the PyTorch layer, in place (and
     undo BatchNorm fusion)."""
     from .fuse import unfuse_batchnorm
+    from .pool import DFPMaxPool2d
     unfuse_batchnorm(model)
+    for name, m in list(model.named_modules()):
+        if name and type(m) is DFPMaxPool2d:
+            new = copy.copy(m)
+            new.__class__ = nn.MaxPool2d
+            _set_child(model, name, new)
     for name, m in list(model.named_modules()):
         if name and type(m) in _TO_TORCH:
             new = copy.copy(m)

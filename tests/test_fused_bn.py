@@ -422,3 +422,40 @@ def test_nonreentrant_checkpoint_recomputes_the_first_calls_saved_int16_input():
         assert torch.equal(y0, y1)
         for a, b in zip(g0, g1):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("args", [(3, 2, 1), (2, 2, 0), (3, 1, 1, 2)])
+def test_maxpool_keeps_int32_argmax_only_with_pytorchs_bits(args, cl):
+    # DFPMaxPool2d: the forward and the gradient (overlapping windows accumulate in PyTorch's
+    # order) bit for bit as nn.MaxPool2d's, while autograd keeps one int32 tensor of the
+    # output's size instead of the float32 input and int64 indices
+    from dfpgen.runtime.pool import DFPMaxPool2d
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(2, 5, 9, 8, generator=g).round(decimals=1)  # ties: the first maximum wins
+    if cl:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    runs = []
+    for cls in (nn.MaxPool2d, DFPMaxPool2d):
+        x = x0.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = cls(*args)(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+        runs.append((y.detach(), x.grad, saved))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert runs[1][1].is_contiguous(memory_format=torch.channels_last) == cl
+    assert [(t.dtype, t.shape) for t in runs[1][2]] == [(torch.int32, runs[1][0].shape)]
+    assert {t.dtype for t in runs[0][2]} == {torch.float32, torch.int64}
+
+
+def test_convert_swaps_max_pooling_and_revert_restores_it():
+    from dfpgen.runtime.pool import DFPMaxPool2d
+    torch.manual_seed(0)
+    m = models.resnet50(num_classes=10)
+    dfp.convert(m)
+    assert type(m.maxpool) is DFPMaxPool2d
+    dfp.revert(m)
+    assert type(m.maxpool) is nn.MaxPool2d
+    dfp.convert(m, fuse=False)
+    assert type(m.maxpool) is nn.MaxPool2d
