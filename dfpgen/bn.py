@@ -47,7 +47,7 @@ from .dfp import DFP16, DfpFormat, EXP_MIN, exponent_for, scale_factors
 from .errors import DfpError
 from .kernels import cfunction, load_kernel
 from .dfp import raise_nonfinite
-from .pack import empty_aligned
+from .pack import empty_aligned, zero_bordered
 from .render import llvm_float, render
 from .target import CpuTarget, host_target
 
@@ -392,11 +392,7 @@ def _output_rows(M: int, Cp: int, out_pad) -> tuple[np.ndarray, tuple[int, int, 
         raise DfpError(f"out_pad: {n} x {h} x {w} images with padding {(top, bottom, left, right)} "
                        f"do not fit {M} rows")
     hp, wp = top + h + bottom, left + w + right
-    buf = empty_aligned((n, hp, wp, Cp))
-    buf[:, :top] = 0
-    buf[:, top + h:] = 0
-    buf[:, top:top + h, :left] = 0
-    buf[:, top:top + h, left + w:] = 0
+    buf, _ = zero_bordered(n, h, w, Cp, (top, bottom, left, right))
     return buf, (w, h, wp - w, (hp - h) * wp, top * wp + left)
 
 

@@ -223,12 +223,7 @@ def quantize_padded(x: np.ndarray, pad, fmt: DfpFormat = DFP16, *, seed: int = 0
     N, C, H, W = x.shape
     Cp = C + C % 2
     Hp, Wp = top + H + bottom, left + W + right
-    buf = empty_aligned((N, Hp, Wp, Cp))
-    buf[:, :top] = 0
-    buf[:, top + H:] = 0
-    buf[:, top:top + H, :left] = 0
-    buf[:, top:top + H, left + W:] = 0
-    inner = buf[:, top:top + H, left:left + W]
+    buf, inner = zero_bordered(N, H, W, Cp, (top, bottom, left, right))
     if x.dtype == np.float32 and x.size and _layout(x) == "nhwc" and 16 * H * W < 2 ** 32:
         q = _quantize_nhwc(x, fmt, seed, name, threads, target, buf, (W, Wp - W, Hp * Wp, top * Wp + left))
     else:
@@ -357,6 +352,20 @@ def aligned_zeros(shape: tuple[int, ...], dtype=np.int16, align: int = 64) -> np
     raw = np.zeros(nbytes + align, np.uint8)
     off = (-raw.ctypes.data) % align
     return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def zero_bordered(n: int, h: int, w: int, c: int, pad) -> tuple[np.ndarray, np.ndarray]:
+    """``(buf, inner)``: a 64-byte aligned int16 (n, top+h+bottom, left+w+right, c) NHWC
+    buffer whose padding ``pad`` = (top, bottom, left, right) is zero, and the (n, h, w, c)
+    view of the image inside it, left uninitialised for the caller (a kernel or a copy) to
+    fill: zeroing only the border spares a pass over the image."""
+    top, bottom, left, right = pad
+    buf = empty_aligned((n, top + h + bottom, left + w + right, c))
+    buf[:, :top] = 0
+    buf[:, top + h:] = 0
+    buf[:, top:top + h, :left] = 0
+    buf[:, top:top + h, left + w:] = 0
+    return buf, buf[:, top:top + h, left:left + w]
 
 
 def _packed_view(m: np.ndarray) -> np.ndarray | None:
