@@ -360,7 +360,7 @@ def forward(x: np.ndarray, stats: BnStats, scale, shift, *, relu: bool = True,
     dqy = float(dequant_scale(y_exp))
     Cp = C + C % 2
     x_q = empty_aligned((M, C)) if save_x else None
-    y_q, rowmap = _output_rows(M, Cp, out_pad) if write_q else (None, (max(M, 1), 1, 0, 0, 0))
+    y_q, rowmap = _output_rows(M, Cp, out_pad, write_q)
     y_f = empty_aligned((M, C), np.float32) if write_f else None
     has_mask = relu and residual is not None
     nvec = Cv // lanes
@@ -377,12 +377,13 @@ def forward(x: np.ndarray, stats: BnStats, scale, shift, *, relu: bool = True,
     return BnForward(y_q, y_f, y_exp, x_q, x_exp, mask, out_lo, out_hi, sc, shift)
 
 
-def _output_rows(M: int, Cp: int, out_pad) -> tuple[np.ndarray, tuple[int, int, int, int, int]]:
+def _output_rows(M: int, Cp: int, out_pad, write: bool = True):
     """The INT16 output buffer and the kernel's row mapping ``(W, H, row_skip, img_skip,
     ybase)`` (see ``templates/bn_act.ll.j2``): dense (M, Cp) rows, or the zero-padded NHWC
-    buffer of ``out_pad`` (only its border is zeroed here; the kernel writes the rest)."""
-    if out_pad is None:
-        return empty_aligned((M, Cp)), (max(M, 1), 1, 0, 0, 0)
+    buffer of ``out_pad`` (only its border is zeroed here; the kernel writes the rest);
+    with ``write`` False no buffer (None) and the dense mapping."""
+    if out_pad is None or not write:
+        return (empty_aligned((M, Cp)) if write else None), (max(M, 1), 1, 0, 0, 0)
     try:
         (n, h, w), (top, bottom, left, right) = out_pad
         n, h, w, top, bottom, left, right = (int(v) for v in (n, h, w, top, bottom, left, right))

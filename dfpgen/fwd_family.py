@@ -153,7 +153,6 @@ def padded_nhwc(m: np.ndarray, pad: tuple[int, int, int, int], cpad: int) -> np.
     """NCHW (any strides) int16 mantissas -> contiguous ``(N, top+H+bottom, left+W+right, cpad)``
     with zeros in the padding and the extra channels."""
     n, c, h, w = m.shape
-    top, bottom, left, right = pad
     # 64-byte aligned, as every buffer the kernels read: numpy's large arrays start 16 bytes
     # past a page, which splits the weight vectors' loads across cache lines (measured on
     # Zen 5, res3_branch2b forward, one thread: 99 -> 113 GMAC/s with X and W aligned)

@@ -146,6 +146,8 @@ class DFPBatchNorm2d(nn.BatchNorm2d):
     channels_last; output float32 (N, C, H, W) channels_last. Raises ``ValueError`` for an
     unknown ``fuse`` and ``dfpgen.DfpError`` for NaN/Inf in the input (naming the layer)."""
 
+    _dfp_int16_pad = None  # the INT16 output's zero padding, decided by want_int16_pad
+
     def __init__(self, *args, fuse: str = "relu", emit_int16: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self._dfp_bn_init(fuse, emit_int16)
@@ -156,16 +158,17 @@ class DFPBatchNorm2d(nn.BatchNorm2d):
         self.fuse = fuse
         self.emit_int16 = bool(emit_int16)
         self.dfp_name = name
-        self._dfp_int16_pad = None  # the INT16 output's zero padding: see want_int16_pad
+        self._dfp_int16_pad = None
 
-    def want_int16_pad(self, pad: tuple) -> None:
+    def want_int16_pad(self, pad: tuple) -> tuple:
         """A consumer (the next stride-1 DFP16 conv) reads the INT16 output with zero padding
         ``pad`` = (top, bottom, left, right): from the next call on the output is written
         that way, so the conv needs no padding copy. The first consumer to ask decides (an
         output read by convs of different padding would otherwise switch every call; the
-        others copy, as without the request)."""
-        if getattr(self, "_dfp_int16_pad", None) is None:
+        others copy, as without the request). Returns the padding decided."""
+        if self._dfp_int16_pad is None:
             self._dfp_int16_pad = tuple(int(v) for v in pad)
+        return self._dfp_int16_pad
 
     def _dfp_label(self) -> str:
         return f"BatchNorm {self.dfp_name!r} input" if self.dfp_name else "BatchNorm input"

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from dfpgen.dfp import DfpFormat, DfpTensor
-from dfpgen.errors import OverflowWarning
+from dfpgen.errors import DfpError, OverflowWarning
 
 # Observers (dfpgen.runtime.numerics.NumericsMonitor): callables that get one dict per pass
 # that ran (pass_kind, info = RunInfo, seed, operands, output); nothing is built without one.
@@ -246,6 +246,7 @@ def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, 
     ``keep_pad`` lets X from a fused BatchNorm be saved in the padded layout that BatchNorm
     writes once a conv asked (as it is from the next call on; padded here on that call)."""
     from dfpgen import conv, pack
+    from dfpgen.fwd_family import padded_nhwc
     fmt = _fmt(bits, rounding)
     wq = packed_weight(weight if wkey is None else wkey, fmt)
     qx, bound, handed = _handed_over(x, fmt)
@@ -259,22 +260,17 @@ def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, 
         # call on (a strided conv reads phase images; 1x1 unpadded ones the dense rows)
         ph, pw = padding
         want = (ph, ph, pw, pw) if tuple(stride) == (1, 1) else NO_PAD
-        handed.producer.want_int16_pad(want)
-        if keep_pad:
-            # What is saved for backward has the layout the BatchNorm writes from now on (its
-            # padding is fixed once asked), also on the call that asked: a recomputation
-            # (non-reentrant torch.utils.checkpoint) must save tensors of the shapes the
-            # original forward saved.
-            pad = getattr(handed.producer, "_dfp_int16_pad", None) or NO_PAD
-            if pad != NO_PAD and handed.pad == pad:
-                held = handed.buffer  # saved as it is: no copy of the image
-            elif pad != NO_PAD:  # the call that asked: padded once here, for the kernel too
-                from dfpgen.fwd_family import padded_nhwc
-                held = padded_nhwc(qx.mantissa, pad, handed.buffer.shape[-1])
-        if held is not None and pad == want:
-            xbuf = (held, pad)
-        elif handed.pad == want and want != NO_PAD:
-            xbuf = (handed.buffer, handed.pad)
+        settled = handed.producer.want_int16_pad(want)
+        if keep_pad and settled != NO_PAD:
+            # What is saved for backward has the layout the BatchNorm writes from now on,
+            # also on the call that asked (padded here once, for the kernel too): a
+            # recomputation (non-reentrant torch.utils.checkpoint) must save tensors of the
+            # shapes the original forward saved.
+            pad = settled
+            held = handed.buffer if handed.pad == pad else padded_nhwc(qx.mantissa, pad, handed.buffer.shape[-1])
+        cand, cand_pad = (held, pad) if held is not None else (handed.buffer, handed.pad)
+        if want != NO_PAD and cand_pad == want:
+            xbuf = (cand, cand_pad)
     b = None if bias is None else bias.detach().float().contiguous().numpy()
     y, info = conv.conv2d(qx, wq, b, tuple(stride), tuple(padding),
                           tuple(dilation), overflow=overflow, fmt=fmt, threads=_threads(threads),
@@ -442,16 +438,14 @@ class _Conv2dEager(torch.autograd.Function):
         layer = getattr(ctx, "dfp_layer", None)
         if layer is None:
             return run(grad_y, None, None)
-        from dfpgen.errors import DfpError
+        from .nonfinite import _check_grad
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             # only the bias's gradient: dY is not quantized, so nothing else meets a NaN/Inf
-            from .nonfinite import _check_grad
             zeros = _check_grad(layer, grad_y)
             return run(grad_y if zeros is None else zeros, None, None)
         try:
             return run(grad_y, None, None)
         except DfpError:
-            from .nonfinite import _check_grad
             if _check_grad(layer, grad_y) is None:  # dY is finite: another error
                 raise
             return run(torch.zeros_like(grad_y), None, None)  # policy "skip": dY taken as 0
