@@ -44,7 +44,7 @@ from .errors import DfpError, OverflowWarning, deferred_warnings, reissue
 from . import passes, bwd_weight
 from .fwd_family import FMA_MIN_SCALE_EXP, PackedWeight, execute
 from .pass_kernels import get_kernel
-from .pack import quantize_pack
+from .pack import channel_range_of, quantize_pack
 from .plan_exact import exact_blocks, exact_schedule
 from .runinfo import RunInfo
 from .threads import num_threads
@@ -100,32 +100,6 @@ def _quantize_weight(w, fmt: DfpFormat, name: str) -> DfpTensor:
     if q.mantissa.ndim != 4:
         raise DfpError(f"{name}: expected 4-D KCRS weights, got shape {q.shape}")
     return q
-
-
-def _channel_range(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (axis 1) ``(max, min)`` of an NCHW int16 array, int64 each (an empty
-    array gives zeros)."""
-    c = m.shape[1]
-    if m.size == 0:
-        return np.zeros(c, np.int64), np.zeros(c, np.int64)
-    v = m.transpose(0, 2, 3, 1)
-    if not v.flags.c_contiguous:  # not channels-last memory: numpy's general reduction
-        return m.max(axis=(0, 2, 3)).astype(np.int64), m.min(axis=(0, 2, 3)).astype(np.int64)
-    # Channels-last: reduce rows of ~4096 values (many pixels at once), then fold the pixels;
-    # long contiguous rows keep numpy's reduction at memory speed (6x the (0, 2, 3) form).
-    flat = v.reshape(-1, c)
-    rows = max(1, 4096 // c)
-    full = flat.shape[0] // rows * rows
-    hi = np.full(c, np.iinfo(np.int16).min, np.int64)
-    lo = np.full(c, np.iinfo(np.int16).max, np.int64)
-    if full:
-        wide = flat[:full].reshape(-1, rows * c)
-        hi = np.maximum(hi, wide.max(axis=0).reshape(rows, c).max(axis=0))
-        lo = np.minimum(lo, wide.min(axis=0).reshape(rows, c).min(axis=0))
-    if full < flat.shape[0]:
-        hi = np.maximum(hi, flat[full:].max(axis=0))
-        lo = np.minimum(lo, flat[full:].min(axis=0))
-    return hi, lo
 
 
 def _one_signed(hi: np.ndarray, lo: np.ndarray) -> bool:
@@ -227,20 +201,21 @@ def _spec(n, c, h, w, k, r, s, stride, padding, dilation, pass_kind: str) -> Con
     return hit
 
 
-def _checked_bound(bound, c: int):
-    """``x_channel_bound`` as two int64 (C,) arrays within the mantissa range, or None."""
+def _checked_bound(bound, c: int, what: str = "conv2d: x_channel_bound"):
+    """A per-channel mantissa bound ``(hi, lo)`` (``what`` names the argument in errors) as
+    two int64 (C,) arrays within the mantissa range, or None."""
     if bound is None:
         return None
     try:
         hi, lo = (np.asarray(v) for v in bound)
     except (TypeError, ValueError):
-        raise DfpError("conv2d: x_channel_bound must be a pair (hi, lo) of per-channel arrays") from None
+        raise DfpError(f"{what} must be a pair (hi, lo) of per-channel arrays") from None
     if hi.shape != (c,) or lo.shape != (c,) or hi.dtype.kind not in "iu" or lo.dtype.kind not in "iu":
-        raise DfpError(f"conv2d: x_channel_bound must be two integer arrays of shape ({c},), got "
+        raise DfpError(f"{what} must be two integer arrays of shape ({c},), got "
                        f"{hi.dtype} {hi.shape} and {lo.dtype} {lo.shape}")
     hi, lo = hi.astype(np.int64), lo.astype(np.int64)
     if c and (hi.max() > 32767 or lo.min() < -32767 or (lo > hi).any()):
-        raise DfpError("conv2d: x_channel_bound is no mantissa range (lo <= hi within +/-32767 per channel)")
+        raise DfpError(f"{what} is no mantissa range (lo <= hi within +/-32767 per channel)")
     return hi, lo
 
 
@@ -254,7 +229,7 @@ def _schedule(spec: ConvSpec, overflow: str, config: TuningConfig | None, act: D
     if overflow == "exact":
         base, target = resolve_config(spec, config, overflow="exact", target=target)
         density = passes.of(spec).tap_density(spec)
-        hi, lo = _channel_range(act.mantissa) if act_bound is None else act_bound
+        hi, lo = channel_range_of(act.mantissa) if act_bound is None else act_bound
         amax = np.maximum(hi, -lo)
         _check_no_int16_min(amax, f"{spec.pass_kind} activation")
         pw = wq if isinstance(wq, PackedWeight) else PackedWeight(wq)
@@ -422,17 +397,20 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
                  overflow: str = DEFAULT_OVERFLOW, fmt: DfpFormat = DFP16, seed: int = 0,
                  threads: int | None = None, config: TuningConfig | None = None,
                  return_info: bool = False, target=None,
-                 warn_overflow: bool = True, grad_output_buffer=None):
+                 warn_overflow: bool = True, grad_output_buffer=None, grad_output_bound=None):
     """DFP16 backward-data: dX (float32 NCHW ``input_shape``) from ``w`` (KCRS) and
     ``grad_output`` dY (N, K, P, Q), as ``torch.nn.grad.conv2d_input``. Stride > 1 runs one
     stride-1 sub-convolution per output phase. Same keywords, errors and return as
     :func:`conv2d`; ``grad_output_buffer``: as :func:`conv2d`'s ``x_buffer``, for a DfpTensor
     dY (the kernels' padding is :func:`dfpgen.plan_bwd_data.dy_padding`, e.g. from
-    :func:`dfpgen.pack.quantize_padded`)."""
+    :func:`dfpgen.pack.quantize_padded`); ``grad_output_bound``: as :func:`conv2d`'s
+    ``x_channel_bound``, ``(hi, lo)`` (K,) for dY's mantissas (e.g. the range
+    ``quantize_padded(channel_range=True)`` kept while writing them)."""
     target, config = _check_call(overflow, threads, target, config)
-    if grad_output_buffer is not None and not isinstance(grad_output, DfpTensor):
-        raise DfpError("conv2d_input: grad_output_buffer describes the mantissas of a DfpTensor "
-                       f"grad_output; it is {type(grad_output).__name__}")
+    for what, given in (("grad_output_buffer", grad_output_buffer), ("grad_output_bound", grad_output_bound)):
+        if given is not None and not isinstance(grad_output, DfpTensor):
+            raise DfpError(f"conv2d_input: {what} describes the mantissas of a DfpTensor "
+                           f"grad_output; it is {type(grad_output).__name__}")
     n, c, h, wd = _shape4(input_shape, "conv2d_input: input_shape (N, C, H, W)")
     dyq = _quantize_act(grad_output, fmt, seed, "conv2d_input grad_output dY", threads)
     wq = _quantize_weight(w, fmt, "conv2d_input weight W")
@@ -447,16 +425,16 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
         return _empty((0, c, h, wd), spec, overflow, return_info)
     if _pointwise_on_pixels(spec):
         res = conv2d_input((1, c, 1, n), wq, _as_row(dyq), overflow=overflow, threads=threads,
-                           warn_overflow=warn_overflow,
+                           warn_overflow=warn_overflow, grad_output_bound=grad_output_bound,
                            config=config, return_info=True, target=target)
         return _from_row(res, return_info)
     fma = dyq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP
     padded = _checked_buffer(grad_output_buffer, dyq.shape)
-    bound = None
-    if padded is not None and padded[0].shape[3] == k and padded[0].flags.c_contiguous:
+    bound = _checked_bound(grad_output_bound, k, "conv2d_input: grad_output_bound")
+    if bound is None and padded is not None and padded[0].shape[3] == k and padded[0].flags.c_contiguous:
         # the scan reads the whole contiguous buffer (6x a strided view's speed); its zeros
         # change neither max |dY| per channel nor the one-sign test
-        bound = _channel_range(padded[0].transpose(0, 3, 1, 2))
+        bound = channel_range_of(padded[0].transpose(0, 3, 1, 2))
     cfg, ft = _schedule(spec, overflow, config, dyq, wq, target, False, fma, bound)
     kern = _kernel(spec, cfg, overflow, target, bias=False, fma=fma)
     dx, info = execute(kern, dyq, wq, None, dyq.exponent + wq.exponent, threads, ft, padded)

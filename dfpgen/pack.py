@@ -38,7 +38,9 @@ from .kernels import cfunction, load_kernel
 from .render import llvm_float, render
 from .target import CpuTarget, host_target
 
-ABI_VERSION = 2  # 2: pack_nhwc writes rows into a zero-padded image (row mapping arguments)
+# 2: pack_nhwc writes rows into a zero-padded image (row mapping arguments); 3: and can keep
+# the per-channel range of the mantissas it writes (one row pair per thread range)
+ABI_VERSION = 3
 NONFINITE_BITS = 0x7F800000
 # Below this many elements per thread the pool hand-off costs more than the work.
 MIN_ELEMS_PER_THREAD = 1 << 16
@@ -51,7 +53,7 @@ NCHW_TILE_BYTES = 384 << 10
 _MAXABS_T = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 _NHWC_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                            ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_uint32,
-                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
 _NCHW_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                            ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_uint32,
                            ctypes.c_int64, ctypes.c_int64)
@@ -205,13 +207,16 @@ def _layout(x: np.ndarray) -> str | None:
 
 def quantize_padded(x: np.ndarray, pad, fmt: DfpFormat = DFP16, *, seed: int = 0,
                     name: str = "tensor", threads: int | None = None,
-                    target: CpuTarget | None = None) -> tuple[DfpTensor, np.ndarray]:
+                    target: CpuTarget | None = None, channel_range: bool = False):
     """:func:`quantize_pack` into a zero-padded NHWC buffer, as a stride-1 conv pass reads its
     input: ``pad`` = (top, bottom, left, right). Returns ``(q, buf)``: ``buf`` int16 (N,
     top+H+bottom, left+W+right, Cp), zero outside the image and in the pad channel, and ``q``
     the DfpTensor whose mantissa is the (N, C, H, W) view of the image inside it. Same bits
     and errors as :func:`quantize_pack`; an NHWC float32 ``x`` is quantized straight into
-    ``buf`` (one pass), other layouts are quantized, then copied in."""
+    ``buf`` (one pass), other layouts are quantized, then copied in. ``channel_range=True``
+    returns ``(q, buf, (hi, lo))`` with the per-channel max and min (int64 (C,)) of the
+    mantissas (those of :func:`channel_range_of`), taken by the NHWC kernel as it writes
+    them: exact mode's bound for a conv reading ``buf`` without another pass over it."""
     try:
         top, bottom, left, right = (int(v) for v in pad)
     except (TypeError, ValueError):
@@ -223,13 +228,27 @@ def quantize_padded(x: np.ndarray, pad, fmt: DfpFormat = DFP16, *, seed: int = 0
     N, C, H, W = x.shape
     Cp = C + C % 2
     Hp, Wp = top + H + bottom, left + W + right
+    direct = x.dtype == np.float32 and x.size and _layout(x) == "nhwc" and 16 * H * W < 2 ** 32
+    if not direct and top == bottom == left == right == 0:
+        # nothing to pad: quantize_pack's own dense buffer is the result (no copy)
+        q = quantize_pack(x, fmt, seed=seed, name=name, threads=threads, target=target)
+        if not channel_range:
+            return q, nhwc_buffer(q)
+        return q, nhwc_buffer(q), channel_range_of(q.mantissa)
     buf, inner = zero_bordered(N, H, W, Cp, (top, bottom, left, right))
-    if x.dtype == np.float32 and x.size and _layout(x) == "nhwc" and 16 * H * W < 2 ** 32:
-        q = _quantize_nhwc(x, fmt, seed, name, threads, target, buf, (W, Wp - W, Hp * Wp, top * Wp + left))
+    rng = None
+    if direct:
+        q = _quantize_nhwc(x, fmt, seed, name, threads, target, buf, (W, Wp - W, Hp * Wp, top * Wp + left),
+                           channel_range)
+        if channel_range:
+            q, rng = q
     else:
         q = quantize_pack(x, fmt, seed=seed, name=name, threads=threads, target=target)
         inner[...] = nhwc_buffer(q)
-    return DfpTensor(_logical(inner, C), q.exponent, fmt), buf
+        if channel_range:  # quantized by another kernel: scan its dense buffer
+            rng = channel_range_of(q.mantissa)
+    out = DfpTensor(_logical(inner, C), q.exponent, fmt)
+    return (out, buf, rng) if channel_range else (out, buf)
 
 
 def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name: str = "tensor",
@@ -291,11 +310,13 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
     return DfpTensor(_logical(buf, C), E, fmt)
 
 
-def _quantize_nhwc(x, fmt, seed, name, threads, target, buf, rows) -> DfpTensor:
+def _quantize_nhwc(x, fmt, seed, name, threads, target, buf, rows, want_range: bool = False):
     """Pass 1 (max |x|) and pass 2 (quantize) of an NHWC float32 ``x`` (N, C, H, W) into
     ``buf``, pixel rows placed by ``rows`` = (W, row_skip, img_rows, ybase) (see
     ``templates/quantize_pack.ll.j2``; dense: (H*W, 0, H*W, 0)). Returns the DfpTensor of
-    the dense layout's view (callers with a padded ``buf`` make their own)."""
+    the dense layout's view (callers with a padded ``buf`` make their own); with
+    ``want_range``, ``(q, (hi, lo))``: the per-channel max and min of the mantissas written
+    (int64 (C,) each), kept by pass 2 as it writes them (no further read of ``buf``)."""
     N, C, H, W = x.shape
     target = target or host_target()
     mem = x.transpose(0, 2, 3, 1)
@@ -305,9 +326,46 @@ def _quantize_nhwc(x, fmt, seed, name, threads, target, buf, rows) -> DfpTensor:
     fn = _kernel("pack_nhwc", fmt, target)
     items = N * H * W
     nt = _split_threads(threads, items, C)
-    _threads.parallel_call(fn, (mem.ctypes.data, buf.ctypes.data, C, H * W, s1, s2, seedmix, *rows),
-                           2, items, nt)
-    return DfpTensor(_logical(buf, C), E, fmt)
+    args = (mem.ctypes.data, buf.ctypes.data, C, H * W, s1, s2, seedmix, *rows)
+    q = DfpTensor(_logical(buf, C), E, fmt)
+    if not want_range:
+        _threads.parallel_call(fn, args + (None,), 2, items, nt)
+        return q
+    lanes = target.vector_bits // 32
+    cr = -(-(C + C % 2) // lanes) * lanes
+    # one (max, min) row pair per thread range; min / max are exact in any order, so the
+    # combined range does not depend on the split
+    part = np.empty((_threads.range_count(items, nt), 2, cr), np.int16)
+    _threads.parallel_call(fn, args + (part.ctypes.data,), 2, items, nt,
+                           per_thread=(len(args) + 2, part.strides[0]))
+    return q, (part[:, 0, :C].max(axis=0).astype(np.int64), part[:, 1, :C].min(axis=0).astype(np.int64))
+
+
+def channel_range_of(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (axis 1) ``(max, min)`` of an NCHW int16 array ``m`` (any strides), int64
+    (C,) each (an empty array gives zeros): exact mode's activation bound
+    (``dfpgen.plan_exact``)."""
+    c = m.shape[1]
+    if m.size == 0:
+        return np.zeros(c, np.int64), np.zeros(c, np.int64)
+    v = m.transpose(0, 2, 3, 1)
+    if not v.flags.c_contiguous:  # not channels-last memory: numpy's general reduction
+        return m.max(axis=(0, 2, 3)).astype(np.int64), m.min(axis=(0, 2, 3)).astype(np.int64)
+    # Channels-last: reduce rows of ~4096 values (many pixels at once), then fold the pixels;
+    # long contiguous rows keep numpy's reduction at memory speed (6x the (0, 2, 3) form).
+    flat = v.reshape(-1, c)
+    rows = max(1, 4096 // c)
+    full = flat.shape[0] // rows * rows
+    hi = np.full(c, np.iinfo(np.int16).min, np.int64)
+    lo = np.full(c, np.iinfo(np.int16).max, np.int64)
+    if full:
+        wide = flat[:full].reshape(-1, rows * c)
+        hi = np.maximum(hi, wide.max(axis=0).reshape(rows, c).max(axis=0))
+        lo = np.minimum(lo, wide.min(axis=0).reshape(rows, c).min(axis=0))
+    if full < flat.shape[0]:
+        hi = np.maximum(hi, flat[full:].max(axis=0))
+        lo = np.minimum(lo, flat[full:].min(axis=0))
+    return hi, lo
 
 
 def _nchw_pad(x: np.ndarray, lanes: int) -> int:

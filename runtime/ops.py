@@ -243,8 +243,9 @@ def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, 
                     threads, seed=None, wkey=None, keep_pad=False):
     """Returns (y, X's INT16 NHWC buffer, X's exponent tensor, the buffer's zero padding
     (top, bottom, left, right)); the padding is all 0 (the buffer (N, H, W, Cp)) unless
-    ``keep_pad`` lets X from a fused BatchNorm be saved in the padded layout that BatchNorm
-    writes once a conv asked (as it is from the next call on; padded here on that call)."""
+    ``keep_pad`` lets X be saved in the zero-padded layout a stride-1 conv reads: as a fused
+    BatchNorm writes it once a conv asked (as it is from the next call on; padded here on
+    that call), or as X is quantized here."""
     from dfpgen import conv, pack
     from dfpgen.fwd_family import padded_nhwc
     fmt = _fmt(bits, rounding)
@@ -253,8 +254,16 @@ def _conv2d_forward(x, weight, bias, stride, padding, dilation, bits, rounding, 
     xbuf = held = None
     pad = NO_PAD
     if qx is None:
-        qx = pack.quantize_pack(_np_activation(x), fmt, name="conv2d input X",
-                                threads=_threads(threads))
+        # quantized straight into the layout the kernel reads (zero-padded for a stride-1
+        # conv when what is saved may keep that padding), keeping the mantissas' channel
+        # range as they are written: exact mode's bound without a scan of X
+        ph, pw = padding
+        if keep_pad and tuple(stride) == (1, 1) and (ph or pw):
+            pad = (ph, ph, pw, pw)
+        qx, held, bound = pack.quantize_padded(_np_activation(x), pad, fmt, name="conv2d input X",
+                                               threads=_threads(threads), channel_range=True)
+        if pad != NO_PAD:
+            xbuf = (held, pad)
     else:
         # a stride-1 conv reads X zero-padded: the BatchNorm writes it that way from its next
         # call on (a strided conv reads phase images; 1x1 unpadded ones the dense rows)
@@ -322,12 +331,14 @@ def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilatio
     gfmt = _fmt(bits, grad_rounding)
     dy_pad = _dy_padding(n, c, h, w, k, r, s, stride, padding, dilation) if need_input else NO_PAD
     qkw = dict(seed=int(seed.item()), name="conv2d grad_output dY", threads=_threads(threads))
-    dy_buf = None
-    if dy_pad != NO_PAD:
-        # straight into the zero-padded buffer backward-data reads (no padding copy);
-        # backward-weight reads the image inside it
-        qdy, buf = pack.quantize_padded(_np_activation(grad_y), dy_pad, gfmt, **qkw)
-        dy_buf = (buf, dy_pad)
+    dy_buf = dy_bound = None
+    if need_input:
+        # straight into the zero-padded buffer backward-data reads (no padding copy; dense
+        # where it reads no padding), keeping the mantissas' per-channel range as they are
+        # written (exact mode's bound, no scan); backward-weight reads the image inside it
+        qdy, buf, dy_bound = pack.quantize_padded(_np_activation(grad_y), dy_pad, gfmt,
+                                                  channel_range=True, **qkw)
+        dy_buf = (buf, dy_pad) if dy_pad != NO_PAD else None
     else:
         qdy = pack.quantize_pack(_np_activation(grad_y), gfmt, **qkw)
     kw = dict(overflow=overflow, fmt=_fmt(bits, "nearest"), threads=_threads(threads), warn_overflow=False)
@@ -339,7 +350,7 @@ def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilatio
     if need_input:
         wq = packed_weight(weight if wkey is None else wkey, kw["fmt"], "conv2d_input weight W")
         res = conv.conv2d_input((n, c, h, w), wq, qdy, *args, return_info=True,
-                                grad_output_buffer=dy_buf, **kw)
+                                grad_output_buffer=dy_buf, grad_output_bound=dy_bound, **kw)
         gx = _to_torch(res.output, channels_last)
         _report_saturation(res.info, shape)
         if observers:

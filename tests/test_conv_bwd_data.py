@@ -10,6 +10,7 @@ import torch
 import dfpgen
 from dfpgen import conv, reference
 from dfpgen.dfp import quantize
+from dfpgen.errors import DfpError
 from dfpgen.plan_bwd_data import plan_bwd_data
 from dfpgen.target import host_target
 from dfpgen.tuning import default_config
@@ -131,3 +132,27 @@ def test_dy_quantized_into_the_padded_buffer_gives_the_same_bits(shape, monkeypa
     monkeypatch.setattr(fwd_family, "padded_nhwc", no_copy)
     got = conv.conv2d_input((n, c, h, w), wq, qdy, u, p, d, grad_output_buffer=(buf, pad))
     assert np.array_equal(got, ref)
+    # with the range the quantize pass kept, no scan of dY either: the same schedule and bits
+    qdy2, buf2, bound = pack.quantize_padded(dy, pad, seed=3, channel_range=True)
+
+    def no_scan(*args):
+        raise AssertionError("dY scanned for its channel range")
+    monkeypatch.setattr(conv, "channel_range_of", no_scan)
+    got2, info = conv.conv2d_input((n, c, h, w), wq, qdy2, u, p, d, grad_output_buffer=(buf2, pad),
+                                   grad_output_bound=bound, return_info=True)
+    assert np.array_equal(got2, ref)
+
+
+def test_grad_output_bound_is_checked():
+    _, wq, _ = operands((1, 4, 5, 5, 3, 3, 3, 1, 1, 1), seed=3)
+    dyq = quantize(np.random.default_rng(1).standard_normal((1, 3, 5, 5)).astype(np.float32))
+    hi = dyq.mantissa.max(axis=(0, 2, 3)).astype(np.int64)
+    lo = dyq.mantissa.min(axis=(0, 2, 3)).astype(np.int64)
+    good = conv.conv2d_input((1, 4, 5, 5), wq, dyq, 1, 1, grad_output_bound=(hi, lo))
+    assert np.array_equal(good, conv.conv2d_input((1, 4, 5, 5), wq, dyq, 1, 1))
+    for bad, msg in [((hi[:2], lo[:2]), r"shape \(3,\)"), ((lo - 1, hi + 1), "no mantissa range"),
+                     (5, "must be a pair"), ((hi + 40000, lo), "no mantissa range")]:
+        with pytest.raises(DfpError, match=f"grad_output_bound.*{msg}|{msg}"):
+            conv.conv2d_input((1, 4, 5, 5), wq, dyq, 1, 1, grad_output_bound=bad)
+    with pytest.raises(DfpError, match="grad_output_bound describes the mantissas of a DfpTensor"):
+        conv.conv2d_input((1, 4, 5, 5), wq, dyq.dequantize(), 1, 1, grad_output_bound=(hi, lo))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dfpgen
-from dfpgen import conv, reference
+from dfpgen import conv, pack, reference
 from dfpgen.dfp import quantize
 from conv_cases import SHAPES, conv_bound, ids, operands
 
@@ -326,7 +326,7 @@ def test_channel_range_feeding_the_exact_bound(shape, channels_last):
     a = np.random.default_rng(15).integers(-32767, 32768, shape).astype(np.int16)
     if channels_last:
         a = np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-    hi, lo = conv._channel_range(a)
+    hi, lo = pack.channel_range_of(a)
     assert np.array_equal(hi, a.max(axis=(0, 2, 3))) and np.array_equal(lo, a.min(axis=(0, 2, 3)))
 
 

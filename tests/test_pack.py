@@ -273,3 +273,31 @@ def test_quantize_padded_equals_padding_the_packed_buffer_afterwards(fmt, layout
         assert np.array_equal(buf, padded_nhwc(ref.mantissa, pad, 14))
     with pytest.raises(DfpError, match="pad must be"):
         pack.quantize_padded(x, (1, 1), fmt)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("fmt", [DFP16, SR], ids=["nearest", "stochastic"])
+def test_quantize_padded_keeps_the_mantissas_channel_range(fmt, layout, threads):
+    # channel_range=True: the per-channel max and min of the mantissas written, kept by the
+    # NHWC kernel as it writes them (per thread range, combined), equal to a scan of them,
+    # with the buffer's bits unchanged; odd channel counts and ones that leave a partial
+    # vector included, and channels of one sign (hi < 0 or lo > 0)
+    from dfpgen.fwd_family import padded_nhwc
+    rng = np.random.default_rng(8)
+    for C in (1, 3, 8, 13, 17, 40):
+        x = rng.standard_normal((3, C, 5, 6)).astype(np.float32)
+        x[:, 0] = np.abs(x[:, 0]) + 0.5  # channel 0 positive: its min is above 0
+        if C > 2:
+            x[:, 2] = -np.abs(x[:, 2]) - 0.25  # channel 2 negative: its max is below 0
+        if layout == "nhwc":
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        for pad in [(1, 1, 1, 1), (0, 2, 3, 0), (0, 0, 0, 0)]:
+            q, buf, (hi, lo) = pack.quantize_padded(x, pad, fmt, seed=4, threads=threads, channel_range=True)
+            ref = pack.quantize_pack(x, fmt, seed=4, threads=threads)
+            assert q.exponent == ref.exponent and np.array_equal(q.mantissa, ref.mantissa)
+            assert np.array_equal(buf, padded_nhwc(ref.mantissa, pad, C + C % 2))
+            m = ref.mantissa.astype(np.int64)
+            assert hi.dtype == lo.dtype == np.int64 and hi.shape == lo.shape == (C,)
+            assert np.array_equal(hi, m.max(axis=(0, 2, 3))) and np.array_equal(lo, m.min(axis=(0, 2, 3)))
+            assert lo[0] > 0 and (C <= 2 or hi[2] < 0)
