@@ -228,7 +228,7 @@ def test_stochastic_indices_beyond_2_to_32():
     x = rng.standard_normal(C).astype(np.float32)
     out = np.zeros(14, np.int16)
     fn = pack._kernel("pack_nhwc", SR, target)
-    fn(x.ctypes.data - m * C * 4, out.ctypes.data - m * 14 * 2, m, m + 1, C, 1, s1, s2, mix, 1, 0, 1, 0)
+    fn(x.ctypes.data - m * C * 4, out.ctypes.data - m * 14 * 2, m, m + 1, C, 1, s1, s2, mix, 1, 0, 1, 0, None)
     assert m * C < 2 ** 32 < (m + 1) * C
     want = _quantize_with_exponent(x, E, SR, seed, index_offset=m * C)
     assert np.array_equal(out[:C], want) and out[C] == 0
