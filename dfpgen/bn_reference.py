@@ -2,7 +2,7 @@
 
 Same arithmetic, same order: float32 multiply then add (no fused multiply-add),
 round-to-nearest-even mantissas clamped to the format, statistics summed in float64 over
-chunks of ``bn.CHUNK`` pixels in pixel order and the chunks added in chunk order.
+chunks of ``bn.CHUNK`` (or the given) pixels in pixel order and the chunks added in chunk order.
 """
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ from . import bn
 from .dfp import DFP16, DfpFormat, exponent_for
 
 
-def stats(x: np.ndarray) -> bn.BnStats:
-    """Per-channel sum / sumsq / min / max of float32 (M, C), summed as the kernel sums."""
+def stats(x: np.ndarray, chunk: int = bn.CHUNK) -> bn.BnStats:
+    """Per-channel sum / sumsq / min / max of float32 (M, C), summed as the kernel sums
+    (chunks of ``chunk`` pixels)."""
     M, C = x.shape
-    nch = -(-M // bn.CHUNK)
-    xd = np.zeros((nch * bn.CHUNK, C)); xd[:M] = x
-    xd = xd.reshape(nch, bn.CHUNK, C)
+    nch = -(-M // chunk)
+    xd = np.zeros((nch * chunk, C)); xd[:M] = x
+    xd = xd.reshape(nch, chunk, C)
     s = np.zeros((nch, C)); q = np.zeros((nch, C))
-    for j in range(bn.CHUNK):  # pixel order inside each chunk (padding pixels add 0)
+    for j in range(chunk):  # pixel order inside each chunk (padding pixels add 0)
         s += xd[:, j]
         q += xd[:, j] * xd[:, j]
     ts = np.zeros(C); tq = np.zeros(C)

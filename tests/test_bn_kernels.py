@@ -188,3 +188,42 @@ def test_every_kernel_renders_and_compiles_for_each_vector_width(tier):
             ir = bn.render_kernel(kind, target, **flags)
             assert f"<{target.lanes} x float>" in ir
             jit.compile_ir(ir, cpu=target.compile_cpu, features=target.compile_features, name=kind)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_statistics_chunk_length_is_an_argument(threads):
+    # chunks of `chunk` pixels summed in pixel order, then in chunk order: the golden model's
+    # bits for any chunk length (one image row is what the runtime and the conv epilogue use)
+    x = (np.random.default_rng(21).standard_normal((257, 19)) * 3 + 1).astype(np.float32)
+    for chunk in (1, 7, 56, 64, 100, 257, 1000):
+        st, want = bn.batch_stats(x, chunk=chunk, threads=threads), ref.stats(x, chunk)
+        for f in ("sum", "sumsq", "min", "max"):
+            assert np.array_equal(getattr(st, f), getattr(want, f)), (chunk, f)
+    # a different chunking rounds the float64 sums differently (the test can tell them apart)
+    a, b = bn.batch_stats(x, chunk=7), bn.batch_stats(x, chunk=64)
+    assert not np.array_equal(a.sumsq, b.sumsq) and np.allclose(a.sumsq, b.sumsq, rtol=1e-13)
+    for bad in (0, -3, 2.5, "7"):
+        with pytest.raises(DfpError, match="chunk must be a positive number of pixels"):
+            bn.batch_stats(x, chunk=bad)
+
+
+def test_combine_partials_adds_in_chunk_order_from_strided_rows():
+    # the combine kernel adds the chunks' partials row after row (the golden model's loop),
+    # reading rows through their stride; other layouts are refused with a one-line error
+    rng = np.random.default_rng(22)
+    lanes = host_target().lanes
+    n, cv = 37, 3 * lanes
+    both = rng.standard_normal((n, 2, cv)) * 10.0 ** rng.integers(-8, 8, (n, 2, cv))
+    mm = rng.standard_normal((n, 2, cv)).astype(np.float32)
+    st = bn.combine_partials(both[:, 0], both[:, 1], mm[:, 0], mm[:, 1], cv - 1, 999)
+    want_s, want_q = np.zeros(cv), np.zeros(cv)
+    for i in range(n):
+        want_s += both[i, 0]; want_q += both[i, 1]
+    assert st.count == 999 and st.sum.shape == (cv - 1,)
+    assert np.array_equal(st.sum, want_s[:-1]) and np.array_equal(st.sumsq, want_q[:-1])
+    assert np.array_equal(st.min, mm[:, 0].min(axis=0)[:-1]) and np.array_equal(st.max, mm[:, 1].max(axis=0)[:-1])
+    with pytest.raises(DfpError, match="partials must be"):
+        bn.combine_partials(both[:, 0], both[:, 1], mm[:, 0].astype(np.float64), mm[:, 1], cv, 1)
+    with pytest.raises(DfpError, match="not a multiple"):
+        c = np.ascontiguousarray
+        bn.combine_partials(c(both[:, 0, :-1]), c(both[:, 1, :-1]), c(mm[:, 0, :-1]), c(mm[:, 1, :-1]), 2, 1)
