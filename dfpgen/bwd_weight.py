@@ -123,9 +123,16 @@ def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout
     dst = _buffer(buffer, shape, np.int16) if buffer else aligned_zeros(shape, np.int16)
     amax = np.empty((N, Hout, Wout, 2), np.int32)
     zeros = np.zeros(C + PACK_CHUNK, np.int16)
-    prm = np.array([Hout, Wout, H, W, C, cout, sN, sH, sW, pad[0], pad[1], istep, delta, hstep], np.int64)
+    kH, kW, kHout, kWout, ksH = H, W, Hout, Wout, sH
+    if (N, H, Hout, hstep, istep, delta) == (1, 1, 1, 1, 2, 1) and tuple(pad) == (0, 0) and W == 2 * Wout:
+        # One long row of disjoint pairs (a 1x1 layer's N*P*Q pixels, backward-weight's
+        # pixel row): the same memory packs as R rows of Wout/R pairs each (no pair crosses
+        # a row), so that the rows can be split over the threads; one row ran on one core.
+        r = max((d for d in range(1, 65) if Wout % d == 0), default=1)
+        kH, kW, kHout, kWout, ksH = r, W // r, r, Wout // r, (W // r) * sW
+    prm = np.array([kHout, kWout, kH, kW, C, cout, sN, ksH, sW, pad[0], pad[1], istep, delta, hstep], np.int64)
     fn = _pack_kernel(target or host_target())
-    rows = N * Hout
+    rows = N * kHout
     nt = max(1, min(threads or num_threads(), rows // MIN_PACK_ROWS_PER_THREAD))
     # base pointer of src as a view may start anywhere: ctypes.data is its first element
     args = (src.ctypes.data, zeros.ctypes.data, dst.ctypes.data, amax.ctypes.data, prm.ctypes.data)

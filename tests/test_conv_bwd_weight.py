@@ -411,3 +411,28 @@ def test_pack_pairs_matches_numpy(layout):
             want[:, :, :, :37, e] = cols.transpose(0, 2, 3, 1)
         assert np.array_equal(dst, want)
         assert np.array_equal(amax, np.abs(want).max(axis=3))
+
+
+@pytest.mark.parametrize("C,M", [(3, 14), (16, 1568), (64, 2 * 3136), (130, 192), (5, 2 * 97), (4, 7)])
+def test_one_long_pixel_row_packs_in_parallel_rows(C, M, monkeypatch):
+    # a 1x1 layer's backward-weight packs its N*P*Q pixels as one row of disjoint pairs; the
+    # packer splits that row into rows of whole pairs so that the threads share it (one
+    # core did it all), with the layout and maxima of the single row
+    from dfpgen import bwd_weight as bw
+    ranges = []
+    real = bw.parallel_call
+    monkeypatch.setattr(bw, "parallel_call", lambda fn, args, at, total, nt, *a, **k:
+                        ranges.append((total, nt)) or real(fn, args, at, total, nt, *a, **k))
+    nhwc = np.random.default_rng(M).integers(-32767, 32768, (M, C)).astype(np.int16)
+    src = nhwc.reshape(1, 1, M, C).transpose(0, 3, 1, 2)
+    q2 = -(-M // 2)  # an odd row's last pair has a 0 partner
+    dst, amax = bw.pack_pairs(src, (1, 1, q2), istep=2, delta=1, cout=C + 3, threads=2)
+    padded = np.zeros((2 * q2, C), np.int16)
+    padded[:M] = nhwc
+    want = np.zeros((1, 1, q2, C + 3, 2), np.int16)
+    want[0, 0, :, :C, 0], want[0, 0, :, :C, 1] = padded[0::2], padded[1::2]
+    a = np.abs(padded.astype(np.int32)).max(axis=1)
+    assert np.array_equal(dst, want) and np.array_equal(amax, np.stack([a[0::2], a[1::2]], -1)[None, None])
+    rows, nt = ranges[-1]
+    # 97 pairs (a prime) or an odd pixel count: no split into whole pairs, one row
+    assert (rows > 1) == (M % 2 == 0 and M // 2 != 97) and (nt == 2) == (rows >= 16), ranges
