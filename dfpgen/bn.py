@@ -217,9 +217,13 @@ def combine_partials(psum, psq, pmin, pmax, C: int, M: int, target: CpuTarget | 
     Raises :class:`DfpError` for arrays of other shapes or layouts."""
     n, cv = psum.shape
     for a, dt in ((psum, np.float64), (psq, np.float64), (pmin, np.float32), (pmax, np.float32)):
-        if a.shape != (n, cv) or a.dtype != dt or (n > 1 and a.strides[1] != a.itemsize):
+        # the columns must be contiguous for any number of rows (one row too: the kernel
+        # reads it with vector loads); a row stride matters only with more than one row
+        if a.shape != (n, cv) or a.dtype != dt or (cv > 1 and a.strides[1] != a.itemsize):
             raise DfpError("combine_partials: partials must be (chunks, Cv) arrays with contiguous columns")
-    if psq.strides != psum.strides or pmax.strides != pmin.strides:
+    if not 0 <= C <= cv:
+        raise DfpError(f"combine_partials: {C} channels do not fit {cv} columns")
+    if n > 1 and (psq.strides != psum.strides or pmax.strides != pmin.strides):
         raise DfpError("combine_partials: the sums and the min/max arrays must share their row strides")
     target = target or host_target()
     if cv % target.lanes:
@@ -247,9 +251,11 @@ def batch_stats(x: np.ndarray, *, name: str = "BatchNorm input", threads: int | 
     M, C = x.shape
     if M == 0 or C == 0:
         raise DfpError(f"{name}: BatchNorm statistics of an empty activation ({M} pixels, {C} channels)")
-    if not isinstance(chunk, (int, np.integer)) or chunk < 1:
+    if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, (bool, np.bool_)) or chunk < 1:
         raise DfpError(f"{name}: statistics chunk must be a positive number of pixels, got {chunk!r}")
-    chunk = int(chunk)
+    # one chunk of M pixels sums exactly as any longer one; the kernel's int64 argument
+    # would wrap a chunk >= 2**63
+    chunk = min(int(chunk), M)
     target = target or host_target()
     Cv = _cv(C, target.lanes)
     nch = -(-M // chunk)

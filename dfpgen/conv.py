@@ -213,8 +213,12 @@ def _checked_bound(bound, c: int, what: str = "conv2d: x_channel_bound"):
     if hi.shape != (c,) or lo.shape != (c,) or hi.dtype.kind not in "iu" or lo.dtype.kind not in "iu":
         raise DfpError(f"{what} must be two integer arrays of shape ({c},), got "
                        f"{hi.dtype} {hi.shape} and {lo.dtype} {lo.shape}")
+    # range-checked in the given dtype (both ends of both arrays): a cast first would wrap
+    # uint64 values >= 2**63 into small negatives that pass as a (much too tight) bound
+    if c and (max(hi.max(), lo.max()) > 32767 or min(hi.min(), lo.min()) < -32767):
+        raise DfpError(f"{what} is no mantissa range (lo <= hi within +/-32767 per channel)")
     hi, lo = hi.astype(np.int64), lo.astype(np.int64)
-    if c and (hi.max() > 32767 or lo.min() < -32767 or (lo > hi).any()):
+    if c and (lo > hi).any():
         raise DfpError(f"{what} is no mantissa range (lo <= hi within +/-32767 per channel)")
     return hi, lo
 

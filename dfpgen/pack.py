@@ -336,6 +336,11 @@ def _quantize_nhwc(x, fmt, seed, name, threads, target, buf, rows, want_range: b
     # one (max, min) row pair per thread range; min / max are exact in any order, so the
     # combined range does not depend on the split
     part = np.empty((_threads.range_count(items, nt), 2, cr), np.int16)
+    # Each range's kernel call initialises its rows, but an OpenMP team smaller than asked
+    # (OMP_THREAD_LIMIT, OMP_DYNAMIC) runs fewer ranges and never writes the others' rows:
+    # start every row at the identity of max / min so that unwritten rows change nothing.
+    part[:, 0] = np.iinfo(np.int16).min
+    part[:, 1] = np.iinfo(np.int16).max
     _threads.parallel_call(fn, args + (part.ctypes.data,), 2, items, nt,
                            per_thread=(len(args) + 2, part.strides[0]))
     return q, (part[:, 0, :C].max(axis=0).astype(np.int64), part[:, 1, :C].min(axis=0).astype(np.int64))

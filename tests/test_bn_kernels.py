@@ -202,9 +202,15 @@ def test_statistics_chunk_length_is_an_argument(threads):
     # a different chunking rounds the float64 sums differently (the test can tell them apart)
     a, b = bn.batch_stats(x, chunk=7), bn.batch_stats(x, chunk=64)
     assert not np.array_equal(a.sumsq, b.sumsq) and np.allclose(a.sumsq, b.sumsq, rtol=1e-13)
-    for bad in (0, -3, 2.5, "7"):
+    for bad in (0, -3, 2.5, "7", True, np.bool_(True)):
         with pytest.raises(DfpError, match="chunk must be a positive number of pixels"):
             bn.batch_stats(x, chunk=bad)
+    # a chunk longer than the activation is one chunk of M pixels, also past the kernel's
+    # int64 argument (2**63 would wrap negative, 2**64 + 1 to a chunk of one pixel)
+    whole = bn.batch_stats(x, chunk=257)
+    for big in (2**31, 2**63, 2**64 + 1, np.uint64(2**64 - 1)):
+        st = bn.batch_stats(x, chunk=big, threads=threads)
+        assert all(np.array_equal(getattr(st, f), getattr(whole, f)) for f in ("sum", "sumsq", "min", "max"))
 
 
 def test_combine_partials_adds_in_chunk_order_from_strided_rows():
@@ -224,6 +230,13 @@ def test_combine_partials_adds_in_chunk_order_from_strided_rows():
     assert np.array_equal(st.min, mm[:, 0].min(axis=0)[:-1]) and np.array_equal(st.max, mm[:, 1].max(axis=0)[:-1])
     with pytest.raises(DfpError, match="partials must be"):
         bn.combine_partials(both[:, 0], both[:, 1], mm[:, 0].astype(np.float64), mm[:, 1], cv, 1)
+    # one row whose columns are strided: refused, not read as if contiguous
+    wide = rng.standard_normal((1, 2 * cv))
+    one, onef = wide[:, ::2], wide.astype(np.float32)[:, ::2]
+    with pytest.raises(DfpError, match="contiguous columns"):
+        bn.combine_partials(one, one, onef, onef, one.shape[1], 1)
+    with pytest.raises(DfpError, match="do not fit"):
+        bn.combine_partials(both[:, 0], both[:, 1], mm[:, 0], mm[:, 1], cv + 1, 1)
     with pytest.raises(DfpError, match="not a multiple"):
         c = np.ascontiguousarray
         bn.combine_partials(c(both[:, 0, :-1]), c(both[:, 1, :-1]), c(mm[:, 0, :-1]), c(mm[:, 1, :-1]), 2, 1)

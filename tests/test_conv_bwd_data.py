@@ -151,7 +151,10 @@ def test_grad_output_bound_is_checked():
     good = conv.conv2d_input((1, 4, 5, 5), wq, dyq, 1, 1, grad_output_bound=(hi, lo))
     assert np.array_equal(good, conv.conv2d_input((1, 4, 5, 5), wq, dyq, 1, 1))
     for bad, msg in [((hi[:2], lo[:2]), r"shape \(3,\)"), ((lo - 1, hi + 1), "no mantissa range"),
-                     (5, "must be a pair"), ((hi + 40000, lo), "no mantissa range")]:
+                     (5, "must be a pair"), ((hi + 40000, lo), "no mantissa range"),
+                     # uint64 values that a cast to int64 would wrap into a tight, wrong bound
+                     ((np.full(3, 2**64 - 1, np.uint64), np.full(3, 2**64 - 2, np.uint64)), "no mantissa range"),
+                     ((hi, np.full(3, 2**64 - 5, np.uint64)), "no mantissa range")]:
         with pytest.raises(DfpError, match=f"grad_output_bound.*{msg}|{msg}"):
             conv.conv2d_input((1, 4, 5, 5), wq, dyq, 1, 1, grad_output_bound=bad)
     with pytest.raises(DfpError, match="grad_output_bound describes the mantissas of a DfpTensor"):

@@ -301,3 +301,28 @@ def test_quantize_padded_keeps_the_mantissas_channel_range(fmt, layout, threads)
             assert hi.dtype == lo.dtype == np.int64 and hi.shape == lo.shape == (C,)
             assert np.array_equal(hi, m.max(axis=(0, 2, 3))) and np.array_equal(lo, m.min(axis=(0, 2, 3)))
             assert lo[0] > 0 and (C <= 2 or hi[2] < 0)
+
+
+def test_channel_range_rows_of_ranges_a_smaller_team_never_ran(monkeypatch):
+    # An OpenMP team smaller than asked (OMP_THREAD_LIMIT, OMP_DYNAMIC) runs fewer ranges
+    # than the range rows were sized for; the rows it never writes must not count, whatever
+    # np.empty left in them (here: the worst garbage, -32768 in the min rows)
+    from dfpgen import threads as dthreads
+    real_call, real_empty = dthreads.parallel_call, np.empty
+
+    def team_of_one(fn, args, begin_at, total, threads=None, per_thread=None, results=False):
+        return real_call(fn, args, begin_at, total, 1, per_thread, results)
+
+    def garbage(shape, dtype=float, *a, **kw):
+        out = real_empty(shape, dtype, *a, **kw)
+        if np.dtype(dtype) == np.int16:
+            out.fill(-32768)
+        return out
+    x = np.random.default_rng(9).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    monkeypatch.setattr(pack._threads, "parallel_call", team_of_one)
+    monkeypatch.setattr(np, "empty", garbage)
+    q, _, (hi, lo) = pack.quantize_padded(x, (1, 1, 1, 1), threads=4, channel_range=True)
+    monkeypatch.undo()
+    m = q.mantissa.astype(np.int64)
+    assert np.array_equal(hi, m.max(axis=(0, 2, 3))) and np.array_equal(lo, m.min(axis=(0, 2, 3)))
