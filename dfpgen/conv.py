@@ -425,6 +425,7 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
     if dyq.shape != (n,) + spec.output_shape[1:]:
         raise DfpError(f"conv2d_input: grad_output shape {dyq.shape} != {(n,) + spec.output_shape[1:]}, the "
                        f"forward output of input {tuple(input_shape)} and weight {wq.shape}")
+    bound = _checked_bound(grad_output_bound, k, "conv2d_input: grad_output_bound")  # empty batch too
     if n == 0:
         return _empty((0, c, h, wd), spec, overflow, return_info)
     if _pointwise_on_pixels(spec):
@@ -434,7 +435,6 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
         return _from_row(res, return_info)
     fma = dyq.exponent + wq.exponent >= FMA_MIN_SCALE_EXP
     padded = _checked_buffer(grad_output_buffer, dyq.shape)
-    bound = _checked_bound(grad_output_bound, k, "conv2d_input: grad_output_bound")
     if bound is None and padded is not None and padded[0].shape[3] == k and padded[0].flags.c_contiguous:
         # the scan reads the whole contiguous buffer (6x a strided view's speed); its zeros
         # change neither max |dY| per channel nor the one-sign test

@@ -157,5 +157,8 @@ def test_grad_output_bound_is_checked():
                      ((hi, np.full(3, 2**64 - 5, np.uint64)), "no mantissa range")]:
         with pytest.raises(DfpError, match=f"grad_output_bound.*{msg}|{msg}"):
             conv.conv2d_input((1, 4, 5, 5), wq, dyq, 1, 1, grad_output_bound=bad)
+    with pytest.raises(DfpError, match="grad_output_bound must be a pair"):  # an empty batch checks it too
+        conv.conv2d_input((0, 4, 5, 5), wq, quantize(np.zeros((0, 3, 5, 5), np.float32)), 1, 1,
+                          grad_output_bound="garbage")
     with pytest.raises(DfpError, match="grad_output_bound describes the mantissas of a DfpTensor"):
         conv.conv2d_input((1, 4, 5, 5), wq, dyq.dequantize(), 1, 1, grad_output_bound=(hi, lo))
