@@ -213,7 +213,8 @@ def quantize_padded(x: np.ndarray, pad, fmt: DfpFormat = DFP16, *, seed: int = 0
     top+H+bottom, left+W+right, Cp), zero outside the image and in the pad channel, and ``q``
     the DfpTensor whose mantissa is the (N, C, H, W) view of the image inside it. Same bits
     and errors as :func:`quantize_pack`; an NHWC float32 ``x`` is quantized straight into
-    ``buf`` (one pass), other layouts are quantized, then copied in. ``channel_range=True``
+    ``buf`` (one pass), other layouts are quantized, then copied in (with no padding:
+    :func:`quantize_pack`'s own buffer is ``buf``, no copy). ``channel_range=True``
     returns ``(q, buf, (hi, lo))`` with the per-channel max and min (int64 (C,)) of the
     mantissas (those of :func:`channel_range_of`), taken by the NHWC kernel as it writes
     them: exact mode's bound for a conv reading ``buf`` without another pass over it."""
