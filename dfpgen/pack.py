@@ -229,27 +229,23 @@ def quantize_padded(x: np.ndarray, pad, fmt: DfpFormat = DFP16, *, seed: int = 0
     N, C, H, W = x.shape
     Cp = C + C % 2
     Hp, Wp = top + H + bottom, left + W + right
-    direct = x.dtype == np.float32 and x.size and _layout(x) == "nhwc" and 16 * H * W < 2 ** 32
-    if not direct and top == bottom == left == right == 0:
-        # nothing to pad: quantize_pack's own dense buffer is the result (no copy)
-        q = quantize_pack(x, fmt, seed=seed, name=name, threads=threads, target=target)
-        if not channel_range:
-            return q, nhwc_buffer(q)
-        return q, nhwc_buffer(q), channel_range_of(q.mantissa)
-    buf, inner = zero_bordered(N, H, W, Cp, (top, bottom, left, right))
-    rng = None
-    if direct:
-        q = _quantize_nhwc(x, fmt, seed, name, threads, target, buf, (W, Wp - W, Hp * Wp, top * Wp + left),
-                           channel_range)
-        if channel_range:
-            q, rng = q
+    if x.dtype == np.float32 and x.size and _layout(x) == "nhwc" and 16 * H * W < 2 ** 32:
+        # one pass straight into the padded buffer; the kernel keeps the range as it writes
+        buf, inner = zero_bordered(N, H, W, Cp, (top, bottom, left, right))
+        q, rng = _quantize_nhwc(x, fmt, seed, name, threads, target, buf,
+                                (W, Wp - W, Hp * Wp, top * Wp + left), channel_range)
+        q = DfpTensor(_logical(inner, C), q.exponent, fmt)
     else:
-        q = quantize_pack(x, fmt, seed=seed, name=name, threads=threads, target=target)
-        inner[...] = nhwc_buffer(q)
-        if channel_range:  # quantized by another kernel: scan its dense buffer
-            rng = channel_range_of(q.mantissa)
-    out = DfpTensor(_logical(inner, C), q.exponent, fmt)
-    return (out, buf, rng) if channel_range else (out, buf)
+        # another layout: quantize_pack's dense buffer, copied in when there is padding
+        dense = quantize_pack(x, fmt, seed=seed, name=name, threads=threads, target=target)
+        if top == bottom == left == right == 0:
+            q, buf = dense, nhwc_buffer(dense)
+        else:
+            buf, inner = zero_bordered(N, H, W, Cp, (top, bottom, left, right))
+            inner[...] = nhwc_buffer(dense)
+            q = DfpTensor(_logical(inner, C), dense.exponent, fmt)
+        rng = channel_range_of(dense.mantissa) if channel_range else None
+    return (q, buf, rng) if channel_range else (q, buf)
 
 
 def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name: str = "tensor",
@@ -294,7 +290,7 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
         return DfpTensor(_logical(buf, C), q.exponent, fmt)
     buf = empty_aligned((N, H, W, Cp)) if out is None else out
     if layout == "nhwc":
-        return _quantize_nhwc(x, fmt, seed, name, threads, target, buf, (H * W, 0, H * W, 0))
+        return _quantize_nhwc(x, fmt, seed, name, threads, target, buf, (H * W, 0, H * W, 0))[0]
     target = target or host_target()
     E = exponent_for(max_abs(x, name=name, threads=threads, target=target, logical=x), fmt, name)
     s1, s2 = scale_factors(E)
@@ -314,10 +310,11 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
 def _quantize_nhwc(x, fmt, seed, name, threads, target, buf, rows, want_range: bool = False):
     """Pass 1 (max |x|) and pass 2 (quantize) of an NHWC float32 ``x`` (N, C, H, W) into
     ``buf``, pixel rows placed by ``rows`` = (W, row_skip, img_rows, ybase) (see
-    ``templates/quantize_pack.ll.j2``; dense: (H*W, 0, H*W, 0)). Returns the DfpTensor of
-    the dense layout's view (callers with a padded ``buf`` make their own); with
-    ``want_range``, ``(q, (hi, lo))``: the per-channel max and min of the mantissas written
-    (int64 (C,) each), kept by pass 2 as it writes them (no further read of ``buf``)."""
+    ``templates/quantize_pack.ll.j2``; dense: (H*W, 0, H*W, 0)). Returns
+    ``(q, range)``: the DfpTensor of the dense layout's view (callers with a padded ``buf``
+    make their own) and, with ``want_range``, ``(hi, lo)``: the per-channel max and min of
+    the mantissas written (int64 (C,) each), kept by pass 2 as it writes them (no further
+    read of ``buf``); None without."""
     N, C, H, W = x.shape
     target = target or host_target()
     mem = x.transpose(0, 2, 3, 1)
@@ -331,7 +328,7 @@ def _quantize_nhwc(x, fmt, seed, name, threads, target, buf, rows, want_range: b
     q = DfpTensor(_logical(buf, C), E, fmt)
     if not want_range:
         _threads.parallel_call(fn, args + (None,), 2, items, nt)
-        return q
+        return q, None
     lanes = target.vector_bits // 32
     cr = -(-(C + C % 2) // lanes) * lanes
     # one (max, min) row pair per thread range; min / max are exact in any order, so the

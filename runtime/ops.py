@@ -329,13 +329,13 @@ def _conv2d_backward_impl(grad_y, x_buf, x_exp, weight, stride, padding, dilatio
     h, w = h - x_pad[0] - x_pad[1], w - x_pad[2] - x_pad[3]
     k, c, r, s = weight.shape
     gfmt = _fmt(bits, grad_rounding)
-    dy_pad = _dy_padding(n, c, h, w, k, r, s, stride, padding, dilation) if need_input else NO_PAD
     qkw = dict(seed=int(seed.item()), name="conv2d grad_output dY", threads=_threads(threads))
     dy_buf = dy_bound = None
     if need_input:
         # straight into the zero-padded buffer backward-data reads (no padding copy; dense
         # where it reads no padding), keeping the mantissas' per-channel range as they are
         # written (exact mode's bound, no scan); backward-weight reads the image inside it
+        dy_pad = _dy_padding(n, c, h, w, k, r, s, stride, padding, dilation)
         qdy, buf, dy_bound = pack.quantize_padded(_np_activation(grad_y), dy_pad, gfmt,
                                                   channel_range=True, **qkw)
         dy_buf = (buf, dy_pad) if dy_pad != NO_PAD else None
