@@ -49,7 +49,7 @@ from .dfp import DFP16, DfpFormat, EXP_MIN, exponent_for, scale_factors
 from .errors import DfpError
 from .kernels import cfunction, load_kernel
 from .dfp import raise_nonfinite
-from .pack import empty_aligned, zero_bordered
+from .pack import data_ptr, empty_aligned, zero_bordered
 from .render import llvm_float, render
 from .target import CpuTarget, host_target
 
@@ -233,8 +233,8 @@ def combine_partials(psum, psq, pmin, pmax, C: int, M: int, target: CpuTarget | 
     sd = psum.strides[0] // 8 if n > 1 else cv
     sf = pmin.strides[0] // 4 if n > 1 else cv
     fn = _kernel("combine", target)
-    fn(psum.ctypes.data, psq.ctypes.data, pmin.ctypes.data, pmax.ctypes.data, n, sd, sf, cv,
-       s.ctypes.data, q.ctypes.data, lo.ctypes.data, hi.ctypes.data)
+    fn(data_ptr(psum), data_ptr(psq), data_ptr(pmin), data_ptr(pmax), n, sd, sf, cv,
+       data_ptr(s), data_ptr(q), data_ptr(lo), data_ptr(hi))
     return BnStats(M, s[:C], q[:C], lo[:C], hi[:C])
 
 
@@ -262,7 +262,7 @@ def batch_stats(x: np.ndarray, *, name: str = "BatchNorm input", threads: int | 
     psum = np.empty((nch, Cv)); psq = np.empty((nch, Cv))
     pmin = np.empty((nch, Cv), np.float32); pmax = np.empty((nch, Cv), np.float32)
     fn = _kernel("stats", target)
-    ptrs = [a.ctypes.data for a in (x, psum, psq, pmin, pmax)]
+    ptrs = [data_ptr(a) for a in (x, psum, psq, pmin, pmax)]
     _threads.parallel_call(fn, (*ptrs, M, C, Cv, chunk), 5, nch, _nthreads(threads, nch, chunk * C))
     return _finite(combine_partials(psum, psq, pmin, pmax, C, M, target), x, name)
 
@@ -408,7 +408,7 @@ def forward(x: np.ndarray, stats: BnStats, scale, shift, *, relu: bool = True,
     fn = _kernel("fwd", target, relu=relu, residual=residual is not None, save_x=save_x,
                  write_q=write_q, write_f=write_f, fmt=fmt)
     scp, shp = _pad(sc, Cv), _pad(shift, Cv)
-    ptr = lambda a: 0 if a is None else a.ctypes.data  # noqa: E731
+    ptr = lambda a: 0 if a is None else data_ptr(a)  # noqa: E731
     args = [ptr(x), ptr(residual), ptr(scp), ptr(shp), ptr(x_q), ptr(y_q), ptr(y_f), ptr(mask)]
     _threads.parallel_call(fn, (*args, C, s1x, s2x, s1y, s2y, dqy, *rowmap), 8, M, _nthreads(threads, M, C))
     # The output values' range: the quantized images of the bound (exact without residual).
@@ -481,7 +481,7 @@ def backward(dy: np.ndarray, x_q: np.ndarray, x_exp: int, sc, sh, mean, invstd, 
     exs = float(np.ldexp(1.0, x_exp))
     nch = -(-M // CHUNK)
     p1 = np.empty((nch, Cv)); p2 = np.empty((nch, Cv))
-    ptr = lambda a: 0 if a is None else a.ctypes.data  # noqa: E731
+    ptr = lambda a: 0 if a is None else data_ptr(a)  # noqa: E731
     meanp = _pad(mean, Cv)
     red = _kernel("bwd_reduce", target, **flags)
     rargs = [ptr(dy), ptr(x_q), ptr(mask), ptr(scp), ptr(shp), ptr(meanp), ptr(p1), ptr(p2)]

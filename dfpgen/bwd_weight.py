@@ -21,6 +21,7 @@ written once; the GEMM has only C*K MACs per pixel to hide it).
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -34,12 +35,12 @@ from . import bwd_weight_schedule as ws
 from .decisions import lookup
 from .errors import DfpError
 from .kernels import load_kernel
-from .pack import aligned_zeros
+from .pack import aligned_zeros, data_ptr
 from .passes import check_overflow
 from .plan_exact import exact_flush
 from .render import render
 from .runinfo import RunInfo
-from .spec import ConvSpec
+from .spec import ConvSpec, spec_of
 from .target import CpuTarget, host_target
 from .threads import num_threads, parallel_call, threads_for
 from .tuning import TuningConfig
@@ -134,8 +135,8 @@ def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout
     fn = _pack_kernel(target or host_target())
     rows = N * kHout
     nt = max(1, min(threads or num_threads(), rows // MIN_PACK_ROWS_PER_THREAD))
-    # base pointer of src as a view may start anywhere: ctypes.data is its first element
-    args = (src.ctypes.data, zeros.ctypes.data, dst.ctypes.data, amax.ctypes.data, prm.ctypes.data)
+    # base pointer of src as a view may start anywhere: data_ptr is its first element
+    args = (data_ptr(src), data_ptr(zeros), data_ptr(dst), data_ptr(amax), data_ptr(prm))
     parallel_call(fn, args, 5, rows, nt)
     return dst, amax
 
@@ -192,13 +193,13 @@ def _buffer(name: str, shape, dtype) -> np.ndarray:
     fresh pages cost a page fault per 4 KiB inside the kernels (for the tiles as much as dW
     itself). Only for data that does not outlive the call."""
     dtype = np.dtype(dtype)
-    n = int(np.prod(shape)) * dtype.itemsize
+    n = math.prod(shape) * dtype.itemsize
     pool = _tls.__dict__.setdefault("pool", {})
     raw = pool.get(name)
     if raw is None or raw.size < n + 64:
         raw = np.empty(n + 64, np.uint8)
         pool[name] = raw
-    off = (-raw.ctypes.data) % 64
+    off = (-data_ptr(raw)) % 64
     return raw[off:off + n].view(dtype).reshape(shape)
 
 
@@ -271,7 +272,7 @@ def prepare(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, overflow:
     N, Cx, H, W = x.shape
     if Cx != C:
         raise DfpError(f"x has {Cx} channels but weight_shape {tuple(weight_shape)} has C={C}")
-    spec = ConvSpec(N, C, H, W, K, R, S, stride, padding, dilation, pass_kind="bwd_weight")
+    spec = spec_of(N, C, H, W, K, R, S, stride, padding, dilation, "bwd_weight")
     if dy.shape != spec.output_shape:
         raise DfpError(f"grad_output shape {dy.shape} does not match the output {spec.output_shape} "
                        f"of {spec.geometry()}")
@@ -288,7 +289,7 @@ def prepare(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, overflow:
         # segment per row; Linear-like Q = 1 shapes would otherwise waste half the pairs).
         uh, uw = spec.stride
         x, dy = _pixel_row(x[:, :, ::uh, ::uw][:, :, :spec.P, :spec.Q]), _pixel_row(dy)
-        spec = ConvSpec(1, C, 1, x.shape[3], K, pass_kind="bwd_weight")
+        spec = spec_of(1, C, 1, x.shape[3], K, pass_kind="bwd_weight")
     N = spec.N
     # Layouts depend on the spec only, so packing can use any plan of it.
     p = _plan(spec, config or _default_config(spec, target, None), target, overflow, scaled)
@@ -364,9 +365,9 @@ def execute(kernel: BwdWeightKernel, ops: BwdWeightOperands, threads: int | None
     dw = np.empty((K, C, R, S), np.float32)
     # unscaled flushes: the kernel's last write multiplies by 2**E (exact: plan_bwd_weight.unscaled_ok)
     fs = 1.0 if ops.scaled else float(np.float32(2.0 ** ops.scale_exp))
-    args = (ops.xw.ctypes.data, ops.dyp.ctypes.data, out.ctypes.data, acc.ctypes.data, seg.ctypes.data,
-            blocks.ctypes.data, len(blocks) - 1, flush // 2, s1, s2, sat.ctypes.data, cols.ctypes.data,
-            dw.ctypes.data, fs, split.kb_group, split.group, split.n_groups)
+    args = (data_ptr(ops.xw), data_ptr(ops.dyp), data_ptr(out), data_ptr(acc), data_ptr(seg),
+            data_ptr(blocks), len(blocks) - 1, flush // 2, s1, s2, data_ptr(sat), data_ptr(cols),
+            data_ptr(dw), fs, split.kb_group, split.group, split.n_groups)
     fn = kernel.fn
     t1 = time.perf_counter()
     parallel_call(fn, args, 17, split.items, nthreads)

@@ -50,7 +50,7 @@ from .runinfo import RunInfo
 from .threads import num_threads
 from .decisions import resolve_config
 from .target import CpuTarget, host_target
-from .spec import ConvSpec, _pair
+from .spec import ConvSpec, _pair, spec_of
 from .tuning import TuningConfig
 
 DEFAULT_OVERFLOW = "exact"
@@ -174,7 +174,6 @@ def _load_once(key: tuple, spec: ConvSpec, cfgs, target, **variant) -> None:
 
 
 _kernels: dict[tuple, object] = {}
-_specs: dict[tuple, ConvSpec] = {}
 
 
 def _kernel(spec: ConvSpec, cfg: TuningConfig, overflow: str, target, **variant):
@@ -189,16 +188,8 @@ def _kernel(spec: ConvSpec, cfg: TuningConfig, overflow: str, target, **variant)
 
 
 def _spec(n, c, h, w, k, r, s, stride, padding, dilation, pass_kind: str) -> ConvSpec:
-    """A validated ConvSpec, memoised on its arguments (validation costs more than the
-    kernels of a small layer)."""
-    # repr: True and 1 hash alike, but only one of them is a valid stride
-    key = (n, c, h, w, k, r, s, repr(stride), repr(padding), repr(dilation), pass_kind)
-    hit = _specs.get(key)
-    if hit is None:
-        hit = ConvSpec(n, c, h, w, k, r, s, _pair(stride, "stride"), _pair(padding, "padding"),
-                       _pair(dilation, "dilation"), pass_kind)
-        _specs[key] = hit
-    return hit
+    """A validated ConvSpec, memoised on its arguments (:func:`dfpgen.spec.spec_of`)."""
+    return spec_of(n, c, h, w, k, r, s, stride, padding, dilation, pass_kind)
 
 
 def _checked_bound(bound, c: int, what: str = "conv2d: x_channel_bound"):

@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import DfpError
 from .kernels import load_kernel
-from .pack import aligned_zeros, empty_aligned, nhwc_buffer, zero_bordered
+from .pack import aligned_zeros, data_ptr, empty_aligned, nhwc_buffer, zero_bordered
 from . import passes
 from .plan import KernelPlan, SubConv
 from .render import render
@@ -61,6 +61,9 @@ class SubKernel:
         self.loaded = load_kernel(plan.symbol, key, lambda: render(TEMPLATE, p=plan), target)
         self.fn = _PROTO(self.loaded.address)
         self._flags = {0: np.array([t.flush for t in plan.taps], np.uint8)}
+        # what the packed weight layout depends on (PackedWeight.packed's key)
+        self.pack_key = (transposed, plan.kvl, plan.out_pad, plan.red_pairs, spec_s,
+                         tuple((t.r, t.s) for t in sub.taps))
 
     def flags(self, flush_taps: int = 0) -> np.ndarray:
         """uint8 per tap: 1 where the tap ends a flush group of ``flush_taps`` taps in the
@@ -121,8 +124,8 @@ class SubKernel:
         b = bias if bias is not None else ybuf
         # one (saturated, possibly) counter pair per range (argument 8), summed after
         sat = np.zeros((range_count(total, threads), 2), np.int64)
-        args = (xbuf.ctypes.data, wpack.ctypes.data, ybuf.ctypes.data, b.ctypes.data,
-                ctypes.c_float(scale), rows, sat.ctypes.data, self.flags(flush_taps).ctypes.data)
+        args = (data_ptr(xbuf), data_ptr(wpack), data_ptr(ybuf), data_ptr(b),
+                ctypes.c_float(scale), rows, data_ptr(sat), self.flags(flush_taps).ctypes.data)
         parallel_call(self.fn, args, 5, total, threads, per_thread=(8, sat.strides[0]))
         return int(sat[:, 0].sum()), int(sat[:, 1].sum())
 
@@ -265,9 +268,7 @@ class PackedWeight:
     def packed(self, part: "SubKernel") -> np.ndarray:
         """``part``'s packed weights (:meth:`SubKernel.pack_weights`), packed once per layout:
         every flush schedule of a register blocking shares one."""
-        p = part.plan
-        key = (part.transposed, p.kvl, p.out_pad, p.red_pairs, part.spec_s,
-               tuple((t.r, t.s) for t in part.sub.taps))
+        key = part.pack_key
         hit = self._packed.get(key)
         if hit is None:
             hit = self._packed[key] = part.pack_weights(self.krsc)

@@ -21,6 +21,7 @@ into the padded buffer (same bits, more passes).
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,7 +189,7 @@ def max_abs(flat: np.ndarray, *, name: str = "tensor", threads: int | None = Non
         return 0.0
     fn = _kernel("maxabs", DFP16, target or host_target())
     nt = _split_threads(threads, total, 1)
-    out = _threads.parallel_call(fn, (flat.ctypes.data,), 1, total, nt, results=True)
+    out = _threads.parallel_call(fn, (data_ptr(flat),), 1, total, nt, results=True)
     bits = max(out)
     if bits >= NONFINITE_BITS:
         raise_nonfinite(flat if logical is None else logical, name=name)
@@ -302,7 +303,7 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
     tile = max(1, min(nblk, NCHW_TILE_BYTES // (lanes * Cp * 2)))
     items = N * (-(-nblk // tile))
     nt = _split_threads(threads, items, C * lanes * tile)
-    _threads.parallel_call(fn, (x.ctypes.data, buf.ctypes.data, C, H * W, s1, s2, seedmix, tile, pad),
+    _threads.parallel_call(fn, (data_ptr(x), data_ptr(buf), C, H * W, s1, s2, seedmix, tile, pad),
                            2, items, nt)
     return DfpTensor(_logical(buf, C), E, fmt)
 
@@ -324,7 +325,7 @@ def _quantize_nhwc(x, fmt, seed, name, threads, target, buf, rows, want_range: b
     fn = _kernel("pack_nhwc", fmt, target)
     items = N * H * W
     nt = _split_threads(threads, items, C)
-    args = (mem.ctypes.data, buf.ctypes.data, C, H * W, s1, s2, seedmix, *rows)
+    args = (data_ptr(mem), data_ptr(buf), C, H * W, s1, s2, seedmix, *rows)
     q = DfpTensor(_logical(buf, C), E, fmt)
     if not want_range:
         _threads.parallel_call(fn, args + (None,), 2, items, nt)
@@ -339,7 +340,7 @@ def _quantize_nhwc(x, fmt, seed, name, threads, target, buf, rows, want_range: b
     # start every row at the identity of max / min so that unwritten rows change nothing.
     part[:, 0] = np.iinfo(np.int16).min
     part[:, 1] = np.iinfo(np.int16).max
-    _threads.parallel_call(fn, args + (part.ctypes.data,), 2, items, nt,
+    _threads.parallel_call(fn, args + (data_ptr(part),), 2, items, nt,
                            per_thread=(len(args) + 2, part.strides[0]))
     return q, (part[:, 0, :C].max(axis=0).astype(np.int64), part[:, 1, :C].min(axis=0).astype(np.int64))
 
@@ -377,9 +378,9 @@ def _nchw_pad(x: np.ndarray, lanes: int) -> int:
     multiple of 64), as for 56x56 or 28x28; 0 otherwise."""
     N, C, H, W = x.shape
     vec_bytes = 4 * lanes
-    if (H * W * 4) % vec_bytes or x.ctypes.data % 4:
+    if (H * W * 4) % vec_bytes or data_ptr(x) % 4:
         return 0
-    return (x.ctypes.data % vec_bytes) // 4
+    return (data_ptr(x) % vec_bytes) // 4
 
 
 def _logical(buf: np.ndarray, C: int) -> np.ndarray:
@@ -394,14 +395,24 @@ def _pad_nhwc(m: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return buf
 
 
+def data_ptr(a: np.ndarray) -> int:
+    """The address of ``a``'s first element, as ``a.ctypes.data`` gives it, about 3x faster
+    for the writable contiguous arrays the kernels take (a dozen per layer and pass: ~2 us
+    each adds up on small layers); anything else goes through ``a.ctypes``."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError, BufferError):  # read-only, strided or empty
+        return a.ctypes.data
+
+
 def empty_aligned(shape: tuple[int, ...], dtype=np.int16, align: int = 64) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary
     (numpy's large allocations start 16 bytes past a page: every 64-byte vector store of
     the NCHW kernel would then split two cache lines)."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + align, np.uint8)
-    off = (-raw.ctypes.data) % align
+    off = (-data_ptr(raw)) % align
     return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
@@ -409,9 +420,9 @@ def aligned_zeros(shape: tuple[int, ...], dtype=np.int16, align: int = 64) -> np
     """:func:`empty_aligned`, zero-filled (fresh pages from the allocator come zeroed, so
     this costs no pass of its own for large arrays)."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     raw = np.zeros(nbytes + align, np.uint8)
-    off = (-raw.ctypes.data) % align
+    off = (-data_ptr(raw)) % align
     return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
@@ -441,7 +452,7 @@ def _packed_view(m: np.ndarray) -> np.ndarray | None:
     while isinstance(owner.base, np.ndarray):
         owner = owner.base
     lo, hi = byte_bounds(owner)
-    start = m.ctypes.data
+    start = data_ptr(m)
     if not (lo <= start and start + N * H * W * Cp * 2 <= hi):
         return None
     v = as_strided(m, (N, H, W, Cp), (want[0], want[2], want[3], 2), writeable=m.flags.writeable)

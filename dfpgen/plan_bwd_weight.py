@@ -219,8 +219,9 @@ def _candidates(n: int) -> list[int]:
 
 
 @lru_cache(maxsize=256)
+@lru_cache(maxsize=1024)
 def work_split(p: BwdWeightPlan, threads: int) -> WorkSplit:
-    """Group K-blocks and column blocks into work items (pure).
+    """Group K-blocks and column blocks into work items (pure; memoised).
 
     An item streams the packed X of its columns once per K-group and the packed dY of its
     K-blocks once per column group: memory traffic ~ ``n_kgroups * |Xw| + n_groups * |dYp|``.
@@ -251,8 +252,10 @@ def work_split(p: BwdWeightPlan, threads: int) -> WorkSplit:
     return best[1]
 
 
+@lru_cache(maxsize=1024)
 def column_table(p: BwdWeightPlan) -> np.ndarray:
-    """int64 [n_cols, 4]: per column block (C-block b, tap rs), C-block-major: the Xw
+    """int64 [n_cols, 4], read-only (memoised per plan: a Python loop over every column
+    block): per column block (C-block b, tap rs), C-block-major: the Xw
     offset (i32 units) of its first channel at pair 0 of the output row, the offset of its
     FP32 tile in ``out[rs][c][Kp]``, its channel count and the offset of (k=0, c0, r, s) in
     the final KCRS dW."""
@@ -266,6 +269,7 @@ def column_table(p: BwdWeightPlan) -> np.ndarray:
             t[i] = (p.tap_offsets[rs] + c0, (rs * p.C + c0) * p.Kp, p.cb_tail if b == p.n_cb - 1 else p.cb,
                     c0 * p.RS + rs)
             i += 1
+    t.setflags(write=False)
     return t
 
 

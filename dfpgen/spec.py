@@ -156,6 +156,21 @@ class ConvSpec:
         return f"{self.pass_kind}:{self.geometry()}"
 
 
+_memo: dict[tuple, ConvSpec] = {}
+
+
+def spec_of(n, c, h, w, k, r=1, s=1, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+            pass_kind: str = "fwd") -> ConvSpec:
+    """``ConvSpec(...)`` memoised on its arguments: validation costs more than the kernels of
+    a small layer, and every pass of every call builds one. Same errors as ``ConvSpec``."""
+    # repr: True and 1 hash alike (and (1, 1) like [1, 1]), but only some are valid strides
+    key = (n, c, h, w, k, r, s, repr(stride), repr(padding), repr(dilation), pass_kind)
+    hit = _memo.get(key)
+    if hit is None:
+        hit = _memo[key] = ConvSpec(n, c, h, w, k, r, s, stride, padding, dilation, pass_kind)
+    return hit
+
+
 _TOKEN = re.compile(r"(uh|uw|ph|pw|dh|dw|[nchwkrsupd])(\d+)")
 _FIELDS = {"n": "N", "c": "C", "h": "H", "w": "W", "k": "K", "r": "R", "s": "S"}
 
