@@ -32,7 +32,7 @@ except ImportError:  # numpy < 2
 from numpy.lib.stride_tricks import as_strided
 
 from . import threads as _threads
-from .dfp import (DFP16, DfpFormat, DfpTensor, check_seed, exponent_for, fmix32, quantize, raise_nonfinite,
+from .dfp import (DFP16, DfpFormat, DfpTensor, check_seed, exponent_for, quantize, raise_nonfinite, seed_mix,
                   scale_factors)
 from .errors import DfpError
 from .kernels import cfunction, load_kernel
@@ -295,7 +295,7 @@ def quantize_pack(x: np.ndarray, fmt: DfpFormat = DFP16, *, seed: int = 0, name:
     target = target or host_target()
     E = exponent_for(max_abs(x, name=name, threads=threads, target=target, logical=x), fmt, name)
     s1, s2 = scale_factors(E)
-    seedmix = int(fmix32(np.array([int(seed) & 0xFFFFFFFF], np.uint32))[0])
+    seedmix = seed_mix(seed)
     fn = _kernel("pack_nchw", fmt, target)
     lanes = target.vector_bits // 32
     pad = _nchw_pad(x, lanes)
@@ -321,7 +321,7 @@ def _quantize_nhwc(x, fmt, seed, name, threads, target, buf, rows, want_range: b
     mem = x.transpose(0, 2, 3, 1)
     E = exponent_for(max_abs(mem, name=name, threads=threads, target=target, logical=x), fmt, name)
     s1, s2 = scale_factors(E)
-    seedmix = int(fmix32(np.array([int(seed) & 0xFFFFFFFF], np.uint32))[0])
+    seedmix = seed_mix(seed)
     fn = _kernel("pack_nhwc", fmt, target)
     items = N * H * W
     nt = _split_threads(threads, items, C)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import dfpgen
 from dfpgen import DfpError
 from dfpgen.dfp import (DFP16, DfpFormat, DfpTensor, _quantize_with_exponent, dequantize,
-                        exponent_for, fmix32, quantize, random_bits24)
+                        exponent_for, fmix32, quantize, random_bits24, seed_mix)
 
 SR = DfpFormat(rounding="stochastic")
 
@@ -214,6 +214,9 @@ def test_fmix32_known_values():
     vals = np.array([0, 1, 2, 0xDEADBEEF, 0xFFFFFFFF], np.uint32)
     assert fmix32(vals).tolist() == [ref(int(v)) for v in vals]
     assert ref(1) == 0x514E28B7  # the published fmix32(1)
+    # the kernels' seed hash: any int seed, taken modulo 2**32 (negative and huge ones too)
+    for seed in (0, 1, 77, 0xDEADBEEF, 2 ** 32 + 5, -1, -(2 ** 40) + 3, 2 ** 70 + 9):
+        assert seed_mix(seed) == ref(seed % 2 ** 32) == int(fmix32(np.array([seed & 0xFFFFFFFF], np.uint32))[0])
     idx = np.array([0, 5, 2 ** 32 + 5, 2 ** 40], np.uint64)
     seed = 77
     s = ref(seed)

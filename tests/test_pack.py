@@ -326,3 +326,17 @@ def test_channel_range_rows_of_ranges_a_smaller_team_never_ran(monkeypatch):
     monkeypatch.undo()
     m = q.mantissa.astype(np.int64)
     assert np.array_equal(hi, m.max(axis=(0, 2, 3))) and np.array_equal(lo, m.min(axis=(0, 2, 3)))
+
+
+def test_data_ptr_is_the_first_element_of_every_kind_of_array():
+    # the kernels' argument pointers: the fast path (writable contiguous buffers) and the
+    # fallback (read-only, strided, empty, 0-d) must both give numpy's own address
+    a = np.arange(2 * 3 * 4 * 6, dtype=np.int16).reshape(2, 3, 4, 6)
+    ro = a.copy()
+    ro.setflags(write=False)
+    views = {"c": a, "fortran": np.asfortranarray(a), "nhwc view": a.transpose(0, 2, 3, 1),
+             "offset": a[1:], "strided": a[:, :, ::2], "window": a[:, 1:2, 1:3, 2:], "empty": a[:0],
+             "read-only": ro, "0-d": np.array(7, np.float32), "aligned": pack.empty_aligned((5, 3), np.float32)}
+    for what, v in views.items():
+        assert pack.data_ptr(v) == v.ctypes.data, what
+    assert pack.data_ptr(views["aligned"]) % 64 == 0
