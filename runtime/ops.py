@@ -564,6 +564,10 @@ def linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, roun
     """DFP16 ``x @ weight.T + bias``: x float32 (M, F), weight float32 (O, F), bias (O,) or
     None. Returns (y float32 (M, O), X's INT16 NHWC buffer (1, 1, M, Fpad), X's exponent).
     ``grad_rounding`` and ``seed`` are kept for the backward pass, as in ``dfpgen::conv2d``."""
+    return _linear_forward(x, weight, bias, bits, rounding, overflow, grad_rounding, seed, threads)
+
+
+def _linear_forward(x, weight, bias, bits, rounding, overflow, grad_rounding, seed, threads):
     xc = x.detach().float().contiguous()
     w4 = weight.detach().float().contiguous().view(weight.shape[0], weight.shape[1], 1, 1)
     y, buf, exp, _ = _conv2d_forward(_as_pixels(xc), w4, bias, [1, 1], [0, 0], [1, 1], bits,
@@ -586,6 +590,12 @@ def linear_backward_op(grad_y: Tensor, x_buf: Tensor, x_exp: Tensor, weight: Ten
                        need_input: bool, need_weight: bool) -> Tuple[Tensor, Tensor]:
     """Backward of ``dfpgen::linear``: (dX float32 (M, F), dW float32 (O, F)); a pass not
     needed returns an empty (0,) tensor."""
+    return _linear_backward_impl(grad_y, x_buf, x_exp, weight, bits, grad_rounding, overflow, seed,
+                                 threads, need_input, need_weight)
+
+
+def _linear_backward_impl(grad_y, x_buf, x_exp, weight, bits, grad_rounding, overflow, seed,
+                          threads, need_input, need_weight):
     m, o = grad_y.shape
     w4 = weight.detach().float().contiguous().view(o, weight.shape[1], 1, 1)
     gx, gw = _conv2d_backward_impl(_as_pixels(grad_y.detach().float().contiguous()), x_buf, x_exp,
@@ -617,14 +627,14 @@ def _linear_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _linear_backward(ctx, grad_y, _gbuf, _gexp):
+def _linear_backward(ctx, grad_y, _gbuf, _gexp, backward_op=None):
     buf, exp, weight, seed = ctx.saved_tensors
     bits, rounding, overflow, threads = ctx.conf
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     gx = gw = gb = None
     if need_x or need_w:
-        gx, gw = linear_backward_op(grad_y, buf, exp, weight, bits, rounding, overflow, seed,
-                                    threads, need_x, need_w)
+        gx, gw = (backward_op or linear_backward_op)(grad_y, buf, exp, weight, bits, rounding,
+                                                     overflow, seed, threads, need_x, need_w)
         gx = gx if need_x else None
         gw = gw if need_w else None
     if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -633,6 +643,23 @@ def _linear_backward(ctx, grad_y, _gbuf, _gexp):
 
 
 linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+class _LinearEager(torch.autograd.Function):
+    """``dfpgen::linear`` with its autograd, for eager mode (as :class:`_Conv2dEager`): the
+    same implementations and saved tensors without the custom ops' dispatch (a network's
+    classifier pays it at every step); ``torch.compile``, fake tensors and ``opcheck`` go
+    through the registered ops."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _linear_forward(*inputs)
+        _linear_setup(ctx, inputs, out)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _linear_backward(ctx, grad_y, None, None, backward_op=_linear_backward_impl)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
@@ -647,7 +674,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     if x.numel() == 0:
         return torch.nn.functional.linear(x, weight, bias)
     lead = x.shape[:-1]
-    y, _, _ = linear_op(x.reshape(-1, x.shape[-1]), weight, bias, fmt.bits, fmt.rounding,
-                        overflow, grad_rounding, _seed_tensor(seed), threads)
+    args = (x.reshape(-1, x.shape[-1]), weight, bias, fmt.bits, fmt.rounding, overflow,
+            grad_rounding, _seed_tensor(seed), threads)
+    y = _LinearEager.apply(*args) if _eager(x, weight, bias) else linear_op(*args)[0]
     return y.reshape(*lead, weight.shape[0])
 

@@ -186,6 +186,32 @@ def test_eager_calls_skip_the_custom_op_dispatch_with_the_same_bits(cl):
     assert runs[0][0].is_contiguous(memory_format=torch.channels_last) == cl
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_eager_linear_skips_the_custom_op_dispatch_with_the_same_bits(bias):
+    # dfp.linear in eager mode: a torch.autograd.Function over the ops' implementations, the
+    # same bits as torch.ops.dfpgen.linear's registered autograd (3-D input: rows flattened)
+    g = torch.Generator().manual_seed(5)
+    x0, w0 = torch.randn(3, 4, 9, generator=g), torch.randn(5, 9, generator=g)
+    b0 = torch.randn(5, generator=g) if bias else None
+    gy = torch.randn(3, 4, 5, generator=g)
+    runs = []
+    for via_op in (False, True):
+        x, wt = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = None if b0 is None else b0.clone().requires_grad_()
+        if via_op:
+            y = torch.ops.dfpgen.linear(x.reshape(12, 9), wt, b, 15, "nearest", "exact",
+                                        "stochastic", torch.tensor(4), 0)[0].reshape(3, 4, 5)
+        else:
+            y = dfp.linear(x, wt, b, overflow="exact", grad_rounding="stochastic", seed=4)
+            assert type(y.grad_fn).__name__ == "ViewBackward0"
+            assert type(y.grad_fn.next_functions[0][0]).__name__ == "_LinearEagerBackward"
+        y.backward(gy)
+        runs.append((y.detach(), x.grad, wt.grad) + ((b.grad,) if bias else ()))
+    for u, v in zip(*runs):
+        assert torch.equal(u, v)
+    assert runs[0][1].abs().sum() > 0 and runs[0][2].abs().sum() > 0
+
+
 def test_opcheck_linear():
     x = torch.randn(6, 9, requires_grad=True)
     wt = torch.randn(5, 9, requires_grad=True)
