@@ -87,10 +87,14 @@ def _np_activation(t: Tensor) -> np.ndarray:
 
 
 def _np_weight(t: Tensor) -> np.ndarray:
+    """float32 numpy KCRS weights, KCRS or KRSC memory (a channels_last model's: the quantize
+    kernel reads either and writes the same KRSC buffer, so no relayout copy first)."""
     t = t.detach()
     if t.dtype != torch.float32:
         t = t.float()
-    return t.contiguous().numpy()
+    if t.dim() != 4 or not t.is_contiguous(memory_format=torch.channels_last):
+        t = t.contiguous()
+    return t.numpy()
 
 
 # DFP16 weights, quantized and packed once per value of the parameter: id(weight) ->

@@ -291,3 +291,20 @@ def test_fast_mode_saturation_warns_once_per_layer_shape_and_pass(monkeypatch):
         for _ in range(2):
             dfpgen.conv2d(xq, wq, padding=1, overflow="fast")
     assert sum(issubclass(r.category, OverflowWarning) for r in rec2) == 2
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 3, 3), (6, 4, 1, 1), (7, 3)], ids=["3x3", "1x1", "linear"])
+def test_channels_last_weights_quantize_in_place_to_the_same_bits(shape):
+    # a channels_last model's weights (KRSC memory) are quantized without a relayout copy:
+    # the same DFP16 weight, KRSC buffer included, as from the KCRS tensor
+    from dfpgen.runtime import ops
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(11))
+    layouts = [w, w.contiguous(memory_format=torch.channels_last)] if w.dim() == 4 else [w]
+    packed = [ops.packed_weight(t, DFP16) for t in layouts]
+    for p in packed:
+        assert p.exponent == packed[0].exponent
+        np.testing.assert_array_equal(p.mantissa, packed[0].mantissa)
+        np.testing.assert_array_equal(p.krsc, packed[0].krsc)
+    ref = dfpgen.dfp.quantize(w.numpy() if w.dim() == 4 else w.numpy()[:, :, None, None], DFP16)
+    np.testing.assert_array_equal(packed[-1].mantissa, ref.mantissa)
+    assert packed[-1].exponent == ref.exponent
