@@ -30,13 +30,14 @@ FALSE_WORDS = ("0", "off", "no", "false")
 # few of these variables, and os.environ.get encodes the name and decodes the value each time
 # (~2 us; a small layer's forward + backward read about 40). Reading the live mapping with
 # the name encoded once sees every os.environ change as os.environ.get does.
+_ENVIRON = os.environ
 _DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
 _KEYS: dict[str, bytes] = {}
 
 
 def raw(name: str) -> str | None:
     """The stripped value of ``name``, or None when it is unset or blank."""
-    if _DATA is not None:
+    if _DATA is not None and os.environ is _ENVIRON:  # (os.environ replaced: read the new one)
         key = _KEYS.get(name)
         if key is None:
             key = _KEYS[name] = os.fsencode(name)
