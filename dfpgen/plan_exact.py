@@ -31,7 +31,7 @@ proven from per-pixel maxima (:func:`exact_flush`); this one module serves all t
 """
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache
 
 import numpy as np
 
@@ -43,13 +43,11 @@ TAP_COST, FLUSH_COST = 0.5, 3.5
 _BLOCKS = (128, 64, 32, 16, 8, 4, 2)
 
 
-def _level_table(a: np.ndarray, blocks) -> tuple[np.ndarray, dict[int, slice]]:
-    """Sums of ``a`` (T, OUT, RED) over reduction blocks of b channels for every b in
-    ``blocks`` (powers of two, each >= 2), by pairwise halving (strided adds, about one
-    pass over ``a`` in all), side by side in one (T, lanes) float32 table: block b's (OUT,
-    nb) lanes are the columns ``cols[b]``, so a few whole-table reductions give every
-    block's bounds. Each level is written in place into the table (no concatenation)."""
-    taps, out, red = a.shape
+@lru_cache(maxsize=4096)
+def _table_layout(taps: int, out: int, red: int, blocks: tuple[int, ...]):
+    """What :func:`_level_table` lays out for a (taps, out, red) operand, per shape: the
+    table's lane count, each block's column slice and the halving steps (width, half,
+    odd, the block it completes or 0)."""
     widths, size, nb = {}, 1, red
     for b in sorted(blocks):
         while size < b:
@@ -59,20 +57,34 @@ def _level_table(a: np.ndarray, blocks) -> tuple[np.ndarray, dict[int, slice]]:
     for b in sorted(blocks):
         cols[b] = slice(at, at + out * widths[b])
         at += out * widths[b]
-    table = np.empty((taps, at), np.float32)
-    level, size = a, 1
+    steps, size, width = [], 1, red
     for b in sorted(blocks):
         while size < b:
-            width = level.shape[2]
             half = width // 2
-            if size * 2 == b:
-                nxt = table[:, cols[b]].reshape(taps, out, widths[b])
-            else:
-                nxt = np.empty((taps, out, -(-width // 2)), np.float32)
-            np.add(level[:, :, 0:2 * half:2], level[:, :, 1:2 * half:2], out=nxt[:, :, :half])
-            if width % 2:  # the last block has no partner: it keeps its one value
-                nxt[:, :, half] = level[:, :, -1]
-            level, size = nxt, size * 2
+            steps.append((width, half, width % 2, b if size * 2 == b else 0))
+            width, size = -(-width // 2), size * 2
+    return at, cols, widths, tuple(steps)
+
+
+def _level_table(a: np.ndarray, blocks) -> tuple[np.ndarray, dict[int, slice]]:
+    """Sums of ``a`` (T, OUT, RED) over reduction blocks of b channels for every b in
+    ``blocks`` (powers of two, each >= 2), by pairwise halving (strided adds, about one
+    pass over ``a`` in all), side by side in one (T, lanes) float32 table: block b's (OUT,
+    nb) lanes are the columns ``cols[b]``, so a few whole-table reductions give every
+    block's bounds. Each level is written in place into the table (no concatenation)."""
+    taps, out, red = a.shape
+    lanes, cols, widths, steps = _table_layout(taps, out, red, tuple(blocks))
+    table = np.empty((taps, lanes), np.float32)
+    level = a
+    for width, half, odd, done in steps:
+        if done:
+            nxt = table[:, cols[done]].reshape(taps, out, widths[done])
+        else:
+            nxt = np.empty((taps, out, half + odd), np.float32)
+        np.add(level[:, :, 0:2 * half:2], level[:, :, 1:2 * half:2], out=nxt[:, :, :half])
+        if odd:  # the last block has no partner: it keeps its one value
+            nxt[:, :, half] = level[:, :, -1]
+        level = nxt
     return table, cols
 
 
@@ -88,11 +100,10 @@ def _prefix(flat: np.ndarray) -> np.ndarray:
 
 def _column_sums(flat: np.ndarray) -> np.ndarray:
     """float64 (lanes,) sums over the rows of ``flat``, added in row order (the last row of
-    :func:`_prefix`, bit for bit)."""
-    acc = np.zeros(flat.shape[1], np.float64)
-    for t in range(flat.shape[0]):
-        np.add(acc, flat[t], out=acc)
-    return acc
+    :func:`_prefix`, bit for bit: a reduction over the outer axis of a C-ordered array adds
+    whole rows in order; ``tests/test_exact_schedule.py`` checks it). Only the quick
+    reject bound of :meth:`_GroupSums.fits` reads them, with a margin far above rounding."""
+    return np.add.reduce(flat, axis=0, dtype=np.float64)
 
 
 class _GroupSums:
@@ -214,25 +225,41 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
         totals = np.maximum.reduceat(_column_sums(table), starts).tolist()
     else:
         singles = totals = [0.0] * len(blocks)
-    sums = {b: _GroupSums(table[:, cols[b]], singles[i], totals[i]) for i, b in enumerate(sorted(blocks))}
+    index = {b: i for i, b in enumerate(sorted(blocks))}
+    sums: dict[int, _GroupSums] = {}
 
     def fits(block: int, ft: int) -> bool:
-        return sums[block].fits(ft, limit)
+        g = sums.get(block)
+        if g is None:  # built on first need: most blocks are settled by the ranks alone
+            i = index[block]
+            g = sums[block] = _GroupSums(table[:, cols[block]], singles[i], totals[i])
+        return g.fits(ft, limit)
 
-    rank = partial(score, tap_density=tap_density)
-    best, best_score = (2, 1), rank(2, 1)
+    rank = _ranks(taps, blocks, tap_density)
+    best, best_score = (2, 1), rank[2, 1]
     for block in blocks:
-        if rank(block, taps) <= best_score:
+        if rank[block, taps] <= best_score:
             continue  # even all taps in one partial cannot beat the best so far
         if not fits(block, 1):
             continue  # even single taps overflow with blocks this large
         for ft in range(taps, 0, -1):
-            if rank(block, ft) <= best_score:
+            if rank[block, ft] <= best_score:
                 break
             if fits(block, ft):
-                best, best_score = (block, ft), rank(block, ft)
+                best, best_score = (block, ft), rank[block, ft]
                 break
     return best
+
+
+@lru_cache(maxsize=1024)
+def _ranks(taps: int, blocks: tuple[int, ...], tap_density: float) -> dict[tuple[int, int], float]:
+    """:func:`score` of every candidate ``(block, flush_taps)`` of a layer shape (and of
+    (2, 1), the schedule that always holds), computed once per shape."""
+    out = {(2, 1): score(2, 1, tap_density)}
+    for b in blocks:
+        for ft in range(1, taps + 1):
+            out[b, ft] = score(b, ft, tap_density)
+    return out
 
 
 # ----------------------------------------------------------------------------- backward-weight

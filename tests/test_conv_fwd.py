@@ -383,3 +383,17 @@ def test_a_prepadded_input_buffer_is_read_in_place_with_the_same_bits():
         with pytest.raises(dfpgen.DfpError, match=msg) as e:
             conv.conv2d(xq, wq, padding=1, x_buffer=bad)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("shape", [(9, 37), (1, 5), (25, 7001), (4, 1)])
+def test_exact_schedule_column_sums_are_the_prefix_last_row(shape):
+    # the quick bounds' totals and the prefix sums add the same float32 rows in the same
+    # order: one numpy reduction must give the row-by-row float64 sums bit for bit
+    from dfpgen.plan_exact import _column_sums, _prefix
+    rng = np.random.default_rng(shape[1])
+    flat = (rng.random(shape, dtype=np.float32) * 2.0 ** 30).astype(np.float32)
+    assert np.array_equal(_column_sums(flat), _prefix(flat)[-1])
+    acc = np.zeros(shape[1])
+    for row in flat:
+        acc += row
+    assert np.array_equal(_column_sums(flat), acc)
