@@ -31,6 +31,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from dfpgen.dfp import DfpFormat, DfpTensor
 from dfpgen.errors import DfpError, OverflowWarning
@@ -662,6 +663,7 @@ class _LinearEager(torch.autograd.Function):
         return out[0]
 
     @staticmethod
+    @once_differentiable  # the kernels' backward has no graph: create_graph=True must raise
     def backward(ctx, grad_y):
         return _linear_backward(ctx, grad_y, None, None, backward_op=_linear_backward_impl)
 

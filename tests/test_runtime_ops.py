@@ -308,3 +308,15 @@ def test_channels_last_weights_quantize_in_place_to_the_same_bits(shape):
     ref = dfpgen.dfp.quantize(w.numpy() if w.dim() == 4 else w.numpy()[:, :, None, None], DFP16)
     np.testing.assert_array_equal(packed[-1].mantissa, ref.mantissa)
     assert packed[-1].exponent == ref.exponent
+
+
+def test_eager_linear_double_backward_raises_instead_of_dropping_the_term():
+    # The kernels' backward is not differentiable: a create_graph=True backward (gradient
+    # penalties) must fail loudly, as the registered op's autograd did, never return a
+    # gradient without a graph whose second-order term then silently vanishes.
+    x = torch.randn(4, 6, requires_grad=True)
+    wt = torch.randn(3, 6, requires_grad=True)
+    y = dfp.linear(x, wt)
+    g, = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
+        (y.sum() + g.pow(2).sum()).backward()
