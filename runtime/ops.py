@@ -449,6 +449,7 @@ class _Conv2dEager(torch.autograd.Function):
         return out[0]
 
     @staticmethod
+    @once_differentiable  # the kernels' backward has no graph: create_graph=True must raise
     def backward(ctx, grad_y):
         run = partial(_conv2d_backward, ctx, backward_op=partial(_conv2d_backward_impl, x_pad=ctx.x_pad))
         layer = getattr(ctx, "dfp_layer", None)

@@ -320,3 +320,12 @@ def test_eager_linear_double_backward_raises_instead_of_dropping_the_term():
     g, = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
         (y.sum() + g.pow(2).sum()).backward()
+
+
+def test_eager_conv2d_double_backward_raises_instead_of_dropping_the_term():
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    wt = torch.randn(4, 3, 3, 3, requires_grad=True)
+    y = dfp.conv2d(x, wt, None, 1, 1)
+    g, = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
+        (y.sum() + g.pow(2).sum()).backward()
