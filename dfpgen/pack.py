@@ -400,9 +400,11 @@ def data_ptr(a: np.ndarray) -> int:
     for the writable contiguous arrays the kernels take (a dozen per layer and pass: ~2 us
     each adds up on small layers); anything else goes through ``a.ctypes``."""
     f = a.flags
-    if f.c_contiguous and f.writeable and a.size:
+    if f.c_contiguous and f.writeable and a.size and a.dtype.kind in "biuf":
         return ctypes.addressof(ctypes.c_char.from_buffer(a))
-    return a.ctypes.data  # read-only, strided or empty (a failed from_buffer costs more)
+    # read-only, strided, empty, or a dtype the buffer protocol refuses (datetime64): a
+    # failed from_buffer would cost more than this
+    return a.ctypes.data
 
 
 def empty_aligned(shape: tuple[int, ...], dtype=np.int16, align: int = 64) -> np.ndarray:

@@ -219,9 +219,8 @@ def _candidates(n: int) -> list[int]:
 
 
 @lru_cache(maxsize=256)
-@lru_cache(maxsize=1024)
 def work_split(p: BwdWeightPlan, threads: int) -> WorkSplit:
-    """Group K-blocks and column blocks into work items (pure; memoised).
+    """Group K-blocks and column blocks into work items (pure, memoised).
 
     An item streams the packed X of its columns once per K-group and the packed dY of its
     K-blocks once per column group: memory traffic ~ ``n_kgroups * |Xw| + n_groups * |dYp|``.

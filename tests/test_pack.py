@@ -336,7 +336,9 @@ def test_data_ptr_is_the_first_element_of_every_kind_of_array():
     ro.setflags(write=False)
     views = {"c": a, "fortran": np.asfortranarray(a), "nhwc view": a.transpose(0, 2, 3, 1),
              "offset": a[1:], "strided": a[:, :, ::2], "window": a[:, 1:2, 1:3, 2:], "empty": a[:0],
-             "read-only": ro, "0-d": np.array(7, np.float32), "aligned": pack.empty_aligned((5, 3), np.float32)}
+             "read-only": ro, "0-d": np.array(7, np.float32), "aligned": pack.empty_aligned((5, 3), np.float32),
+             "datetime64": np.zeros(4, "datetime64[s]"), "bool": np.zeros(3, bool),
+             "complex": np.zeros(2, np.complex64), "float16": np.zeros(5, np.float16)}
     for what, v in views.items():
         assert pack.data_ptr(v) == v.ctypes.data, what
     assert pack.data_ptr(views["aligned"]) % 64 == 0
