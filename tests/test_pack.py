@@ -342,3 +342,18 @@ def test_data_ptr_is_the_first_element_of_every_kind_of_array():
     for what, v in views.items():
         assert pack.data_ptr(v) == v.ctypes.data, what
     assert pack.data_ptr(views["aligned"]) % 64 == 0
+
+
+def test_copy_pixels_is_the_plain_assignment_for_every_view():
+    # the void-dtype fast path (contiguous channels) and the fallback must both copy exactly
+    rng = np.random.default_rng(4)
+    buf = rng.integers(-32767, 32768, (3, 7, 9, 18)).astype(np.int16)
+    views = [buf, buf[:, ::2, 1::3, :5], buf[..., :1], buf[:, :, :, 3:17], buf.transpose(0, 2, 1, 3),
+             buf[:0], buf[..., ::2], buf[:, 1:, :, :].astype(np.float32)]
+    for src in views:
+        for dst in (np.zeros(src.shape, src.dtype),
+                    np.zeros(src.shape[:-1] + (src.shape[-1] + 3,), src.dtype)[..., 1:1 + src.shape[-1]]):
+            ref = dst.copy()
+            ref[...] = src
+            pack.copy_pixels(dst, src)
+            assert np.array_equal(dst, ref) and dst.shape == src.shape
