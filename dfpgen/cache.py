@@ -167,7 +167,8 @@ def _warn_disk_once(exc: BaseException) -> None:
             return
         _disk_warned = True
     why = _why(cache_dir(), exc) if isinstance(exc, OSError) else str(exc)
-    warn(f"dfpgen cache directory {cache_dir()} is not usable ({why}); "
+    where = f"$DFPGEN_CACHE_DIR={cache_dir()}" if raw(ENV_DIR) else f"cache directory {cache_dir()}"
+    warn(f"{where} is not usable ({why}); "
          "kernels and tuning decisions are kept in memory for this process", CacheWarning)
 
 

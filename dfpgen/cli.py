@@ -319,6 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("dfpgen: interrupted\n")
         rc = 130
+    except BrokenPipeError:
+        # the reader went away (``dfpgen info | head``): stop quietly, as other tools do;
+        # stdout goes to devnull so that the interpreter's final flush raises nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        rc = 141  # 128 + SIGPIPE, what a shell reports for a killed writer
     finally:
         warnings.showwarning = shown  # main() leaves the process's warning display as it was
     return rc

@@ -85,9 +85,10 @@ def attach(path: str | None = None) -> bool:
 def active() -> bool:
     """Whether :func:`dfpgen.threads.parallel_call` runs on the OpenMP team now: attached in
     this very process (not a forked child) and not switched off by ``$DFPGEN_THREADING``."""
+    mode = threading_mode()  # checked first: a bad value is an error, team or no team
     if _attached is None or _attached["pid"] != os.getpid():
         return False
-    return threading_mode() == "openmp"
+    return mode == "openmp"
 
 
 def threading_mode() -> str:

@@ -120,10 +120,10 @@ def parallel_call(fn, args: tuple, begin_at: int, total: int, threads: int | Non
         return [] if results else None
     n = range_count(total, threads)
     full = list(args[:begin_at]) + [0, 0] + list(args[begin_at:])
-    if n > 1:
-        from . import openmp
-        if openmp.active():
-            return openmp.run(fn, tuple(full), begin_at, total, n, per_thread, results)
+    from . import openmp
+    # read on every call, one thread or many: a bad $DFPGEN_THREADING stops any call
+    if openmp.active() and n > 1:
+        return openmp.run(fn, tuple(full), begin_at, total, n, per_thread, results)
     ranges = split(total, n)
     out = [0] * n
 

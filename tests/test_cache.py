@@ -156,6 +156,8 @@ def test_cache_dir_that_is_a_file_compiles_in_memory_with_one_warning(tmp_path, 
     # the same reason as `dfpgen info` gives, whichever call met the file first
     why = f"({blocker} is a file, not a directory)"
     assert why in str(ours[0].message) and cache.disk_status() == (False, f"{blocker / 'cache'} is not usable {why}")
+    # it names where the directory came from: the variable, set here
+    assert str(ours[0].message).startswith(f"$DFPGEN_CACHE_DIR={blocker / 'cache'} is not usable")
     assert cache.load_tuning({"test": "ro"}) == {"config": {"k_vecs": 1}}  # memory layer
     cache.forget_memory()
 

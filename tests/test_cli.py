@@ -85,7 +85,8 @@ def test_an_unusable_cache_dir_is_one_warning_line_and_the_same_reason_as_info(t
     r = dfpgen(blocker, "info", "--json")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 0 and len(lines) == 1, r.stderr
-    assert lines[0].startswith("dfpgen: warning: dfpgen cache directory") and "a file, not a directory" in lines[0]
+    assert lines[0].startswith(f"dfpgen: warning: $DFPGEN_CACHE_DIR={blocker} is not usable") \
+        and "a file, not a directory" in lines[0]
     info = json.loads(r.stdout)
     assert info["cache_enabled"] is False and "a file, not a directory" in info["cache_note"]
 
@@ -244,3 +245,15 @@ def test_layer_grammar_round_trips_through_the_cli(tmp_path, layer, extra, spec)
     assert json.loads(r.stdout.split("\n}\n")[0] + "\n}")["spec"] == spec
     again = dfpgen(tmp_path, "show", "--layer", spec, "--plan")  # the printed form parses back
     assert again.returncode == 0 and json.loads(again.stdout.split("\n}\n")[0] + "\n}")["spec"] == spec
+
+
+def test_a_reader_that_closes_early_ends_info_quietly(tmp_path):
+    # `dfpgen info | head -1`: the pipe closes after one line; no traceback, exit 141
+    e = {**os.environ, "DFPGEN_CACHE_DIR": str(tmp_path), "DFPGEN_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "dfpgen.cli", "info"], cwd=ROOT, env=e,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.readline()
+    p.stdout.close()  # the reader goes away with the rest unread
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) in (0, 141) and first.startswith(b"cpu")
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

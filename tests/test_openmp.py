@@ -124,6 +124,19 @@ def test_a_bad_threading_variable_is_a_one_line_error(monkeypatch):
         dfpgen.runtime.check_environment()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_bad_threading_variable_stops_the_numpy_api_too(monkeypatch, threads):
+    # not only the runtime's layers: a kernel call on one thread or several refuses it
+    import numpy as np
+    x = np.ones((1, 4, 6, 6), np.float32)
+    w = np.ones((4, 4, 3, 3), np.float32)
+    monkeypatch.setenv("DFPGEN_THREADING", "bogus")
+    with pytest.raises(dfpgen.DfpError, match=r"^\$DFPGEN_THREADING must be one of openmp, python, got 'bogus'$"):
+        dfpgen.conv2d(x, w, padding=1, threads=threads)
+    monkeypatch.setenv("DFPGEN_THREADING", "python")
+    assert dfpgen.conv2d(x, w, padding=1, threads=threads).shape == (1, 4, 6, 6)
+
+
 def test_two_python_threads_run_kernels_on_their_own_teams_at_once(mark):
     # each calling thread gets its own OpenMP team: concurrent launches neither mix their
     # ranges nor lose any
