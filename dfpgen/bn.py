@@ -175,6 +175,11 @@ def _pad(a: np.ndarray, Cv: int) -> np.ndarray:
     return out
 
 
+def _ptr(a: np.ndarray | None) -> int:
+    """A kernel's pointer argument: ``a``'s data, or NULL for an absent operand."""
+    return 0 if a is None else data_ptr(a)
+
+
 def _cv(C: int, lanes: int) -> int:
     return -(-C // lanes) * lanes
 
@@ -408,8 +413,7 @@ def forward(x: np.ndarray, stats: BnStats, scale, shift, *, relu: bool = True,
     fn = _kernel("fwd", target, relu=relu, residual=residual is not None, save_x=save_x,
                  write_q=write_q, write_f=write_f, fmt=fmt)
     scp, shp = _pad(sc, Cv), _pad(shift, Cv)
-    ptr = lambda a: 0 if a is None else data_ptr(a)  # noqa: E731
-    args = [ptr(x), ptr(residual), ptr(scp), ptr(shp), ptr(x_q), ptr(y_q), ptr(y_f), ptr(mask)]
+    args = [_ptr(x), _ptr(residual), _ptr(scp), _ptr(shp), _ptr(x_q), _ptr(y_q), _ptr(y_f), _ptr(mask)]
     _threads.parallel_call(fn, (*args, C, s1x, s2x, s1y, s2y, dqy, *rowmap), 8, M, _nthreads(threads, M, C))
     # The output values' range: the quantized images of the bound (exact without residual).
     out_lo = (mantissa_f32(lo, y_exp, fmt) * np.float32(dqy)).astype(np.float32)
@@ -481,10 +485,9 @@ def backward(dy: np.ndarray, x_q: np.ndarray, x_exp: int, sc, sh, mean, invstd, 
     exs = float(np.ldexp(1.0, x_exp))
     nch = -(-M // CHUNK)
     p1 = np.empty((nch, Cv)); p2 = np.empty((nch, Cv))
-    ptr = lambda a: 0 if a is None else data_ptr(a)  # noqa: E731
     meanp = _pad(mean, Cv)
     red = _kernel("bwd_reduce", target, **flags)
-    rargs = [ptr(dy), ptr(x_q), ptr(mask), ptr(scp), ptr(shp), ptr(meanp), ptr(p1), ptr(p2)]
+    rargs = [_ptr(dy), _ptr(x_q), _ptr(mask), _ptr(scp), _ptr(shp), _ptr(meanp), _ptr(p1), _ptr(p2)]
     _threads.parallel_call(red, (*rargs, M, C, Cv, exs), 8, nch, _nthreads(threads, nch, CHUNK * C))
     s1 = p1.sum(axis=0); s2 = p2.sum(axis=0)  # chunk order: bit-identical for any split
     dbeta, sxc = s1[:C], s2[:C]
@@ -501,7 +504,7 @@ def backward(dy: np.ndarray, x_q: np.ndarray, x_exp: int, sc, sh, mean, invstd, 
     dx = empty_aligned((M, C), np.float32)
     dres = empty_aligned((M, C), np.float32) if residual else None
     dxk = _kernel("bwd_dx", target, **flags)
-    dargs = [ptr(dy), ptr(x_q), ptr(mask), ptr(scp), ptr(shp), ptr(k1), ptr(k2), ptr(k3), ptr(dx), ptr(dres)]
+    dargs = [_ptr(dy), _ptr(x_q), _ptr(mask), _ptr(scp), _ptr(shp), _ptr(k1), _ptr(k2), _ptr(k3), _ptr(dx), _ptr(dres)]
     _threads.parallel_call(dxk, (*dargs, C), 10, M, _nthreads(threads, M, C))
     return BnBackward(dx, dgamma, dbeta, dres)
 

@@ -187,11 +187,6 @@ def _kernel(spec: ConvSpec, cfg: TuningConfig, overflow: str, target, **variant)
     return hit
 
 
-def _spec(n, c, h, w, k, r, s, stride, padding, dilation, pass_kind: str) -> ConvSpec:
-    """A validated ConvSpec, memoised on its arguments (:func:`dfpgen.spec.spec_of`)."""
-    return spec_of(n, c, h, w, k, r, s, stride, padding, dilation, pass_kind)
-
-
 def _checked_bound(bound, c: int, what: str = "conv2d: x_channel_bound"):
     """A per-channel mantissa bound ``(hi, lo)`` (``what`` names the argument in errors) as
     two int64 (C,) arrays within the mantissa range, or None."""
@@ -349,7 +344,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, *, overflow: str = 
         if not np.isfinite(b).all():
             what = "contains NaN or Inf" if not np.isfinite(b0).all() else "exceeds the float32 range"
             raise DfpError(f"conv2d: bias {what} (first at index {int(np.argmin(np.isfinite(b)))})")
-    spec = _spec(max(n, 1), c, h, wd, k, r, s, stride, padding, dilation, "fwd")
+    spec = spec_of(max(n, 1), c, h, wd, k, r, s, stride, padding, dilation, "fwd")
     if n == 0:
         return _empty((0, k, spec.P, spec.Q), spec, overflow, return_info)
     if _pointwise_on_pixels(spec):
@@ -412,7 +407,7 @@ def conv2d_input(input_shape, w, grad_output, stride=1, padding=0, dilation=1, *
     k, c2, r, s = wq.shape
     if c != c2:
         raise DfpError(f"conv2d_input: input_shape has C={c} but weight has C={c2}; groups > 1 are not supported")
-    spec = _spec(max(n, 1), c, h, wd, k, r, s, stride, padding, dilation, "bwd_data")
+    spec = spec_of(max(n, 1), c, h, wd, k, r, s, stride, padding, dilation, "bwd_data")
     if dyq.shape != (n,) + spec.output_shape[1:]:
         raise DfpError(f"conv2d_input: grad_output shape {dyq.shape} != {(n,) + spec.output_shape[1:]}, the "
                        f"forward output of input {tuple(input_shape)} and weight {wq.shape}")

@@ -125,7 +125,7 @@ class SubKernel:
         # one (saturated, possibly) counter pair per range (argument 8), summed after
         sat = np.zeros((range_count(total, threads), 2), np.int64)
         args = (data_ptr(xbuf), data_ptr(wpack), data_ptr(ybuf), data_ptr(b),
-                ctypes.c_float(scale), rows, data_ptr(sat), self.flags(flush_taps).ctypes.data)
+                ctypes.c_float(scale), rows, data_ptr(sat), data_ptr(self.flags(flush_taps)))
         parallel_call(self.fn, args, 5, total, threads, per_thread=(8, sat.strides[0]))
         return int(sat[:, 0].sum()), int(sat[:, 1].sum())
 

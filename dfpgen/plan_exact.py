@@ -44,26 +44,22 @@ _BLOCKS = (128, 64, 32, 16, 8, 4, 2)
 
 
 @lru_cache(maxsize=4096)
-def _table_layout(taps: int, out: int, red: int, blocks: tuple[int, ...]):
+def _table_layout(out: int, red: int, blocks: tuple[int, ...]):
     """What :func:`_level_table` lays out for a (taps, out, red) operand, per shape: the
-    table's lane count, each block's column slice and the halving steps (width, half,
-    odd, the block it completes or 0)."""
-    widths, size, nb = {}, 1, red
-    for b in sorted(blocks):
+    table's lane count; per block (ascending) its index, its column slice and its lanes per
+    output (``widths``); and the halving steps ``(half, odd, the block it completes or 0)``."""
+    order = tuple(sorted(blocks))
+    index, cols, widths, steps = {}, {}, {}, []
+    at, size, width = 0, 1, red
+    for i, b in enumerate(order):
         while size < b:
-            nb, size = -(-nb // 2), size * 2
-        widths[b] = nb
-    cols, at = {}, 0
-    for b in sorted(blocks):
-        cols[b] = slice(at, at + out * widths[b])
-        at += out * widths[b]
-    steps, size, width = [], 1, red
-    for b in sorted(blocks):
-        while size < b:
-            half = width // 2
-            steps.append((width, half, width % 2, b if size * 2 == b else 0))
-            width, size = -(-width // 2), size * 2
-    return at, cols, widths, tuple(steps)
+            half, odd = width // 2, width % 2
+            width, size = half + odd, size * 2
+            steps.append((half, odd, b if size == b else 0))
+        index[b], widths[b] = i, width
+        cols[b] = slice(at, at + out * width)
+        at += out * width
+    return at, index, cols, widths, tuple(steps)
 
 
 def _level_table(a: np.ndarray, blocks) -> tuple[np.ndarray, dict[int, slice]]:
@@ -73,10 +69,10 @@ def _level_table(a: np.ndarray, blocks) -> tuple[np.ndarray, dict[int, slice]]:
     nb) lanes are the columns ``cols[b]``, so a few whole-table reductions give every
     block's bounds. Each level is written in place into the table (no concatenation)."""
     taps, out, red = a.shape
-    lanes, cols, widths, steps = _table_layout(taps, out, red, tuple(blocks))
+    lanes, _, cols, widths, steps = _table_layout(out, red, tuple(blocks))
     table = np.empty((taps, lanes), np.float32)
     level = a
-    for width, half, odd, done in steps:
+    for half, odd, done in steps:
         if done:
             nxt = table[:, cols[done]].reshape(taps, out, widths[done])
         else:
@@ -219,13 +215,13 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
         a = np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], dtype=np.float32, order="C")
         np.abs(a, out=a)
     table, cols = _level_table(a, blocks)
+    index = _table_layout(out, red, blocks)[1]
     if table.shape[1]:
         starts = [cols[b].start for b in sorted(blocks)]
         singles = np.maximum.reduceat(table.max(axis=0), starts).tolist()
         totals = np.maximum.reduceat(_column_sums(table), starts).tolist()
     else:
         singles = totals = [0.0] * len(blocks)
-    index = {b: i for i, b in enumerate(sorted(blocks))}
     sums: dict[int, _GroupSums] = {}
 
     def fits(block: int, ft: int) -> bool:

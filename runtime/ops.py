@@ -238,7 +238,8 @@ def _dy_padding(n, c, h, w, k, r, s, stride, padding, dilation) -> tuple:
     hit = _dy_pads.get(key)
     if hit is None:
         from dfpgen import conv, plan_bwd_data
-        spec = conv._spec(n, c, h, w, k, r, s, tuple(stride), tuple(padding), tuple(dilation), "bwd_data")
+        from dfpgen.spec import spec_of
+        spec = spec_of(n, c, h, w, k, r, s, tuple(stride), tuple(padding), tuple(dilation), "bwd_data")
         hit = NO_PAD if conv._pointwise_on_pixels(spec) else plan_bwd_data.dy_padding(spec)
         _dy_pads[key] = hit
     return hit
