@@ -62,7 +62,7 @@ class SubKernel:
         self.fn = _PROTO(self.loaded.address)
         self._flags = {0: np.array([t.flush for t in plan.taps], np.uint8)}
         # what the packed weight layout depends on (PackedWeight.packed's key)
-        self.pack_key = (transposed, plan.kvl, plan.out_pad, plan.red_pairs, spec_s,
+        self.pack_key = (transposed, plan.kvl, plan.out_pad, plan.red_pairs, plan.tap_pairs, spec_s,
                          tuple((t.r, t.s) for t in sub.taps))
 
     def flags(self, flush_taps: int = 0) -> np.ndarray:
@@ -97,9 +97,9 @@ class SubKernel:
             pairs[..., 0] = a[0::2]
             pairs[..., 1] = a[1::2]
             p32 = pairs.view(np.int32).reshape(p.red_pairs, ntaps, p.out_blocks, p.kvl)
-            packed = empty_aligned((p.out_blocks, ntaps, p.red_pairs, p.kvl), np.int32)
-            packed[...] = p32.transpose(2, 1, 0, 3)
-            return packed.view(np.int16).reshape(p.out_blocks, ntaps, p.red_pairs, p.kvl, 2)
+            packed = empty_aligned((p.out_blocks, ntaps, p.tap_pairs, p.kvl), np.int32)
+            packed[:, :, :p.red_pairs] = p32.transpose(2, 1, 0, 3)
+            return packed.view(np.int16).reshape(p.out_blocks, ntaps, p.tap_pairs, p.kvl, 2)
         out, _, redp = a.shape
         if (out, redp) != (p.out_pad, 2 * p.red_pairs):
             full = np.zeros((p.out_pad, ntaps, 2 * p.red_pairs), np.int16)
@@ -108,9 +108,9 @@ class SubKernel:
         # each INT16 pair is one int32, so the one transposing copy moves 4-byte elements and
         # its inner loop runs over kvl output channels
         w32 = np.ascontiguousarray(a).view(np.int32)
-        packed = empty_aligned((p.out_blocks, ntaps, p.red_pairs, p.kvl), np.int32)
-        packed[...] = w32.reshape(p.out_blocks, p.kvl, ntaps, p.red_pairs).transpose(0, 2, 3, 1)
-        return packed.view(np.int16).reshape(p.out_blocks, ntaps, p.red_pairs, p.kvl, 2)
+        packed = empty_aligned((p.out_blocks, ntaps, p.tap_pairs, p.kvl), np.int32)
+        packed[:, :, :p.red_pairs] = w32.reshape(p.out_blocks, p.kvl, ntaps, p.red_pairs).transpose(0, 2, 3, 1)
+        return packed.view(np.int16).reshape(p.out_blocks, ntaps, p.tap_pairs, p.kvl, 2)
 
     def run(self, xbuf: np.ndarray, wpack: np.ndarray, ybuf: np.ndarray, bias: np.ndarray | None,
             scale: float, batch: int, threads: int, flush_taps: int = 0) -> tuple[int, int]:

@@ -148,6 +148,7 @@ class KernelPlan:
     y_in_memory: bool = False  # the FP32 output tile is not kept in registers over the loops
     cb_outer: bool = False  # reduction blocks outside the pixel tiles of a row (y in memory)
     w_fold: bool = False  # weights read per pixel as the dot's memory operand (no register)  # work order: output-channel block fastest (weights fit in L2)
+    tap_pairs: int = 0  # pair rows per tap in the packed weights: red_pairs + unused padding
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -169,6 +170,31 @@ def _block(name: str, pairs: int, step: int) -> Block:
 def _descriptor_hash(fields: dict) -> str:
     blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+L1_SETS, LINE = 64, 64  # a 32 KiB 8-way L1D of 64-byte lines: 64 sets, 4 KiB apart
+
+
+def tap_pad_pairs(red_pairs: int, pair_bytes: int, cb2: int, ntaps: int) -> int:
+    """Unused pair rows to append to each tap's weights so that one reduction block's
+    weights over all taps (``ntaps`` runs of ``cb2`` pair rows of ``pair_bytes``, one tap
+    ``red_pairs`` rows after the other) spread over the L1 sets: with the reduction blocks
+    walked outside the taps (the 16-register tiers), a tap stride that is a multiple of
+    4 KiB puts every tap's block in the same sets and 9 taps evict each other from 8 ways.
+    The smallest padding with the fewest lines in the fullest set."""
+    block = cb2 * pair_bytes
+    best, best_load = 0, None
+    for pad in range(0, cb2 + 1):
+        stride = (red_pairs + pad) * pair_bytes
+        sets = [0] * L1_SETS
+        for t in range(ntaps):
+            first, last = t * stride // LINE, (t * stride + block - 1) // LINE
+            for line in range(first, last + 1):
+                sets[line % L1_SETS] += 1
+        load = max(sets)
+        if best_load is None or load < best_load:
+            best, best_load = pad, load
+    return best
 
 
 def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_taps: int,
@@ -201,13 +227,19 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
     y_col = sub.ows * out_pad
     w_pair = kvl * 2
     ntaps = len(sub.taps)
+    cb_outer = target.isa.flush_regs > 0
+    # the 16-register tiers walk the reduction blocks outside the taps: pad each tap's
+    # weights so that one block over all taps does not crowd a few L1 sets
+    tap_pairs = red_pairs + (tap_pad_pairs(red_pairs, w_pair * 2, cb2, ntaps) if cb_outer else 0)
     taps = []
     for t, tp in enumerate(sub.taps):
         last_of_group = t == ntaps - 1 or sub.taps[t + 1].group != tp.group
-        taps.append(Tap(t, tp.r, tp.s, (tp.dh * sub.in_w + tp.dw) * x_pix, t * red_pairs * w_pair,
+        taps.append(Tap(t, tp.r, tp.s, (tp.dh * sub.in_w + tp.dw) * x_pix, t * tap_pairs * w_pair,
                         last_of_group))
     fields = {"sub": asdict(sub), "config": config.to_dict(), "mode": mode, "ft": flush_taps,
               "bias": has_bias, "tier": target.tier, "fma": fma}
+    if tap_pairs != red_pairs:
+        fields["tap_pairs"] = tap_pairs
     symbol = (f"dfp_conv_{pass_kind}_{label}_kb{kv}_wb{wb}_cb{config.c_block}"
               f"_fl{config.c_block * flush_taps}{'_u4' if step == 4 else ''}"
               f"_{target.tier}_{mode}{'_b' if has_bias else ''}_{_descriptor_hash(fields)}")
@@ -220,7 +252,7 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
         x_img=sub.in_h * sub.in_w * cpad, x_row=x_row, x_qb=wb * x_col, x_tail=q_full * wb * x_col,
         y_img=sub.out_h * sub.out_w * out_pad, y_row=sub.ohs * sub.out_w * out_pad,
         y_base=(sub.oh0 * sub.out_w + sub.ow0) * out_pad, y_qb=wb * y_col, y_tail=q_full * wb * y_col,
-        w_kb=ntaps * red_pairs * w_pair, w_pair=w_pair, w_step=step * w_pair,
+        w_kb=ntaps * tap_pairs * w_pair, tap_pairs=tap_pairs, w_pair=w_pair, w_step=step * w_pair,
         c_block=config.c_block, flush_taps=flush_taps, flush=config.c_block * flush_taps,
         cb_full=cb_full, cb2=cb2,
         full=_block("F", cb2, step) if cb_full else None,
@@ -235,7 +267,7 @@ def plan_kernel(sub: SubConv, config: TuningConfig, target, *, mode: str, flush_
         # the FP32 tile in registers as well would not fit: keep it in memory; the
         # 16-register tiers always do (their budget counts no register for it) and walk the
         # reduction blocks outside the tiles, so a block's weights stay in L1 (the template)
-        y_in_memory=y_mem, cb_outer=target.isa.flush_regs > 0,
+        y_in_memory=y_mem, cb_outer=cb_outer,
         w_fold=target.isa.fold_weights,
         kb_inner=out_blocks > 1 and out_blocks * ntaps * red_pairs * w_pair * 2 <= WEIGHTS_L2_BYTES,
     )

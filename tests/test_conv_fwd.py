@@ -397,3 +397,47 @@ def test_exact_schedule_column_sums_are_the_prefix_last_row(shape):
     for row in flat:
         acc += row
     assert np.array_equal(_column_sums(flat), acc)
+
+
+def test_tap_padding_spreads_a_reduction_block_over_the_l1_sets():
+    from dfpgen.plan import L1_SETS, LINE, tap_pad_pairs
+
+    def fullest_set(red_pairs, pad, pair_bytes=128, cb2=8, ntaps=9):
+        sets = [0] * L1_SETS
+        for t in range(ntaps):
+            start = t * (red_pairs + pad) * pair_bytes
+            for line in range(start // LINE, (start + cb2 * pair_bytes - 1) // LINE + 1):
+                sets[line % L1_SETS] += 1
+        return max(sets)
+
+    # 256 channels: taps 16 KiB apart, so a 16-channel block of all 9 taps sits in 16 sets,
+    # 9 lines each, one more than the 8 ways
+    assert fullest_set(128, 0) == 9
+    pad = tap_pad_pairs(128, 128, 8, 9)
+    assert 0 < pad <= 8 and fullest_set(128, pad) <= 3
+    # already spread (C = 240), and one tap (1x1): no padding
+    assert tap_pad_pairs(120, 128, 8, 9) == 0 and tap_pad_pairs(128, 128, 8, 1) == 0
+
+
+@pytest.mark.parametrize("pass_kind", ["fwd", "bwd_data"])
+def test_padded_tap_layout_of_the_16_register_tier_is_bit_exact(pass_kind):
+    from dfpgen.pass_kernels import get_kernel
+    from dfpgen.plan import tap_pad_pairs
+    from dfpgen.spec import ConvSpec
+    from dfpgen.target import host_target
+    avx2 = host_target("avx2")  # every x86-64 host this suite runs on executes AVX2
+    shape = (2, 64, 6, 7, 64, 3, 3, 1, 1, 1)
+    xq, wq, dyq = operands(shape, seed=3)
+    spec = ConvSpec(*shape[:7], stride=1, padding=1, pass_kind=pass_kind)
+    plans = [part.plan for part in get_kernel(spec, target=avx2).parts]
+    assert all(p.tap_pairs > p.red_pairs for p in plans)  # the layout under test is padded
+    if pass_kind == "fwd":
+        y, info = conv.conv2d(xq, wq, padding=1, return_info=True, target=avx2)
+        ref = _ref(xq, wq, shape, info).fp32
+    else:
+        y, info = conv.conv2d_input(xq.shape, wq, dyq, padding=1, return_info=True, target=avx2)
+        ref = reference.conv2d_bwd_data(dyq, wq, (6, 7), 1, 1, 1, k_block=info.c_block,
+                                        flush_taps=info.flush_taps, saturate=False).fp32
+    # the kernel that ran has a padded layout too: 32 reduction pairs of k_vecs x 8 lanes
+    assert tap_pad_pairs(32, info.config["k_vecs"] * 8 * 4, info.c_block // 2, 9) > 0
+    assert np.array_equal(y, ref)
