@@ -31,6 +31,7 @@ proven from per-pixel maxima (:func:`exact_flush`); this one module serves all t
 """
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 
 import numpy as np
@@ -62,6 +63,28 @@ def _table_layout(out: int, red: int, blocks: tuple[int, ...]):
     return at, index, cols, widths, tuple(steps)
 
 
+_tls = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """An uninitialised array from the calling thread's pool, reused by the next search on
+    this thread: the operand and level tables of a 512 x 512 3x3 layer are ~20 MB, and fresh
+    pages would cost a page fault per 4 KiB on every call. Valid until the thread's next
+    :func:`exact_schedule` (nothing it returns refers to them)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    pool = _tls.__dict__.setdefault("pool", {})
+    raw = pool.get(name)
+    if raw is None or raw.size < n:
+        raw = pool[name] = np.empty(max(n, 1), np.uint8)
+    return raw[:n].view(dtype).reshape(shape)
+
+
+def release_scratch() -> None:
+    """Free the calling thread's search buffers (they keep the largest layer's sizes)."""
+    _tls.__dict__.pop("pool", None)
+
+
 def _level_table(a: np.ndarray, blocks) -> tuple[np.ndarray, dict[int, slice]]:
     """Sums of ``a`` (T, OUT, RED) over reduction blocks of b channels for every b in
     ``blocks`` (powers of two, each >= 2), by pairwise halving (strided adds, about one
@@ -70,13 +93,13 @@ def _level_table(a: np.ndarray, blocks) -> tuple[np.ndarray, dict[int, slice]]:
     block's bounds. Each level is written in place into the table (no concatenation)."""
     taps, out, red = a.shape
     lanes, _, cols, widths, steps = _table_layout(out, red, tuple(blocks))
-    table = np.empty((taps, lanes), np.float32)
+    table = _scratch("table", (taps, lanes))
     level = a
-    for half, odd, done in steps:
+    for i, (half, odd, done) in enumerate(steps):
         if done:
             nxt = table[:, cols[done]].reshape(taps, out, widths[done])
-        else:
-            nxt = np.empty((taps, out, half + odd), np.float32)
+        else:  # two scratch levels in turn: a level is read only by the next one
+            nxt = _scratch(f"level{i % 2}", (taps, out, half + odd))
         np.add(level[:, :, 0:2 * half:2], level[:, :, 1:2 * half:2], out=nxt[:, :, :half])
         if odd:  # the last block has no partner: it keeps its one value
             nxt[:, :, half] = level[:, :, -1]
@@ -205,21 +228,27 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     if one_signed:
         # B+ and B- of the module docstring: the positive and the negative products apart,
         # side by side as lanes (a schedule must fit both)
-        both = np.empty((taps, 2, out, red), np.float32)
+        both = _scratch("operand", (taps, 2, out, red))
         np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], out=both[:, 1])
         np.maximum(both[:, 1], 0, out=both[:, 0])
         np.subtract(both[:, 0], both[:, 1], out=both[:, 1])  # max(-a, 0)
         a = both.reshape(taps, 2 * out, red)
     else:
         # |w| * max|x| = |w * max|x||: one relayout pass into C order, then abs in place
-        a = np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], dtype=np.float32, order="C")
+        a = _scratch("operand", (taps, out, red))
+        np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], out=a)
         np.abs(a, out=a)
     table, cols = _level_table(a, blocks)
     index = _table_layout(out, red, blocks)[1]
     if table.shape[1]:
         starts = [cols[b].start for b in sorted(blocks)]
-        singles = np.maximum.reduceat(table.max(axis=0), starts).tolist()
-        totals = np.maximum.reduceat(_column_sums(table), starts).tolist()
+        if taps == 1:
+            # one row: its column sums are its own values (float32 -> float64 is exact)
+            singles = np.maximum.reduceat(table[0], starts).tolist()
+            totals = list(singles)
+        else:
+            singles = np.maximum.reduceat(table.max(axis=0), starts).tolist()
+            totals = np.maximum.reduceat(_column_sums(table), starts).tolist()
     else:
         singles = totals = [0.0] * len(blocks)
     sums: dict[int, _GroupSums] = {}

@@ -441,3 +441,22 @@ def test_padded_tap_layout_of_the_16_register_tier_is_bit_exact(pass_kind):
     # the kernel that ran has a padded layout too: 32 reduction pairs of k_vecs x 8 lanes
     assert tap_pad_pairs(32, info.config["k_vecs"] * 8 * 4, info.c_block // 2, 9) > 0
     assert np.array_equal(y, ref)
+
+
+def test_exact_schedule_scratch_reuse_gives_the_fresh_pool_picks():
+    # the search's operand and level tables come from a per-thread pool: a pool left dirty
+    # by a larger layer (other values everywhere) must give the picks of a fresh one
+    from dfpgen.plan_exact import exact_schedule, release_scratch
+    rng = np.random.default_rng(5)
+    cases = []
+    for taps, out, red in [(9, 5, 40), (1, 33, 70), (4, 2, 9), (9, 16, 16), (1, 1, 1)]:
+        w = rng.integers(-32767, 32768, (taps, out, red)).astype(np.int16)
+        cases.append((w, rng.integers(0, 32768, red).astype(np.int64)))
+    release_scratch()
+    fresh = []
+    for w, amax in cases:
+        fresh.append([exact_schedule(w, amax, one_signed=o) for o in (False, True)])
+        release_scratch()
+    big = rng.integers(-9, 10, (9, 64, 300)).astype(np.int16)
+    exact_schedule(big, np.full(300, 7, np.int64), one_signed=True)  # fills the pool
+    assert [[exact_schedule(w, amax, one_signed=o) for o in (False, True)] for w, amax in cases] == fresh
