@@ -70,7 +70,7 @@ def _mantissa(t, name: str, ndim: int) -> np.ndarray:
 
 PACK_TEMPLATE = "conv_bwd_weight_pack.ll.j2"
 PACK_PARAMS = ("Hout", "Wout", "H", "W", "C", "Cout", "sN", "sH", "sW", "ph", "pw", "istep", "delta", "hstep")
-_PACK_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+_PACK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 PACK_CHUNK = 16      # channels per vector step of the pack kernel (256-bit loads, 512-bit stores)
 MIN_PACK_ROWS_PER_THREAD = 8
@@ -96,22 +96,23 @@ def _pack_kernel(target: CpuTarget):
     p = PackPlan(f"dfp_bwdw_pack_pairs_{target.tier}", target.tier, PACK_CHUNK, 2 * PACK_CHUNK,
                  tuple(range(PACK_CHUNK)), tuple(k for c in range(PACK_CHUNK) for k in (c, c + PACK_CHUNK)),
                  PACK_PARAMS)
-    k = load_kernel(p.symbol, {"pass": "bwd_weight_pack", "chunk": PACK_CHUNK, "abi": 1},
+    k = load_kernel(p.symbol, {"pass": "bwd_weight_pack", "chunk": PACK_CHUNK, "abi": 2},
                     lambda: render(PACK_TEMPLATE, p=p), target)
     return _PACK_TYPE(k.address)
 
 
 def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout=None, hstep=1,
-               threads=None, target=None, buffer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+               threads=None, target=None, buffer: str | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Generated one-pass packer (``templates/conv_bwd_weight_pack.ll.j2``).
 
     ``src`` int16 (N, C, H, W) with any strides (channel stride 1 is read in place; anything
     else is first copied to NHWC). Output row r = n*Hout + h' (h = h'*hstep - pad[0]), position i:
     ``dst[n, h', i, c] = (src[n, c, h, i*istep - pad[1]], src[n, c, h, i*istep - pad[1] + delta])``
     (0 outside the image and for c >= C up to ``cout``), ``dst_shape = (N, Hout, Wout)``.
-    Returns ``(dst int16 (N, Hout, Wout, cout, 2), amax int32 (N, Hout, Wout, 2))``, ``amax``
-    the max |value| over c of each of the two pair elements (32768 flags a -32768 mantissa);
-    ``dst`` is 64-byte aligned, and taken from the per-thread pool under the name ``buffer``
+    Returns ``(dst int16 (N, Hout, Wout, cout, 2), amax int32 (N, Hout, Wout, 2), peak)``,
+    ``amax`` the max |value| over c of each of the two pair elements (32768 flags a -32768
+    mantissa), ``peak`` the largest of them (0 for an empty ``dst``; the kernel's ranges
+    return theirs, so the mantissa check reads amax no second time); ``dst`` is 64-byte aligned, and taken from the per-thread pool under the name ``buffer``
     when given (valid until the next call that uses that name).
     """
     N, C, H, W = src.shape
@@ -137,8 +138,8 @@ def pack_pairs(src: np.ndarray, dst_shape, *, pad=(0, 0), istep=1, delta=1, cout
     nt = max(1, min(threads or num_threads(), rows // MIN_PACK_ROWS_PER_THREAD))
     # base pointer of src as a view may start anywhere: data_ptr is its first element
     args = (data_ptr(src), data_ptr(zeros), data_ptr(dst), data_ptr(amax), data_ptr(prm))
-    parallel_call(fn, args, 5, rows, nt)
-    return dst, amax
+    peaks = parallel_call(fn, args, 5, rows, nt, results=True)
+    return dst, amax, max(peaks, default=0)
 
 
 def _pixel_row(m: np.ndarray) -> np.ndarray:
@@ -296,11 +297,11 @@ def prepare(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, overflow:
     nthreads = threads or (config.threads if config is not None else 0)
     if not nthreads:
         nthreads = threads_for(spec.N * spec.P * spec.Q * C * K * R * S)
-    xw, xam = pack_pairs(x, (N, p.Hp, p.Wp), pad=spec.padding, istep=p.pack_istep, delta=spec.stride[1],
+    xw, xam, xpeak = pack_pairs(x, (N, p.Hp, p.Wp), pad=spec.padding, istep=p.pack_istep, delta=spec.stride[1],
                          cout=p.Cs, hstep=p.pack_hstep, threads=nthreads, target=target, buffer="xw")
-    dyp, dam = pack_pairs(dy, (N, spec.P, p.Q2), istep=2, delta=1, cout=p.Ks, threads=nthreads,
+    dyp, dam, dpeak = pack_pairs(dy, (N, spec.P, p.Q2), istep=2, delta=1, cout=p.Ks, threads=nthreads,
                           target=target, buffer="dy")
-    if xam.max(initial=0) > 32767 or dam.max(initial=0) > 32767:
+    if xpeak > 32767 or dpeak > 32767:
         raise DfpError("x or grad_output holds the mantissa -32768; DFP16 mantissas are limited to +/-32767")
     b_pix = dam.reshape(N, spec.P, 2 * p.Q2)[:, :, :spec.Q]  # (N, P, Q): max over K
     if overflow == "exact":

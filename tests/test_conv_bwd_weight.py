@@ -119,7 +119,7 @@ def test_tap_max_bounds_every_tap(shape):
     rng = np.random.default_rng(13)
     x = rng.integers(-32767, 32768, sp.input_shape).astype(np.int16)
     p = pw.plan(sp, pw.default_config(sp, HOST), HOST)
-    _, xam = bwd_weight.pack_pairs(x, (sp.N, p.Hp, p.Wp), pad=sp.padding, istep=p.pack_istep,
+    _, xam, _ = bwd_weight.pack_pairs(x, (sp.N, p.Hp, p.Wp), pad=sp.padding, istep=p.pack_istep,
                               delta=sp.stride[1], cout=p.Cs, hstep=p.pack_hstep)
     (uh, uw), (ph, pw_), (dh, dw) = sp.stride, sp.padding, sp.dilation
     want = np.zeros((sp.N, sp.P, sp.Q), np.int32)
@@ -401,7 +401,7 @@ def test_pack_pairs_matches_numpy(layout):
         src = base
     for pad, istep, delta, Hout, Wout, cout, hstep in (((1, 2), 1, 1, 7, 12, 37, 1), ((0, 0), 2, 1, 5, 5, 48, 1),
                                                        ((2, 1), 4, 2, 8, 3, 40, 1), ((1, 0), 4, 2, 4, 3, 37, 2)):
-        dst, amax = bwd_weight.pack_pairs(src, (2, Hout, Wout), pad=pad, istep=istep, delta=delta, cout=cout,
+        dst, amax, peak = bwd_weight.pack_pairs(src, (2, Hout, Wout), pad=pad, istep=istep, delta=delta, cout=cout,
                                      hstep=hstep)
         xp = np.zeros((2, 37, Hout * hstep + 8, Wout * istep + delta + 8), np.int64)
         xp[:, :, pad[0]:pad[0] + 5, pad[1]:pad[1] + 9] = base
@@ -411,6 +411,7 @@ def test_pack_pairs_matches_numpy(layout):
             want[:, :, :, :37, e] = cols.transpose(0, 2, 3, 1)
         assert np.array_equal(dst, want)
         assert np.array_equal(amax, np.abs(want).max(axis=3))
+        assert peak == amax.max()
 
 
 @pytest.mark.parametrize("C,M", [(3, 14), (16, 1568), (64, 2 * 3136), (130, 192), (5, 2 * 97), (4, 7)])
@@ -426,13 +427,14 @@ def test_one_long_pixel_row_packs_in_parallel_rows(C, M, monkeypatch):
     nhwc = np.random.default_rng(M).integers(-32767, 32768, (M, C)).astype(np.int16)
     src = nhwc.reshape(1, 1, M, C).transpose(0, 3, 1, 2)
     q2 = -(-M // 2)  # an odd row's last pair has a 0 partner
-    dst, amax = bw.pack_pairs(src, (1, 1, q2), istep=2, delta=1, cout=C + 3, threads=2)
+    dst, amax, peak = bw.pack_pairs(src, (1, 1, q2), istep=2, delta=1, cout=C + 3, threads=2)
     padded = np.zeros((2 * q2, C), np.int16)
     padded[:M] = nhwc
     want = np.zeros((1, 1, q2, C + 3, 2), np.int16)
     want[0, 0, :, :C, 0], want[0, 0, :, :C, 1] = padded[0::2], padded[1::2]
     a = np.abs(padded.astype(np.int32)).max(axis=1)
     assert np.array_equal(dst, want) and np.array_equal(amax, np.stack([a[0::2], a[1::2]], -1)[None, None])
+    assert peak == amax.max()
     rows, nt = ranges[-1]
     # 97 pairs (a prime) or an odd pixel count: no split into whole pairs, one row
     assert (rows > 1) == (M % 2 == 0 and M // 2 != 97) and (nt == 2) == (rows >= 16), ranges
