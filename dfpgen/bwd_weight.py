@@ -7,9 +7,10 @@ VNNI (``vpdpwssd``, INT16 pairs along the pixel dimension) and is flushed to FP3
 
 The pass runs in the same steps as the other two (``dfpgen.conv.conv2d_weight`` calls them):
 :func:`prepare` checks and packs the operands (layouts in :mod:`dfpgen.plan_bwd_weight`) with a
-generated one-pass packer (``templates/conv_bwd_weight_pack.ll.j2``) and picks the flush
-interval (exact: proven on the operands, :func:`dfpgen.plan_exact.exact_flush`; fast:
-``FAST_FLUSH``); ``dfpgen.pass_kernels.get_kernel`` loads the :class:`BwdWeightKernel`
+generated one-pass packer (``templates/conv_bwd_weight_pack.ll.j2``, which also returns the
+maxima the mantissa check and the exact bound read) and picks the flush interval (exact:
+proven on the operands, :func:`dfpgen.plan_exact.exact_flush` over :func:`tap_max`, computed
+by one compiled pass, :func:`flush_bound`; fast: ``FAST_FLUSH``); ``dfpgen.pass_kernels.get_kernel`` loads the :class:`BwdWeightKernel`
 (``templates/conv_bwd_weight.ll.j2``); :func:`execute` runs its work items over threads.
 
 Measured (Zen 4, 1 thread, thread CPU time on a shared machine, so approximate; vpdpwssd peak
@@ -37,7 +38,6 @@ from .errors import DfpError
 from .kernels import load_kernel
 from .pack import aligned_zeros, data_ptr
 from .passes import check_overflow
-from .plan_exact import exact_flush
 from .render import render
 from .runinfo import RunInfo
 from .spec import ConvSpec, spec_of
@@ -154,7 +154,8 @@ def _pixel_row(m: np.ndarray) -> np.ndarray:
 
 def tap_max(xam: np.ndarray, p: pw.BwdWeightPlan) -> np.ndarray:
     """int32 (N, P, Q): for each output pixel m, max over taps (r, s) and channels c of
-    |X_rs[m, c]|, from the packer's per-column maxima ``xam`` (N, Hp, Wp, 2) of Xw."""
+    |X_rs[m, c]|, from the packer's per-column maxima ``xam`` (N, Hp, Wp, 2) of Xw. The
+    definition :func:`flush_bound` computes in one compiled pass (tests compare the two)."""
     spec = p.spec
     N, P, Q, R, S = spec.N, spec.P, spec.Q, spec.R, spec.S
     (_, uw), (dh, dw), uh = spec.stride, spec.dilation, p.x_row_step
@@ -176,6 +177,112 @@ def tap_max(xam: np.ndarray, p: pw.BwdWeightPlan) -> np.ndarray:
     for r in range(R):
         np.maximum(a_pix, cols[:, r * dh: r * dh + (P - 1) * uh + 1: uh], out=a_pix)
     return a_pix
+
+
+FLUSH_TEMPLATE = "conv_bwd_weight_flush.ll.j2"
+FLUSH_PARAMS = ("rows", "P", "Q", "Hp", "Wp", "uh", "R", "S", "dh", "sS", "dw", "uw", "Qa", "Qv", "Q2",
+                "sQ")
+FLUSH_LANES = 8      # pixels per vector step of the flush kernel (256-bit)
+_FLUSH_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_void_p)
+# q strides of xam compiled in (the loop vectoriser widens constant-stride loads only):
+# S == 1 (1), S > 1 with column stride 1 or 2 (2, 4); others read it at run time
+FLUSH_STRIDES = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class FlushPlan:
+    """What ``templates/conv_bwd_weight_flush.ll.j2`` prints: ``q_stride`` the xam elements
+    between neighbouring output pixels of a tap (0: the run-time ``sQ``, scalar loop),
+    ``lanes`` pixels per vector step, ``load_lanes`` = lanes * q_stride elements loaded for
+    them, ``pick`` the loaded lanes that are pixels, ``load_idx`` / ``lane_idx`` lane numbers
+    (masks), ``even`` / ``odd`` the lanes of 2 * lanes values that pair up, ``params`` the
+    names of the int64 parameter block (``FLUSH_PARAMS``)."""
+    symbol: str
+    tier: str
+    q_stride: int
+    lanes: int
+    load_lanes: int
+    pick: tuple[int, ...]
+    load_idx: tuple[int, ...]
+    lane_idx: tuple[int, ...]
+    even: tuple[int, ...]
+    odd: tuple[int, ...]
+    params: tuple[str, ...]
+
+
+def flush_plan(target: CpuTarget, q_stride: int) -> FlushPlan:
+    """The flush kernel variant for xam stride ``q_stride`` (one of ``FLUSH_STRIDES``, or 0)."""
+    L = FLUSH_LANES
+    st = q_stride or 1
+    return FlushPlan(f"dfp_bwdw_exact_flush_s{q_stride}_{target.tier}", target.tier, q_stride, L, L * st,
+                     tuple(range(0, L * st, st)), tuple(range(L * st)), tuple(range(L)),
+                     tuple(range(0, 2 * L, 2)), tuple(range(1, 2 * L, 2)), FLUSH_PARAMS)
+
+
+@lru_cache(maxsize=None)
+def _flush_kernel(target: CpuTarget, q_stride: int):
+    p = flush_plan(target, q_stride)
+    k = load_kernel(p.symbol, {"pass": "bwd_weight_flush", "q_stride": q_stride, "lanes": FLUSH_LANES, "abi": 1},
+                    lambda: render(FLUSH_TEMPLATE, p=p), target)
+    return _FLUSH_TYPE(k.address)
+
+
+_flush_memo: dict[int, tuple] = {}
+
+
+def _flush_params(p: pw.BwdWeightPlan) -> tuple:
+    """``(p, q_stride, prm, prm address, xam shape, dam shape, pixels)`` of plan ``p`` for
+    the flush kernel: its xam stride variant and int64 parameter block (read-only, shared
+    by the calls of a shape). Memoised by identity: hashing the plan (an lru_cache key)
+    took longer than the small layers' kernel; the entry holds ``p``, so its id stays its own."""
+    e = _flush_memo.get(id(p))
+    if e is not None and e[0] is p:
+        return e
+    spec = p.spec
+    N, P, Q, R, S = spec.N, spec.P, spec.Q, spec.R, spec.S
+    (_, uw), (dh, dw), uh = spec.stride, spec.dilation, p.x_row_step
+    if S == 1:  # Xw column j holds output pixels (2j, 2j+1): pixel q is element q of the row
+        s_s, s_q, qa = 0, 1, Q
+        qv = Q  # 2*Wp >= Q: every load stays in the row
+    else:
+        # pixel q of tap s is padded column s*dw + q*uw, element 0 of that Xw column while
+        # it is < Wp; the last columns are the partners (element 1) of columns uw before
+        s_s, s_q = 2 * dw, 2 * uw
+        qa = min(Q, (p.Wp - (S - 1) * dw + uw - 1) // uw)
+        # a vector step's contiguous load ends at the last pixel's partner element and
+        # beyond (stride 4): unmasked only while that stays inside the row, 2*Wp elements
+        qv = min(qa, (p.Wp - (S - 1) * dw) // uw)
+    vals = dict(rows=N * P, P=P, Q=Q, Hp=p.Hp, Wp=p.Wp, uh=uh, R=R, S=S, dh=dh, sS=s_s, dw=dw, uw=uw,
+                Qa=qa, Qv=qv, Q2=p.Q2, sQ=s_q)
+    prm = np.array([vals[k] for k in FLUSH_PARAMS], np.int64)
+    prm.flags.writeable = False
+    e = (p, s_q if s_q in FLUSH_STRIDES else 0, prm, prm.ctypes.data, (N, p.Hp, p.Wp, 2), (N, P, p.Q2, 2),
+         N * P * Q)
+    if len(_flush_memo) >= 1024:
+        _flush_memo.clear()
+    _flush_memo[id(p)] = e
+    return e
+
+
+def flush_bound(xam: np.ndarray, dam: np.ndarray, p: pw.BwdWeightPlan, target: CpuTarget | None = None) -> int:
+    """The exact-mode flush interval of the packed operands of plan ``p`` in one compiled
+    serial pass (``templates/conv_bwd_weight_flush.ll.j2``): ``exact_flush(tap_max(xam, p),
+    b_pix)`` with b_pix the (N, P, Q) maxima of ``dam``, the same value for every input.
+    ``xam`` int32 (N, Hp, Wp, 2) and ``dam`` int32 (N, P, Q2, 2), C-contiguous, as
+    :func:`pack_pairs` returns them, free of the flag 32768 (:func:`prepare` checks the
+    packer's peaks first). Raises :class:`DfpError` when they do not match ``p``."""
+    _, q_stride, _, prm_addr, xshape, dshape, m = _flush_params(p)
+    if xam.shape != xshape or dam.shape != dshape or xam.dtype != np.int32 or dam.dtype != np.int32 \
+            or not (xam.flags.c_contiguous and dam.flags.c_contiguous):
+        raise DfpError(f"flush_bound: xam {xam.dtype} {xam.shape} / dam {dam.dtype} {dam.shape} do not "
+                       f"match plan {p.spec.geometry()}")
+    # one scratch: the per-pixel bounds v (level 0; a row's last vector step may write
+    # FLUSH_LANES past it), then lv, the levels ping-ponging between the two
+    nv = m + FLUSH_LANES
+    scratch = data_ptr(_buffer("flush", (nv + (m + 1) // 2,), np.int32))
+    fn = _flush_kernel(target or host_target(), q_stride)
+    return fn(data_ptr(xam), data_ptr(dam), scratch, scratch + 4 * nv, prm_addr)
 
 
 def _scales(e: int) -> tuple[float, float]:
@@ -258,8 +365,8 @@ def prepare(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, overflow:
             target: CpuTarget | None = None) -> BwdWeightOperands:
     """Check and pack DFP16 X (N, C, H, W) and DFP16 dY (N, K, P, Q) for dW (K, C, R, S), and
     pick the flush interval: ``overflow="exact"`` the largest power of two proven safe on these
-    operands (:func:`dfpgen.plan_exact.exact_flush` over :func:`tap_max`), capped by
-    ``config.flush`` when that is > 0; ``"fast"`` ``config.flush`` or ``FAST_FLUSH`` = 256.
+    operands (:func:`dfpgen.plan_exact.exact_flush` over :func:`tap_max`, computed by
+    :func:`flush_bound`), capped by ``config.flush`` when that is > 0; ``"fast"`` ``config.flush`` or ``FAST_FLUSH`` = 256.
     ``config=None`` takes the tuned decision if there is one. Raises :class:`DfpError` on
     shape mismatches, non-DFP operands, a -32768 mantissa, an odd fast-mode flush or an
     unknown mode."""
@@ -303,9 +410,8 @@ def prepare(xq, weight_shape, dyq, stride=1, padding=0, dilation=1, *, overflow:
                           target=target, buffer="dy")
     if xpeak > 32767 or dpeak > 32767:
         raise DfpError("x or grad_output holds the mantissa -32768; DFP16 mantissas are limited to +/-32767")
-    b_pix = dam.reshape(N, spec.P, 2 * p.Q2)[:, :, :spec.Q]  # (N, P, Q): max over K
     if overflow == "exact":
-        flush = exact_flush(tap_max(xam, p), b_pix)
+        flush = flush_bound(xam, dam, p, target)
         if config is not None and config.flush:
             # a cap only shortens the proven chunks when it is a power of two too: its chunks
             # then nest in the proven ones ([12, 24) under a proven 16 would straddle two)

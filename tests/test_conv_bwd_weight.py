@@ -134,6 +134,80 @@ def test_tap_max_bounds_every_tap(shape):
     assert np.array_equal(bwd_weight.tap_max(xam, p), want)
 
 
+def _packed_maxima(sp, x, dy):
+    p = pw.plan(sp, pw.default_config(sp, HOST), HOST)
+    _, xam, xpeak = bwd_weight.pack_pairs(x, (sp.N, p.Hp, p.Wp), pad=sp.padding, istep=p.pack_istep,
+                                          delta=sp.stride[1], cout=p.Cs, hstep=p.pack_hstep)
+    _, dam, dpeak = bwd_weight.pack_pairs(dy, (sp.N, sp.P, p.Q2), istep=2, delta=1, cout=p.Ks)
+    assert xpeak == xam.max(initial=0) and dpeak == dam.max(initial=0)
+    return p, xam, dam
+
+
+# beyond SHAPES: stride 3 columns (the kernel's run-time stride), long rows (several vector
+# steps and the overlapping last one), Q = 8 and 9 around one vector step, dilation 3
+FLUSH_SHAPES = SHAPES + [
+    (2, 3, 9, 14, 4, 3, 3, 3, 1, 1),
+    (1, 2, 5, 40, 3, 3, 3, 1, 1, 1),
+    (2, 3, 6, 17, 5, 3, 3, 2, 1, 1),
+    (1, 4, 4, 8, 4, 1, 3, 1, (0, 1), 1),
+    (1, 4, 4, 9, 4, 3, 3, 1, 1, 1),
+    (1, 2, 11, 12, 2, 3, 3, 1, 3, 3),
+    (1, 2, 9, 21, 3, 3, 5, (1, 3), (0, 2), (2, 1)),
+    (1, 5, 1, 37, 6, 1, 1, 1, 0, 1),   # odd pixel count in one row
+]
+
+
+@pytest.mark.parametrize("shape", FLUSH_SHAPES, ids=lambda s: spec_of(s).geometry())
+@pytest.mark.parametrize("kind", ["full", "relu", "zero", "adversarial", "one_hot"])
+def test_flush_bound_kernel_is_the_numpy_definition(shape, kind):
+    """The compiled flush search (templates/conv_bwd_weight_flush.ll.j2) returns
+    plan_exact.exact_flush(tap_max(xam), b_pix) exactly, on data that ends the search at
+    every depth: all zero (one chunk), all +/-32767 (flush 2), one large value in a zero
+    tensor (a long interval cut by one pixel), sparse ReLU-like and full-range data."""
+    sp = spec_of(shape)
+    rng = np.random.default_rng(hash((shape, kind)) % 2 ** 32)
+    xs, ys = sp.input_shape, sp.output_shape
+    if kind == "full":
+        x, dy = rng.integers(-MAXM, MAXM + 1, xs), rng.integers(-MAXM, MAXM + 1, ys)
+    elif kind == "relu":
+        x = np.maximum(rng.integers(-MAXM, MAXM + 1, xs), 0) * (rng.random(xs) < 0.3)
+        dy = rng.integers(-MAXM, MAXM + 1, ys) // 16
+    elif kind == "zero":
+        x, dy = np.zeros(xs, np.int64), rng.integers(-MAXM, MAXM + 1, ys)
+    elif kind == "adversarial":
+        x, dy = rng.choice([-MAXM, MAXM], xs), rng.choice([-MAXM, MAXM], ys)
+    else:
+        x, dy = np.zeros(xs, np.int64), np.full(ys, 3)
+        x.reshape(-1)[rng.integers(x.size)] = -MAXM
+    x, dy = x.astype(np.int16), dy.astype(np.int16)
+    p, xam, dam = _packed_maxima(sp, x, dy)
+    b_pix = dam.reshape(sp.N, sp.P, 2 * p.Q2)[:, :, :sp.Q]
+    want = plan_exact.exact_flush(bwd_weight.tap_max(xam, p), b_pix)
+    assert bwd_weight.flush_bound(xam, dam, p) == want
+
+
+def test_flush_bound_kernel_of_one_pixel_row():
+    """The 1x1 path's single row of N*P*Q pixels (S == 1 layout, one long row): the same
+    interval as the numpy definition, for odd and even pixel counts."""
+    rng = np.random.default_rng(21)
+    for m in (1, 2, 7, 8, 9, 1000, 4097):
+        sp = ConvSpec(1, 5, 1, m, 6, 1, 1, pass_kind="bwd_weight")
+        x = rng.integers(-MAXM, MAXM + 1, sp.input_shape).astype(np.int16)
+        dy = (rng.integers(-MAXM, MAXM + 1, sp.output_shape) // 64).astype(np.int16)
+        p, xam, dam = _packed_maxima(sp, x, dy)
+        b_pix = dam.reshape(1, 1, 2 * p.Q2)[:, :, :m]
+        assert bwd_weight.flush_bound(xam, dam, p) == plan_exact.exact_flush(bwd_weight.tap_max(xam, p), b_pix), m
+
+
+def test_flush_bound_rejects_foreign_maxima():
+    sp = spec_of(SHAPES[0])
+    p, xam, dam = _packed_maxima(sp, np.zeros(sp.input_shape, np.int16), np.zeros(sp.output_shape, np.int16))
+    with pytest.raises(DfpError, match="do not match plan"):
+        bwd_weight.flush_bound(xam[:1], dam, p)
+    with pytest.raises(DfpError, match="do not match plan"):
+        bwd_weight.flush_bound(xam.astype(np.int64), dam, p)
+
+
 def test_config_flush_caps_exact_interval():
     shape = SHAPES[0]
     xq, dyq = operands(shape, np.random.default_rng(4), "small")

@@ -5,6 +5,7 @@ vector registers (no spill to the stack), which is what the planners' register b
 promise. Compiling needs no execution, so the AVX-512 tiers are checked on an AVX2 host too."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from dfpgen import isa
@@ -90,3 +91,26 @@ def test_vnni_kernels_keep_vpdpwssd_on_every_cpu_model(tier, cpu):
     bare = emit_assembly(ir, cpu=cpu, features=feats, name=symbol)
     if cpu != "znver4":
         assert "vpmaddwd" in bare
+
+
+@pytest.mark.parametrize("tier", isa.NAMES)
+def test_backward_weight_pack_and_flush_kernels_compile_for_every_tier(tier):
+    """The operand packer and the exact flush search are tier-independent IR (256-bit
+    vectors, masked loads): each variant compiles for every tier's CPU and the vector
+    variants of the flush search keep their vector max (vpmaxud). No spill check here: the
+    short-row step's masks depend on the shape only, so LLVM hoists them to the entry and
+    reloads them from the stack in that (once a row) step, outside the unmasked hot loop."""
+    from dfpgen import bwd_weight
+    from dfpgen.render import render
+    t = host_target(tier)
+    plans = [(bwd_weight.flush_plan(t, s), bwd_weight.FLUSH_TEMPLATE) for s in (0, *bwd_weight.FLUSH_STRIDES)]
+    for p, template in plans:
+        asm = emit_assembly(render(template, p=p), cpu=t.compile_cpu, features=t.compile_features, name=p.symbol)
+        assert p.symbol in asm
+        if tier != "generic" and p.q_stride:
+            assert "vpmaxud" in asm, p.symbol
+    bwd_weight._pack_kernel.cache_clear()
+    src = np.zeros((1, 3, 2, 2), np.int16)
+    if t.executable:  # the packer builds through load_kernel (a compile for this tier) and runs
+        _, amax, peak = bwd_weight.pack_pairs(src, (1, 2, 1), istep=2, delta=1, target=t)
+        assert peak == 0 and amax.shape == (1, 2, 1, 2)
