@@ -39,6 +39,7 @@ SHAPES = [
     (1, 20, 3, 4, 300, 1, 1, 1, 0, 1),    # K = 300: two K-groups of work items, K tail
     (2, 4, 3, 3, 5, 1, 1, 1, 1, 1),       # 1x1 with padding (not the single-row 1x1 path)
     (4, 16, 1, 1, 40, 1, 1, 1, 0, 1),     # Linear-like 1x1 over N = 4 pixels (H = W = 1)
+    (4, 12, 8, 12, 20, 1, 1, 2, 0, 1),    # 1x1 stride 2, even Q, N*P = 16: packed row by row from the view
 ]
 
 
