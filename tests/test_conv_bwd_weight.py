@@ -369,6 +369,26 @@ def test_plan_register_budget_and_layouts():
         assert w.items >= min(threads, p.n_kb * p.n_cols)
 
 
+def test_work_split_column_groups_can_match_many_threads():
+    """Column groups of any even size: on 16 threads 64 channels at 56x56 (AVX-512 short-flush
+    plan: 90 column blocks, 2 K-blocks) split into exactly 16 items (2 K-groups x 8 groups of
+    12 columns), not the 46 (2 x 23 groups of 4) that powers of two allowed: three rounds of
+    unequal items per thread; the sizes are exactly the distinct ceil(n / k)."""
+    assert pw._even_sizes(10) == [1, 2, 3, 4, 5, 10]
+    assert pw._even_sizes(1) == [1]
+    for n in (7, 90, 333):
+        sizes = pw._even_sizes(n)
+        assert sorted({-(-n // (-(-n // g))) for g in range(1, n + 1)}) == sizes
+    sp = parse_full("n32c64h56w56k64r3s3u1p1", "bwd_weight")
+    t = host_target("avx512_vnni")
+    p = pw.plan(sp, pw.default_config(sp, t, flush=8), t, "exact")
+    assert (p.n_kb, p.n_cols) == (2, 90)
+    w = pw.work_split(p, 16)
+    assert w.items == 16 and w.n_groups * w.group >= p.n_cols
+    # two threads keep few, large items (traffic wins there)
+    assert pw.work_split(p, 2).items <= 4
+
+
 def _simulate(seg: np.ndarray, p, flush: int):
     """The pixels m each segment runs (masks applied) and the m after which it flushes
     (in-loop countdowns and flush-after flags), as the kernel executes them."""
