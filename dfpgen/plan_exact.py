@@ -85,26 +85,110 @@ def release_scratch() -> None:
     _tls.__dict__.pop("pool", None)
 
 
-def _level_table(a: np.ndarray, blocks) -> tuple[np.ndarray, dict[int, slice]]:
+def _level_table(a: np.ndarray, blocks, table: np.ndarray | None = None,
+                 outs: tuple[int, int] | None = None) -> tuple[np.ndarray, dict[int, slice]]:
     """Sums of ``a`` (T, OUT, RED) over reduction blocks of b channels for every b in
     ``blocks`` (powers of two, each >= 2), by pairwise halving (strided adds, about one
     pass over ``a`` in all), side by side in one (T, lanes) float32 table: block b's (OUT,
     nb) lanes are the columns ``cols[b]``, so a few whole-table reductions give every
-    block's bounds. Each level is written in place into the table (no concatenation)."""
+    block's bounds. Each level is written in place into the table (no concatenation).
+    ``table`` and ``outs = (o0, o1)``: fill only outputs o0..o1 of the given table from
+    ``a[:, o0:o1]`` (every output's sums are its own, so the parts of a table filled by
+    different threads are the values of one filled whole)."""
     taps, out, red = a.shape
     lanes, _, cols, widths, steps = _table_layout(out, red, tuple(blocks))
-    table = _scratch("table", (taps, lanes))
-    level = a
+    if table is None:
+        table = _scratch("table", (taps, lanes))
+    o0, o1 = outs or (0, out)
+    level = a[:, o0:o1]
     for i, (half, odd, done) in enumerate(steps):
         if done:
-            nxt = table[:, cols[done]].reshape(taps, out, widths[done])
+            nxt = table[:, cols[done]].reshape(taps, out, widths[done])[:, o0:o1]
         else:  # two scratch levels in turn: a level is read only by the next one
-            nxt = _scratch(f"level{i % 2}", (taps, out, half + odd))
+            nxt = _scratch(f"level{i % 2}", (taps, o1 - o0, half + odd))
         np.add(level[:, :, 0:2 * half:2], level[:, :, 1:2 * half:2], out=nxt[:, :, :half])
         if odd:  # the last block has no partner: it keeps its one value
             nxt[:, :, half] = level[:, :, -1]
         level = nxt
     return table, cols
+
+
+# A search over at least this many weight entries splits its operand and level table over
+# output channels on dfpgen's thread pool (numpy releases the GIL in these passes); a
+# ResNet-50 step's searches read ~0.1-2.4 M entries each, ResNet-20's at most 37 K.
+PARALLEL_ENTRIES = 1 << 18
+
+
+def _operand_and_table(w_tor: np.ndarray, act_max: np.ndarray, blocks, one_signed: bool):
+    """The bound operand (|w| * max|x|, or the sign-split B+ / B- lanes side by side), its
+    level table (:func:`_level_table`) and, per block (ascending), the largest single entry
+    and the largest lane total (float64 sum over taps in tap order) of the block's lanes.
+    Filled in output-channel chunks on up to ``dfpgen.threads.num_threads()`` threads when
+    the weight is large: every entry, sum and lane total is computed per output channel, and
+    the per-block maxima combine exactly, so the values are those of one pass.
+    Returns ``(table, singles, totals)``."""
+    taps, out, red = w_tor.shape
+    amax = act_max.astype(np.float32)[None, None, :]
+    outs = 2 * out if one_signed else out
+    lanes, _, cols, widths, _ = _table_layout(outs, red, tuple(blocks))
+    order = sorted(blocks)
+    table = _scratch("table", (taps, lanes))
+    if one_signed:
+        # B+ and B- of the module docstring: the positive and the negative products apart,
+        # side by side as lanes (a schedule must fit both)
+        both = _scratch("operand", (taps, 2, out, red))
+        a = both.reshape(taps, 2 * out, red)
+    else:
+        a = _scratch("operand", (taps, out, red))
+
+    def maxima(ranges) -> tuple[list[float], list[float]]:
+        # per block: max entry and max lane total over the lanes of outputs in ``ranges``
+        singles, totals = [], []
+        for b in order:
+            c0, w = cols[b].start, widths[b]
+            parts = [table[:, c0 + o0 * w:c0 + o1 * w] for o0, o1 in ranges if o1 > o0]
+            if not parts or not w:
+                singles.append(0.0)
+                totals.append(0.0)
+                continue
+            singles.append(max(float(p.max()) for p in parts))
+            # taps == 1: a row's column sums are its own values (float32 -> float64 exact)
+            totals.append(singles[-1] if taps == 1 else max(float(_column_sums(p).max()) for p in parts))
+        return singles, totals
+
+    def fill(o0: int, o1: int):
+        if one_signed:
+            pos, neg = both[:, 0, o0:o1], both[:, 1, o0:o1]
+            np.multiply(w_tor[:, o0:o1], amax, out=neg)
+            np.maximum(neg, 0, out=pos)
+            np.subtract(pos, neg, out=neg)  # max(-a, 0)
+            ranges = ((o0, o1), (out + o0, out + o1))
+        else:
+            # |w| * max|x| = |w * max|x||: one relayout pass into C order, then abs in place
+            part = a[:, o0:o1]
+            np.multiply(w_tor[:, o0:o1], amax, out=part)
+            np.abs(part, out=part)
+            ranges = ((o0, o1),)
+        for r in ranges:
+            _level_table(a, blocks, table, r)
+        return maxima(ranges)
+
+    from .threads import num_threads, parallel_for
+    parts = min(num_threads(), out, w_tor.size // PARALLEL_ENTRIES) if w_tor.size >= PARALLEL_ENTRIES else 1
+    if parts <= 1:
+        singles, totals = fill(0, out)
+        return table, singles, totals
+    bounds = [out * i // parts for i in range(parts + 1)]
+    found = [None] * parts
+
+    def run(b: int, e: int) -> None:
+        for i in range(b, e):
+            found[i] = fill(bounds[i], bounds[i + 1])
+
+    parallel_for(parts, run, parts)
+    singles = [max(f[0][j] for f in found) for j in range(len(order))]
+    totals = [max(f[1][j] for f in found) for j in range(len(order))]
+    return table, singles, totals
 
 
 def _prefix(flat: np.ndarray) -> np.ndarray:
@@ -213,7 +297,9 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     (or is 0), which proves with the sign-split bound of the module docstring (``w_tor`` must
     then be signed). Among the proven schedules it picks the one whose kernel
     spends the largest fraction of its time in dot products (:func:`score`, a cost model of
-    loop set-up per tap and of flushes); ties go to the larger block.
+    loop set-up per tap and of flushes); ties go to the larger block. A weight of at least
+    ``PARALLEL_ENTRIES`` entries has its bound operand and level table filled on up to
+    ``dfpgen.threads.num_threads()`` threads (same values, so the same pick).
     """
     taps, out, red = w_tor.shape
     # float32 halves the memory traffic of this (per-call) search. Every sum is of
@@ -225,32 +311,11 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     # the proof: true <= (computed + slack) (1 + gamma_n) <= INT32_MAX.
     limit = INT32_MAX * (1.0 - 2.0 * (taps + 9) * 2.0 ** -24)
     blocks = exact_blocks(red)  # descending
+    table, singles, totals = _operand_and_table(w_tor, act_max, blocks, one_signed)
     if one_signed:
-        # B+ and B- of the module docstring: the positive and the negative products apart,
-        # side by side as lanes (a schedule must fit both)
-        both = _scratch("operand", (taps, 2, out, red))
-        np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], out=both[:, 1])
-        np.maximum(both[:, 1], 0, out=both[:, 0])
-        np.subtract(both[:, 0], both[:, 1], out=both[:, 1])  # max(-a, 0)
-        a = both.reshape(taps, 2 * out, red)
-    else:
-        # |w| * max|x| = |w * max|x||: one relayout pass into C order, then abs in place
-        a = _scratch("operand", (taps, out, red))
-        np.multiply(w_tor, act_max.astype(np.float32)[None, None, :], out=a)
-        np.abs(a, out=a)
-    table, cols = _level_table(a, blocks)
+        out = 2 * out  # the B+ and B- lanes
+    cols = _table_layout(out, red, blocks)[2]
     index = _table_layout(out, red, blocks)[1]
-    if table.shape[1]:
-        starts = [cols[b].start for b in sorted(blocks)]
-        if taps == 1:
-            # one row: its column sums are its own values (float32 -> float64 is exact)
-            singles = np.maximum.reduceat(table[0], starts).tolist()
-            totals = list(singles)
-        else:
-            singles = np.maximum.reduceat(table.max(axis=0), starts).tolist()
-            totals = np.maximum.reduceat(_column_sums(table), starts).tolist()
-    else:
-        singles = totals = [0.0] * len(blocks)
     sums: dict[int, _GroupSums] = {}
 
     def fits(block: int, ft: int) -> bool:

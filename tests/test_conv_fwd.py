@@ -443,6 +443,47 @@ def test_padded_tap_layout_of_the_16_register_tier_is_bit_exact(pass_kind):
     assert np.array_equal(y, ref)
 
 
+def test_exact_schedule_split_over_threads_gives_the_one_pass_values(monkeypatch):
+    # a large weight's operand, level table and per-block maxima are filled in output-channel
+    # chunks on several threads: the table, the maxima and the picks must be those of one pass
+    from dfpgen import plan_exact, threads
+    rng = np.random.default_rng(11)
+    cases = []
+    for taps, out, red in [(9, 37, 70), (1, 64, 300), (4, 5, 9), (9, 3, 129), (25, 16, 33)]:
+        w = rng.integers(-32767, 32768, (out, taps, red)).astype(np.int16)
+        for view in (w.transpose(1, 0, 2), np.ascontiguousarray(w.transpose(1, 2, 0)).transpose(0, 2, 1)):
+            amax = rng.integers(0, int(rng.choice([7, 300, 32767])) + 1, view.shape[2]).astype(np.int64)
+            cases.append((view, amax))
+
+    def run():
+        tabs, picks = [], []
+        for view, amax in cases:
+            for signed in (False, True):
+                blocks = plan_exact.exact_blocks(view.shape[2])
+                t, singles, totals = plan_exact._operand_and_table(view, amax, blocks, signed)
+                tabs.append((t.copy(), singles, totals))
+                picks.append(plan_exact.exact_schedule(view, amax, one_signed=signed))
+        return tabs, picks
+
+    one_tabs, one_picks = run()
+    monkeypatch.setattr(plan_exact, "PARALLEL_ENTRIES", 64)
+    threads.set_num_threads(3)
+    try:
+        par_tabs, par_picks = run()
+    finally:
+        threads.set_num_threads(None)
+    assert par_picks == one_picks
+    for (t1, s1, m1), (t2, s2, m2) in zip(one_tabs, par_tabs):
+        assert np.array_equal(t1, t2) and s1 == s2 and m1 == m2
+    # the maxima are those of the whole table (the definition the search used before)
+    view, amax = cases[0]
+    blocks = plan_exact.exact_blocks(view.shape[2])
+    t, singles, totals = plan_exact._operand_and_table(view, amax, blocks, False)
+    starts = [plan_exact._table_layout(view.shape[1], view.shape[2], blocks)[2][b].start for b in sorted(blocks)]
+    assert singles == np.maximum.reduceat(t.max(axis=0), starts).tolist()
+    assert totals == np.maximum.reduceat(plan_exact._column_sums(t), starts).tolist()
+
+
 def test_exact_schedule_scratch_reuse_gives_the_fresh_pool_picks():
     # the search's operand and level tables come from a per-thread pool: a pool left dirty
     # by a larger layer (other values everywhere) must give the picks of a fresh one
