@@ -44,21 +44,8 @@ def _channels_last(a: np.ndarray) -> np.ndarray:
 
 
 def _every_split(p, threads: int, model) -> list:
-    """The legal splits (the model's constraints) with at most max(4 threads, 2 x the model's
-    items) items."""
-    tile = 2 * p.cb * p.kv * p.lanes * 4
-    out = []
-    for kbg in pw._candidates(p.n_kb):
-        if kbg > 1 and kbg * p.kv * p.lanes > pw.KB_GROUP_CHANNELS:
-            continue
-        nkg = -(-p.n_kb // kbg)
-        for g in pw._even_sizes(p.n_cols):
-            if g > 1 and kbg * g * tile > pw.GROUP_TILE_BYTES:
-                continue
-            ng = -(-p.n_cols // g)
-            if nkg * ng <= max(4 * threads, 2 * model.items):
-                out.append(pw.WorkSplit(kbg, g, nkg, ng))
-    return out
+    """The splits ``work_split`` weighs with at most max(4 threads, 2 x the model's) items."""
+    return [w for w in pw.legal_splits(p) if w.items <= max(4 * threads, 2 * model.items)]
 
 
 def main(argv=None) -> int:

@@ -247,8 +247,21 @@ def work_split(p: BwdWeightPlan, threads: int) -> WorkSplit:
     threads = max(1, threads)
     xw_bytes = s.N * p.Hp * p.Wp * p.Cs * 4
     dy_bytes = s.N * s.P * p.Q2 * p.Ks * 4
-    tile = 2 * p.cb * p.kv * p.lanes * 4
     best = None
+    for w in legal_splits(p):
+        items = w.items
+        t = (s.macs / EST_MACS * -(-items // threads) / items
+             + (w.n_kgroups * xw_bytes + w.n_groups * dy_bytes) / EST_BYTES / min(threads, items))
+        if best is None or (t, items) < best[0]:
+            best = ((t, items), w)
+    return best[1]
+
+
+def legal_splits(p: BwdWeightPlan):
+    """Every split :func:`work_split` weighs, in its order: K-groups of :func:`_candidates`
+    sizes within ``KB_GROUP_CHANNELS``, column groups of :func:`_even_sizes` sizes whose tiles
+    stay within ``GROUP_TILE_BYTES`` (a group of one always qualifies)."""
+    tile = 2 * p.cb * p.kv * p.lanes * 4
     for kbg in _candidates(p.n_kb):
         if kbg > 1 and kbg * p.kv * p.lanes > KB_GROUP_CHANNELS:
             continue
@@ -256,13 +269,7 @@ def work_split(p: BwdWeightPlan, threads: int) -> WorkSplit:
         for g in _even_sizes(p.n_cols):
             if g > 1 and kbg * g * tile > GROUP_TILE_BYTES:
                 continue
-            ng = -(-p.n_cols // g)
-            items = nkg * ng
-            t = (s.macs / EST_MACS * -(-items // threads) / items
-                 + (nkg * xw_bytes + ng * dy_bytes) / EST_BYTES / min(threads, items))
-            if best is None or (t, items) < best[0]:
-                best = ((t, items), WorkSplit(kbg, g, nkg, ng))
-    return best[1]
+            yield WorkSplit(kbg, g, nkg, -(-p.n_cols // g))
 
 
 @lru_cache(maxsize=1024)

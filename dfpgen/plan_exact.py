@@ -143,6 +143,15 @@ def _operand_and_table(w_tor: np.ndarray, act_max: np.ndarray, blocks, one_signe
 
     def maxima(ranges) -> tuple[list[float], list[float]]:
         # per block: max entry and max lane total over the lanes of outputs in ``ranges``
+        if ranges == ((0, outs),):  # the whole table: two reductions and a reduceat each
+            if not lanes:
+                return [0.0] * len(order), [0.0] * len(order)
+            starts = [cols[b].start for b in order]
+            if taps == 1:  # one row: its column sums are its own values (float32 -> float64 exact)
+                singles = np.maximum.reduceat(table[0], starts).tolist()
+                return singles, list(singles)
+            return (np.maximum.reduceat(table.max(axis=0), starts).tolist(),
+                    np.maximum.reduceat(_column_sums(table), starts).tolist())
         singles, totals = [], []
         for b in order:
             c0, w = cols[b].start, widths[b]
@@ -152,11 +161,10 @@ def _operand_and_table(w_tor: np.ndarray, act_max: np.ndarray, blocks, one_signe
                 totals.append(0.0)
                 continue
             singles.append(max(float(p.max()) for p in parts))
-            # taps == 1: a row's column sums are its own values (float32 -> float64 exact)
             totals.append(singles[-1] if taps == 1 else max(float(_column_sums(p).max()) for p in parts))
         return singles, totals
 
-    def fill(o0: int, o1: int):
+    def fill(o0: int, o1: int, whole: bool = False):
         if one_signed:
             pos, neg = both[:, 0, o0:o1], both[:, 1, o0:o1]
             np.multiply(w_tor[:, o0:o1], amax, out=neg)
@@ -171,12 +179,12 @@ def _operand_and_table(w_tor: np.ndarray, act_max: np.ndarray, blocks, one_signe
             ranges = ((o0, o1),)
         for r in ranges:
             _level_table(a, blocks, table, r)
-        return maxima(ranges)
+        return maxima(((0, outs),) if whole else ranges)
 
     from .threads import num_threads, parallel_for
     parts = min(num_threads(), out, w_tor.size // PARALLEL_ENTRIES) if w_tor.size >= PARALLEL_ENTRIES else 1
     if parts <= 1:
-        singles, totals = fill(0, out)
+        singles, totals = fill(0, out, whole=True)
         return table, singles, totals
     bounds = [out * i // parts for i in range(parts + 1)]
     found = [None] * parts
@@ -314,8 +322,7 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
     table, singles, totals = _operand_and_table(w_tor, act_max, blocks, one_signed)
     if one_signed:
         out = 2 * out  # the B+ and B- lanes
-    cols = _table_layout(out, red, blocks)[2]
-    index = _table_layout(out, red, blocks)[1]
+    _, index, cols, _, _ = _table_layout(out, red, blocks)
     sums: dict[int, _GroupSums] = {}
 
     def fits(block: int, ft: int) -> bool:
