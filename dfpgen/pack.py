@@ -360,16 +360,16 @@ def channel_range_of(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = v.reshape(-1, c)
     rows = max(1, 4096 // c)
     full = flat.shape[0] // rows * rows
-    hi = np.full(c, np.iinfo(np.int16).min, np.int64)
-    lo = np.full(c, np.iinfo(np.int16).max, np.int64)
+    hi = lo = None  # at least one of the two parts below is non-empty (m is not)
     if full:
         wide = flat[:full].reshape(-1, rows * c)
-        hi = np.maximum(hi, wide.max(axis=0).reshape(rows, c).max(axis=0))
-        lo = np.minimum(lo, wide.min(axis=0).reshape(rows, c).min(axis=0))
+        hi = wide.max(axis=0).reshape(rows, c).max(axis=0)
+        lo = wide.min(axis=0).reshape(rows, c).min(axis=0)
     if full < flat.shape[0]:
-        hi = np.maximum(hi, flat[full:].max(axis=0))
-        lo = np.minimum(lo, flat[full:].min(axis=0))
-    return hi, lo
+        rest_hi, rest_lo = flat[full:].max(axis=0), flat[full:].min(axis=0)
+        hi = rest_hi if hi is None else np.maximum(hi, rest_hi)
+        lo = rest_lo if lo is None else np.minimum(lo, rest_lo)
+    return hi.astype(np.int64), lo.astype(np.int64)
 
 
 def _nchw_pad(x: np.ndarray, lanes: int) -> int:

@@ -31,6 +31,7 @@ proven from per-pixel maxima (:func:`exact_flush`); this one module serves all t
 """
 from __future__ import annotations
 
+import math
 import threading
 from functools import lru_cache
 
@@ -72,8 +73,10 @@ def _scratch(name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     pages would cost a page fault per 4 KiB on every call. Valid until the thread's next
     :func:`exact_schedule` (nothing it returns refers to them)."""
     dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    pool = _tls.__dict__.setdefault("pool", {})
+    n = math.prod(shape) * dtype.itemsize  # Python ints: np.prod costs more than the lookup
+    pool = getattr(_tls, "pool", None)
+    if pool is None:
+        pool = _tls.pool = {}
     raw = pool.get(name)
     if raw is None or raw.size < n:
         raw = pool[name] = np.empty(max(n, 1), np.uint8)
@@ -339,9 +342,12 @@ def exact_schedule(w_tor: np.ndarray, act_max: np.ndarray, tap_density: float = 
             continue  # even all taps in one partial cannot beat the best so far
         if not fits(block, 1):
             continue  # even single taps overflow with blocks this large
+        total = totals[index[block]]
         for ft in range(taps, 0, -1):
             if rank[block, ft] <= best_score:
                 break
+            if ft > 1 and total / -(-taps // ft) * (1.0 - 1e-9) > limit:
+                continue  # _GroupSums.fits's quick reject, inline: most intervals end here
             if fits(block, ft):
                 best, best_score = (block, ft), rank[block, ft]
                 break

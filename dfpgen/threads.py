@@ -124,6 +124,10 @@ def parallel_call(fn, args: tuple, begin_at: int, total: int, threads: int | Non
     # read on every call, one thread or many: a bad $DFPGEN_THREADING stops any call
     if openmp.active() and n > 1:
         return openmp.run(fn, tuple(full), begin_at, total, n, per_thread, results)
+    if n == 1:  # one range on the calling thread (a small tensor's pass): no closure, no pool
+        full[begin_at + 1] = total
+        out1 = fn(*full)
+        return [out1] if results else None
     ranges = split(total, n)
     out = [0] * n
 

@@ -119,10 +119,12 @@ def guarded_forward(layer, x: Tensor, run_dfp: Callable[[], Tensor],
 
 def _guarded(layer, x: Tensor, run_dfp: Callable[[], Tensor],
              run_fp32: Callable[[], Tensor]) -> Tensor:
-    name = layer_name(layer)
+    # the layer's name (an extra_repr string) is built only when a message needs it: on
+    # every forward it cost a few percent of a small layer's call
     try:
         y = run_dfp()
     except DfpError as exc:
+        name = layer_name(layer)
         operands = (("input X", x), ("weight W", layer.weight), ("bias", layer.bias))
         bad = [(what, t) for what, t in operands if not _all_finite(t)]
         if bad and config.nonfinite_policy() == "skip":
@@ -134,20 +136,21 @@ def _guarded(layer, x: Tensor, run_dfp: Callable[[], Tensor],
         if getattr(node, "dfp_checks_dy", False):
             # the op's backward applies the policy itself when quantizing dY finds NaN/Inf
             # (no extra read of every dY to look for them)
-            node.dfp_layer = name
+            node.dfp_layer = layer
         else:
-            y.register_hook(lambda g: _check_grad(name, g))
+            y.register_hook(lambda g: _check_grad(layer, g))
     return y
 
 
 _guarded_eager = torch.compiler.disable(_guarded, recursive=True)
 
 
-def _check_grad(name: str, g: Tensor):
+def _check_grad(layer, g: Tensor):
     """None for a finite dY ``g``; else the policy: record the event and return zeros for dY
-    (``"skip"``) or raise :class:`DfpError` naming the layer (``"raise"``)."""
+    (``"skip"``) or raise :class:`DfpError` naming ``layer`` (a module, or its name)."""
     if _all_finite(g):
         return None
+    name = layer if isinstance(layer, str) else layer_name(layer)
     detail = _describe(g, "grad_output dY")
     if config.nonfinite_policy() == "skip":
         _record(name, BWD_PASSES, detail)
